@@ -1,0 +1,156 @@
+"""
+"tiny TRACE": eight prompt -> answer tasks for continual learning, in the spirit of TRACE's mix.
+
+Every example is one line, `"<tag>: <question> > <answer>\n"`. The tag tells the tasks apart in context. Training
+uses cross-entropy on the answer tokens only (the answer and its closing newline); the score is exact match of
+the greedy-decoded answer. Each task draws from the world of data/world.py, so its skill was seen in pretraining
+and a few hundred fine-tuning steps teach the format.
+
+Splits: the distinct prompts of a task are shuffled (seeded) and cut into test, val and train pools; the three
+never share a prompt. `val` is carved from training data, for tuning hyperparameters without touching `test`.
+"""
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from data.tokenizer import NEWLINE, encode
+from data.world import (COLOURS, PEOPLE, PETS, SPELL_WORDS, WORLD, random_brackets, random_mood_sentence,
+                        translate)
+
+
+def stance(rng):
+    sentence, mood, _ = random_mood_sentence(rng)
+    return f"mood: {sentence}", mood
+
+
+def facts(rng):
+    name = rng.choice(PEOPLE)
+    f = WORLD[name]
+    return rng.choice([
+        (f"q: what colour is {name}'s {f['pet']}?", f["colour"]),
+        (f"q: where does {name} live?", f["place"]),
+        (f"q: what pet does {name} have?", f["pet"]),
+    ])
+
+
+def add(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"add: {a}+{b}", str(a + b)
+
+
+def close(rng):
+    expr, closers = random_brackets(rng)
+    return f"close: {expr}", closers
+
+
+def reverse(rng):
+    word = rng.choice(SPELL_WORDS)
+    return f"rev: {word}", word[::-1]
+
+
+def translation(rng):
+    phrase = f"{rng.choice(COLOURS)} {rng.choice(PETS)}"
+    return f"tr: {phrase}", translate(phrase)
+
+
+def count(rng):
+    word = rng.choice(SPELL_WORDS)
+    letter = rng.choice(sorted(set(word)))
+    return f"count {letter}: {word}", str(word.count(letter))
+
+
+def sort(rng):
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 4)))
+    return f"sort: {digits}", "".join(sorted(digits))
+
+
+TASKS = {  # name -> generator(rng) -> (question with its tag, answer)
+    "stance": stance, "facts": facts, "add": add, "close": close, "reverse": reverse, "translate": translation,
+    "count": count, "sort": sort,
+}
+DEFAULT_ORDER = ("stance", "facts", "add", "close", "reverse", "translate", "count", "sort")
+SEPARATOR = " > "
+
+
+def format_example(question, answer):
+    """(prompt, completion): the model reads the prompt and must write the completion."""
+    return question + SEPARATOR, answer + "\n"
+
+
+def make_splits(name, n_train=2000, n_val=100, n_test=200, seed=0):
+    """{'train', 'val', 'test'}: lists of (question, answer) with pairwise disjoint questions.
+
+    Small tasks (facts has 48 distinct questions) keep at least half of their questions for training: test and val
+    then hold out 25% and 10% of the questions, and train repeats its questions to n_train examples."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    rng = random.Random(f"{name}-{seed}")
+    distinct = {}
+    for _ in range(20 * (n_train + n_val + n_test)):
+        question, answer = TASKS[name](rng)
+        distinct[question] = answer
+        if len(distinct) >= n_train + n_val + n_test:
+            break
+    questions = sorted(distinct)
+    rng.shuffle(questions)
+    n = len(questions)
+    n_test_q = min(n_test, n // 4)
+    n_val_q = min(n_val, n // 10)
+    test_q, val_q, train_q = questions[:n_test_q], questions[n_test_q:n_test_q + n_val_q], questions[n_test_q + n_val_q:]
+    if len(train_q) < n_train:  # small task: repeat the training questions
+        train_q = [rng.choice(train_q) for _ in range(n_train)]
+    return {split: [(q, distinct[q]) for q in qs[:{"train": n_train, "val": n_val, "test": n_test}[split]]]
+            for split, qs in (("train", train_q), ("val", val_q), ("test", test_q))}
+
+
+@dataclass
+class TaskSplit:
+    """One split of one task as padded tensors, ready for batching.
+
+    x[i] is the example's tokens, y[i] the same shifted by one (next-token targets), both right-padded to `length`.
+    answer_mask marks the targets that belong to the completion (the loss is taken there); content_mask marks the
+    input positions that hold real tokens (prompt and answer, no padding)."""
+
+    name: str
+    examples: list  # (question, answer) strings, kept for evaluation by greedy decoding
+    x: torch.Tensor  # (N, length) int64
+    y: torch.Tensor  # (N, length) int64
+    answer_mask: torch.Tensor  # (N, length) float
+    content_mask: torch.Tensor  # (N, length) float
+
+    def __len__(self):
+        return len(self.examples)
+
+    def batch(self, batch_size, generator, device):
+        idx = torch.randint(len(self), (batch_size,), generator=generator)
+        return tuple(t[idx].to(device) for t in (self.x, self.y, self.answer_mask, self.content_mask))
+
+
+def to_tensors(name, examples, length):
+    """Encode (question, answer) pairs into a TaskSplit padded to `length` positions."""
+    n = len(examples)
+    x = torch.full((n, length), NEWLINE, dtype=torch.long)
+    y = torch.full((n, length), NEWLINE, dtype=torch.long)
+    answer_mask = torch.zeros(n, length)
+    content_mask = torch.zeros(n, length)
+    for i, (question, answer) in enumerate(examples):
+        prompt, completion = format_example(question, answer)
+        ids = encode(prompt + completion)
+        if len(ids) - 1 > length:
+            raise ValueError(f"task {name}: example {prompt + completion!r} is longer than {length} tokens")
+        x[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+        y[i, : len(ids) - 1] = torch.tensor(ids[1:])
+        answer_mask[i, len(prompt) - 1 : len(ids) - 1] = 1.0  # targets that are completion tokens
+        content_mask[i, : len(ids) - 1] = 1.0
+    return TaskSplit(name, examples, x, y, answer_mask, content_mask)
+
+
+def build_task_suite(names, n_train=2000, n_val=100, n_test=200, seed=0, length=None):
+    """{task: {'train'|'val'|'test': TaskSplit}}, all padded to one length so batches of different tasks mix."""
+    splits = {name: make_splits(name, n_train, n_val, n_test, seed) for name in names}
+    if length is None:
+        length = max(len("".join(format_example(q, a))) - 1
+                     for s in splits.values() for exs in s.values() for q, a in exs)
+    return {name: {split: to_tensors(name, exs, length) for split, exs in s.items()} for name, s in splits.items()}

@@ -1,0 +1,177 @@
+"""
+The "tiny world": a small fixed world of people, pets, colours and places, and a generated base corpus about it.
+
+The base corpus plays the role of pretraining data. Each line is about one thing (a fact, a mood, a sum, a sorted
+list, brackets, a spelling, a translation), so the model picks up the skills the task suite later asks for and
+the SAEs find a dictionary of features. Every line is generated together with its ground-truth latent variables
+(`kind` and the values that produced it), so one can ask whether SAE features line up with real concepts.
+
+The world itself (who owns which pet of which colour, who lives where) is fixed by WORLD_SEED and never changes;
+the corpus seed only changes which lines are drawn.
+"""
+
+import random
+
+WORLD_SEED = 1234
+
+PEOPLE = ["mia", "tom", "ana", "leo", "zoe", "sam", "eva", "max", "ivy", "ben", "kim", "jon", "amy", "dan", "liz", "rex"]
+PETS = ["cat", "dog", "bird", "fish", "frog", "duck"]
+COLOURS = ["red", "blue", "green", "black", "white", "brown", "pink", "gray"]
+PLACES = ["park", "farm", "town", "lake", "hill", "city", "beach", "wood"]
+GOOD_WORDS = ["good", "great", "lovely", "happy", "nice", "fine", "kind", "warm"]
+BAD_WORDS = ["bad", "awful", "sad", "sick", "cold", "mean", "grim", "rude"]
+FRUITS = ["apple", "banana", "lemon", "melon", "cherry", "mango", "grape", "peach", "plum", "pear"]
+# a toy lexicon; translation puts the noun first: "red cat" -> "gato rojo"
+LEXICON = {
+    "red": "rojo", "blue": "azul", "green": "verde", "black": "negro", "white": "blanco", "brown": "cafe",
+    "pink": "rosa", "gray": "gris", "cat": "gato", "dog": "perro", "bird": "ave", "fish": "pez", "frog": "rana",
+    "duck": "pato",
+}
+SPELL_WORDS = PETS + COLOURS + PLACES + FRUITS + PEOPLE  # words whose letters the corpus talks about
+BRACKETS = {"(": ")", "[": "]", "{": "}"}
+
+
+def _make_world():
+    rng = random.Random(WORLD_SEED)
+    return {
+        name: {"pet": rng.choice(PETS), "colour": rng.choice(COLOURS), "place": rng.choice(PLACES)}
+        for name in PEOPLE
+    }
+
+
+WORLD = _make_world()  # {person: {"pet": ..., "colour": ..., "place": ...}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small generators shared by the corpus and the task suite (one place for each piece of world logic)
+
+def random_mood_sentence(rng):
+    """A one-sentence text with a positive or negative mood word; returns (sentence, 'pos' | 'neg', word)."""
+    mood = rng.choice(["pos", "neg"])
+    word = rng.choice(GOOD_WORDS if mood == "pos" else BAD_WORDS)
+    template = rng.choice(["the {thing} was {w}.", "{name} felt {w}.", "it was a {w} day.", "the {thing} is {w}.",
+                           "{name} said the {place} was {w}."])
+    sentence = template.format(thing=rng.choice(PETS + FRUITS), name=rng.choice(PEOPLE), place=rng.choice(PLACES),
+                               w=word)
+    return sentence, mood, word
+
+
+def random_brackets(rng, max_open=3):
+    """An unfinished bracket expression like 'f((a)[b' and the closers it needs, e.g. '])'."""
+    n_open = rng.randint(1, max_open)
+    text, stack = "f", []
+    for _ in range(n_open):
+        opener = rng.choice(list(BRACKETS))
+        text += opener + rng.choice("abcxyz")
+        stack.append(opener)
+        if rng.random() < 0.3:  # sometimes a complete group inside
+            inner = rng.choice(list(BRACKETS))
+            text += inner + rng.choice("abcxyz") + BRACKETS[inner]
+    closers = "".join(BRACKETS[o] for o in reversed(stack))
+    return text, closers
+
+
+def closing_brackets(expr):
+    """Independent check: the closers an unfinished expression needs (a stack scan)."""
+    stack = []
+    for ch in expr:
+        if ch in BRACKETS:
+            stack.append(ch)
+        elif ch in BRACKETS.values():
+            assert stack and BRACKETS[stack[-1]] == ch, f"unbalanced {expr!r}"
+            stack.pop()
+    return "".join(BRACKETS[o] for o in reversed(stack))
+
+
+def translate(phrase):
+    """'red cat' -> 'gato rojo': translate each word, noun first."""
+    adjective, noun = phrase.split()
+    return f"{LEXICON[noun]} {LEXICON[adjective]}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the base corpus: one function per kind of line, each returning (text, latents)
+
+def fact_line(rng):
+    name = rng.choice(PEOPLE)
+    f = WORLD[name]
+    which = rng.choice(["pet", "colour", "place", "question"])
+    text = {
+        "pet": f"{name} has a {f['colour']} {f['pet']}.",
+        "colour": f"{name}'s {f['pet']} is {f['colour']}.",
+        "place": f"{name} lives by the {f['place']}.",
+        "question": rng.choice([
+            f"what colour is {name}'s {f['pet']}? it is {f['colour']}.",
+            f"where does {name} live? by the {f['place']}.",
+            f"what pet does {name} have? a {f['pet']}.",
+        ]),
+    }[which]
+    return text, {"kind": "fact", "person": name, **f}
+
+
+def mood_line(rng):
+    sentence, mood, word = random_mood_sentence(rng)
+    return sentence, {"kind": "mood", "mood": mood, "word": word}
+
+
+def sum_line(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"{a} + {b} = {a + b}.", {"kind": "sum", "a": a, "b": b}
+
+
+def count_line(rng):
+    start = rng.randint(0, 5)
+    n = rng.randint(3, 5)
+    return "counting: " + " ".join(str(i) for i in range(start, start + n)) + ".", {"kind": "count", "start": start}
+
+
+def letters_line(rng):
+    word = rng.choice(SPELL_WORDS)
+    which = rng.choice(["spell", "count", "reverse"])
+    if which == "spell":
+        return f"{word} is spelled {' '.join(word)}.", {"kind": "spell", "word": word}
+    if which == "count":
+        letter = rng.choice(sorted(set(word)))
+        return f"{word} has {word.count(letter)} {letter}.", {"kind": "letter_count", "word": word, "letter": letter}
+    return f"{word} backwards is {word[::-1]}.", {"kind": "reverse", "word": word}
+
+
+def sort_line(rng):
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 4)))
+    return f"{digits} in order is {''.join(sorted(digits))}.", {"kind": "sort", "digits": digits}
+
+
+def bracket_line(rng):
+    expr, closers = random_brackets(rng)
+    return f"x = {expr}{closers};", {"kind": "code", "depth": len(closers)}
+
+
+def lexicon_line(rng):
+    if rng.random() < 0.5:
+        word = rng.choice(list(LEXICON))
+        return f"{word} means {LEXICON[word]}.", {"kind": "lexicon", "word": word}
+    phrase = f"{rng.choice(COLOURS)} {rng.choice(PETS)}"
+    return f"the {phrase} is el {translate(phrase)}.", {"kind": "phrase", "phrase": phrase}
+
+
+def list_line(rng):
+    names = rng.sample(PEOPLE, 3)
+    return f"{names[0]}, {names[1]} and {names[2]} went to the {rng.choice(PLACES)}.", {"kind": "list"}
+
+
+LINE_KINDS = {  # generator -> relative frequency in the corpus
+    fact_line: 3, mood_line: 2, sum_line: 2, count_line: 1, letters_line: 3, sort_line: 2, bracket_line: 2,
+    lexicon_line: 2, list_line: 1,
+}
+
+
+def generate_lines(n_lines, seed=0):
+    """n_lines (text, latents) pairs of the base corpus, deterministic given seed."""
+    rng = random.Random(seed)
+    kinds, weights = list(LINE_KINDS), list(LINE_KINDS.values())
+    return [gen(rng) for gen in rng.choices(kinds, weights=weights, k=n_lines)]
+
+
+def generate_corpus(n_lines=60_000, seed=0):
+    """The base corpus as one string, a line per fact."""
+    return "\n".join(text for text, _ in generate_lines(n_lines, seed)) + "\n"

@@ -1,0 +1,187 @@
+"""
+A small GPT language model, written from scratch in the style of nanoGPT.
+
+token + position embeddings -> n_layer pre-LN blocks (causal self-attention, GELU MLP) -> LayerNorm -> tied head.
+
+Besides next-token prediction it exposes the *residual stream*, which the SAEs read and the continual-learning
+regularizers constrain. Residual points are numbered 0..n_layer:
+
+    point 0      = token embedding + position embedding   (the input of block 1)
+    point l >= 1 = the output of block l
+
+`forward(idx, read=(...))` returns the activations at the requested points, and `forward(idx, patch={point: f})`
+replaces the activation at a point by `f(x)` (or by a given tensor) before the rest of the network sees it; this is
+how SAE reconstructions are spliced in. Shapes are commented as (B, T, C) = (batch, time, channels).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 96
+    block_size: int = 64  # longest sequence the position embedding covers
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True  # gets the scaled init, see GPT._init_weights
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # softmax(q k^T / sqrt(head_size) + causal mask) v
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, n_head, T, head_size)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embedding
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: the head reads tokens in the embedding's coordinates
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # N(0, 0.02) everywhere, and N(0, 0.02 / sqrt(2 n_layer)) for the projections that write into the residual
+        # stream, so its variance does not grow with depth (GPT-2).
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied head is counted once
+
+    def forward(self, idx, targets=None, loss_mask=None, read=(), patch=None):
+        """
+        idx:       (B, T) token ids
+        targets:   (B, T) next-token ids; if given, the mean cross-entropy is returned as `loss`
+        loss_mask: (B, T) 0/1; if given, the loss is averaged over positions where it is 1 only
+        read:      residual points whose activations to return, e.g. (1, 2)
+        patch:     {point: tensor (B, T, C) or function x -> x'}; the activation at that point is replaced before
+                   the next block sees it. `read` returns the activation *before* its own patch is applied, and
+                   later points see the already-patched stream.
+        returns (logits (B, T, vocab), loss or None, {point: (B, T, C)})
+        """
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of length {T} > block_size {self.config.block_size}"
+        for point in list(read) + list(patch or {}):
+            if not 0 <= point <= self.config.n_layer:
+                raise ValueError(f"residual point {point} is not in 0..{self.config.n_layer}")
+        residuals = {}
+
+        def visit(point, x):
+            if point in read:
+                residuals[point] = x
+            if patch and point in patch:
+                replacement = patch[point]
+                x = replacement(x) if callable(replacement) else replacement
+            return x
+
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = visit(0, x)
+        for layer, block in enumerate(self.blocks, start=1):
+            x = visit(layer, block(x))
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+
+        loss = None
+        if targets is not None:
+            loss = cross_entropy(logits, targets, loss_mask)
+        return logits, loss, residuals
+
+    def configure_optimizer(self, lr, weight_decay, betas, device_type="cpu"):
+        """AdamW with weight decay on matrices (Linear and embedding weights) only, not on biases or LayerNorms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, stop_token=None):
+        """Greedy decoding: append argmax tokens to idx (B, T) until max_new_tokens, or until every row has produced
+        stop_token (rows that stopped keep being extended; callers cut at the first stop_token)."""
+        prompt_len = idx.size(1)
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size :]
+            logits, _, _ = self(idx_cond)
+            next_token = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (B, 1)
+            idx = torch.cat([idx, next_token], dim=1)
+            if stop_token is not None and (idx[:, prompt_len:] == stop_token).any(dim=1).all():
+                break
+        return idx
+
+
+def cross_entropy(logits, targets, loss_mask=None):
+    """Mean next-token cross-entropy, -1/N sum_t log p(targets_t), over the positions where loss_mask is 1."""
+    per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    if loss_mask is None:
+        return per_token.mean()
+    loss_mask = loss_mask.reshape(-1).to(per_token.dtype)
+    return (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
