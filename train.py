@@ -41,12 +41,12 @@ class Config:
     # model
     n_layer: int = 2
     n_head: int = 4
-    n_embd: int = 128
+    n_embd: int = 64
     block_size: int = 64
     dropout: float = 0.0
     # pretraining (AdamW, cosine schedule with linear warmup)
     batch_size: int = 32
-    max_iters: int = 1500
+    max_iters: int = 2000
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_iters: int = 100

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from data.tokenizer import NEWLINE, encode
-from data.world import (COLOURS, PEOPLE, PETS, SPELL_WORDS, WORLD, random_brackets, random_mood_sentence,
-                        translate)
+from data.world import (ADJECTIVES, carry_free_sum, NOUNS, PEOPLE, SPELL_WORDS, fact_questions, random_brackets, random_letters,
+                        random_mood_sentence, translate)
 
 
 def stance(rng):
@@ -26,17 +26,12 @@ def stance(rng):
 
 
 def facts(rng):
-    name = rng.choice(PEOPLE)
-    f = WORLD[name]
-    return rng.choice([
-        (f"q: what colour is {name}'s {f['pet']}?", f["colour"]),
-        (f"q: where does {name} live?", f["place"]),
-        (f"q: what pet does {name} have?", f["pet"]),
-    ])
+    question, answer = rng.choice(fact_questions(rng.choice(PEOPLE)))
+    return f"q: {question}", answer
 
 
 def add(rng):
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    a, b = carry_free_sum(rng)
     return f"add: {a}+{b}", str(a + b)
 
 
@@ -46,12 +41,12 @@ def close(rng):
 
 
 def reverse(rng):
-    word = rng.choice(SPELL_WORDS)
-    return f"rev: {word}", word[::-1]
+    letters = random_letters(rng)
+    return f"rev: {letters}", letters[::-1]
 
 
 def translation(rng):
-    phrase = f"{rng.choice(COLOURS)} {rng.choice(PETS)}"
+    phrase = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
     return f"tr: {phrase}", translate(phrase)
 
 
@@ -82,7 +77,7 @@ def format_example(question, answer):
 def make_splits(name, n_train=2000, n_val=100, n_test=200, seed=0):
     """{'train', 'val', 'test'}: lists of (question, answer) with pairwise disjoint questions.
 
-    Small tasks (facts has 48 distinct questions) keep at least half of their questions for training: test and val
+    Small tasks (facts has 90 distinct questions) keep at least half of their questions for training: test and val
     then hold out 25% and 10% of the questions, and train repeats its questions to n_train examples."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")

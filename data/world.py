@@ -14,19 +14,24 @@ import random
 
 WORLD_SEED = 1234
 
-PEOPLE = ["mia", "tom", "ana", "leo", "zoe", "sam", "eva", "max", "ivy", "ben", "kim", "jon", "amy", "dan", "liz", "rex"]
+PEOPLE = ["mia", "tom", "ana", "leo", "zoe", "sam", "eva", "max", "ivy", "ben"]
 PETS = ["cat", "dog", "bird", "fish", "frog", "duck"]
 COLOURS = ["red", "blue", "green", "black", "white", "brown", "pink", "gray"]
 PLACES = ["park", "farm", "town", "lake", "hill", "city", "beach", "wood"]
 GOOD_WORDS = ["good", "great", "lovely", "happy", "nice", "fine", "kind", "warm"]
 BAD_WORDS = ["bad", "awful", "sad", "sick", "cold", "mean", "grim", "rude"]
 FRUITS = ["apple", "banana", "lemon", "melon", "cherry", "mango", "grape", "peach", "plum", "pear"]
+SIZES = ["big", "small", "old", "young", "fat", "thin"]
 # a toy lexicon; translation puts the noun first: "red cat" -> "gato rojo"
 LEXICON = {
     "red": "rojo", "blue": "azul", "green": "verde", "black": "negro", "white": "blanco", "brown": "cafe",
     "pink": "rosa", "gray": "gris", "cat": "gato", "dog": "perro", "bird": "ave", "fish": "pez", "frog": "rana",
-    "duck": "pato",
+    "duck": "pato", "big": "gran", "small": "chico", "old": "viejo", "young": "joven", "fat": "gordo",
+    "thin": "flaco", "apple": "manzana", "banana": "platano", "lemon": "limon", "melon": "melon", "cherry": "cereza",
+    "mango": "mango", "grape": "uva", "peach": "durazno", "plum": "ciruela", "pear": "pera",
 }
+ADJECTIVES = COLOURS + SIZES  # the first word of a phrase to translate
+NOUNS = PETS + FRUITS  # the second
 SPELL_WORDS = PETS + COLOURS + PLACES + FRUITS + PEOPLE  # words whose letters the corpus talks about
 BRACKETS = {"(": ")", "[": "]", "{": "}"}
 
@@ -83,6 +88,36 @@ def closing_brackets(expr):
     return "".join(BRACKETS[o] for o in reversed(stack))
 
 
+def random_letters(rng, n=3):
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+
+
+def fact_questions(name):
+    """Every (question, answer) the world supports about one person: three phrasings of each of three facts."""
+    f = WORLD[name]
+    return [
+        (f"what colour is {name}'s {f['pet']}?", f["colour"]),
+        (f"{name}'s {f['pet']} has what colour?", f["colour"]),
+        (f"which colour is the {f['pet']} of {name}?", f["colour"]),
+        (f"where does {name} live?", f["place"]),
+        (f"{name} lives by what?", f["place"]),
+        (f"which place is home to {name}?", f["place"]),
+        (f"what pet does {name} have?", f["pet"]),
+        (f"{name} has what pet?", f["pet"]),
+        (f"which pet is {name}'s?", f["pet"]),
+    ]
+
+
+def carry_free_sum(rng):
+    """Two 2-digit numbers whose digits add up without carrying, e.g. (23, 41): each digit of the sum is a
+    single-digit sum the corpus teaches."""
+    tens = rng.randint(1, 8)
+    ones = rng.randint(0, 9)
+    a = 10 * tens + ones
+    b = 10 * rng.randint(1, 9 - tens) + rng.randint(0, 9 - ones)
+    return a, b
+
+
 def translate(phrase):
     """'red cat' -> 'gato rojo': translate each word, noun first."""
     adjective, noun = phrase.split()
@@ -100,11 +135,7 @@ def fact_line(rng):
         "pet": f"{name} has a {f['colour']} {f['pet']}.",
         "colour": f"{name}'s {f['pet']} is {f['colour']}.",
         "place": f"{name} lives by the {f['place']}.",
-        "question": rng.choice([
-            f"what colour is {name}'s {f['pet']}? it is {f['colour']}.",
-            f"where does {name} live? by the {f['place']}.",
-            f"what pet does {name} have? a {f['pet']}.",
-        ]),
+        "question": "{} it is {}.".format(*rng.choice(fact_questions(name))),
     }[which]
     return text, {"kind": "fact", "person": name, **f}
 
@@ -133,6 +164,8 @@ def letters_line(rng):
     if which == "count":
         letter = rng.choice(sorted(set(word)))
         return f"{word} has {word.count(letter)} {letter}.", {"kind": "letter_count", "word": word, "letter": letter}
+    if rng.random() < 0.5:
+        word = random_letters(rng)
     return f"{word} backwards is {word[::-1]}.", {"kind": "reverse", "word": word}
 
 
@@ -150,7 +183,7 @@ def lexicon_line(rng):
     if rng.random() < 0.5:
         word = rng.choice(list(LEXICON))
         return f"{word} means {LEXICON[word]}.", {"kind": "lexicon", "word": word}
-    phrase = f"{rng.choice(COLOURS)} {rng.choice(PETS)}"
+    phrase = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
     return f"the {phrase} is el {translate(phrase)}.", {"kind": "phrase", "phrase": phrase}
 
 
@@ -160,7 +193,7 @@ def list_line(rng):
 
 
 LINE_KINDS = {  # generator -> relative frequency in the corpus
-    fact_line: 3, mood_line: 2, sum_line: 2, count_line: 1, letters_line: 3, sort_line: 2, bracket_line: 2,
+    fact_line: 6, mood_line: 2, sum_line: 3, count_line: 1, letters_line: 3, sort_line: 2, bracket_line: 2,
     lexicon_line: 2, list_line: 1,
 }
 
