@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from data.corpus import get_batch, load_corpus
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
+from evaluate import plot_sae_metrics, sae_metrics
 from model import GPT, GPTConfig
+from sae import check_sae_fits, sae_from_dict, sae_to_dict, train_saes
 
 
 @dataclass
@@ -56,16 +58,28 @@ class Config:
     grad_clip: float = 1.0
     eval_interval: int = 250
     eval_iters: int = 20
+    # SAEs on the base model's residual stream
+    sae_points: tuple[int, ...] = ()  # residual points; empty = every point after a block, 1..n_layer
+    sae_expansion: int = 8  # d_sae = sae_expansion * n_embd
+    sae_k: tuple[int, ...] = (8,)  # TopK; several values train a k sweep, the first is the one used later
+    sae_steps: int = 2500
+    sae_batch_size: int = 512  # tokens per SAE step
+    sae_tokens: int = 200_000  # activations collected per point to train on
+    sae_auxk: bool = True
+    sae_aux_k: int = 64
+    sae_dead_tokens: int = 20_000
 
 
 CHOICES = {  # fields whose value must be one of a fixed set
-    "stage": ("all", "pretrain"),
+    "stage": ("all", "pretrain", "sae"),
     "device": ("auto", "cpu", "cuda"),
 }
 STAGE_KEYS = {  # the config fields each stage's result depends on (a stage also depends on the ones before it)
     "pretrain": ("seed", "corpus", "corpus_lines", "n_layer", "n_head", "n_embd", "block_size", "dropout",
                  "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
                  "grad_clip", "eval_interval", "eval_iters"),
+    "sae": ("sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "sae_tokens", "sae_auxk",
+            "sae_aux_k", "sae_dead_tokens"),
 }
 
 
@@ -104,9 +118,15 @@ def validate(config):
     if config.n_embd % config.n_head:
         raise ValueError(f"--n_embd={config.n_embd} must be divisible by --n_head={config.n_head}")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval",
-                "eval_iters", "corpus_lines"):
+                "eval_iters", "corpus_lines", "sae_expansion", "sae_steps", "sae_batch_size", "sae_tokens",
+                "sae_aux_k", "sae_dead_tokens"):
         if getattr(config, key) < 1:
             raise ValueError(f"--{key}={getattr(config, key)} must be at least 1")
+    for point in config.sae_points:
+        if not 0 <= point <= config.n_layer:
+            raise ValueError(f"--sae_points: {point} is not a residual point; valid points are 0..{config.n_layer}")
+    if not config.sae_k or not all(0 < k <= config.sae_expansion * config.n_embd for k in config.sae_k):
+        raise ValueError(f"--sae_k={config.sae_k}: each k must be in 1..d_sae={config.sae_expansion * config.n_embd}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"--dropout={config.dropout} must be in [0, 1)")
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -299,6 +319,63 @@ def pretrain(config, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# stage 2: TopK SAEs on the frozen base model's residual stream
+
+def sae_points(config):
+    return config.sae_points or tuple(range(1, config.n_layer + 1))
+
+
+def load_saes(checkpoint, model, device, k=None):
+    """{point: sae} for one k (default: the first of the sweep), checked against the model."""
+    k = checkpoint["ks"][0] if k is None else k
+    saes = {p: sae_from_dict(d, device) for p, d in checkpoint["saes"][k].items()}
+    for p, sae in saes.items():
+        check_sae_fits(sae, model, p)
+    return saes
+
+
+def train_sae_stage(config, device, base):
+    """Train an SAE per point and per k on base-corpus text; cached at out/<run>/sae.pt."""
+    run_dir = os.path.join(config.out_dir, config.run)
+    path = os.path.join(run_dir, "sae.pt")
+    expected = stage_config(config, "sae")
+    checkpoint = load_checkpoint(path, expected)
+    if checkpoint is not None:
+        print(f"sae: reusing {path}")
+        return checkpoint
+    model = model_from_checkpoint(base, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train_ids, val_ids = load_corpus(config.corpus or None, n_lines=config.corpus_lines, seed=config.seed)
+    points = sae_points(config)
+    t0 = time.time()
+    checkpoint = {"config": expected, "ks": list(config.sae_k), "saes": {}}
+    results = {"points": list(points), "by_k": {}}
+    for k in config.sae_k:
+        sae_kwargs = dict(d_sae=config.sae_expansion * config.n_embd, k=k, aux_k=config.sae_aux_k,
+                          dead_tokens=config.sae_dead_tokens, auxk_coef=1 / 32 if config.sae_auxk else 0.0)
+        saes, histories = train_saes(model, train_ids, points, sae_kwargs, config.sae_tokens, config.sae_steps,
+                                     config.sae_batch_size, config.block_size, device, seed=config.seed)
+        checkpoint["saes"][k] = {p: sae_to_dict(sae) for p, sae in saes.items()}
+        metrics = sae_metrics(model, saes, val_ids, config.block_size, device)
+        metrics["train_dead_fraction"] = {p: (sae.tokens_since_fired >= sae.config.dead_tokens).float().mean().item()
+                                          for p, sae in saes.items()}
+        metrics["history"] = histories
+        results["by_k"][k] = metrics
+        for p, m in metrics["points"].items():
+            print(f"sae k={k} point {p}: L0 {m['l0']:.1f}, FVU {m['fvu']:.3f}, dead {m['dead_fraction']:.1%}, "
+                  f"CE increase {m['ce_increase']:.4f} nats")
+        print(f"sae k={k}: compound CE increase {metrics['compound_ce_increase']:.4f} nats "
+              f"(clean CE {metrics['clean_ce']:.4f})")
+    results["seconds"] = time.time() - t0
+    save_checkpoint(checkpoint, path)
+    save_json(results, os.path.join(run_dir, "sae.json"))
+    plot_sae_metrics(results, run_dir)
+    print(f"sae: trained in {results['seconds']:.1f}s; metrics in {run_dir}/sae.json, plots sae_*.png")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv):
     try:
@@ -307,7 +384,10 @@ def main(argv):
         print(f"error: {error}", file=sys.stderr)
         return 2
     device = resolve_device(config)
-    pretrain(config, device)
+    base = pretrain(config, device)
+    if config.stage == "pretrain":
+        return 0
+    train_sae_stage(config, device, base)
     return 0
 
 

@@ -1,0 +1,196 @@
+"""
+TopK sparse autoencoders on the residual stream (Gao et al., "Scaling and evaluating sparse autoencoders", 2024).
+
+    x_n  = c * x                                    input scaled so that E ||x_n||^2 = d_in (c stored with the SAE)
+    z    = TopK( ReLU( (x_n - b_dec) W_enc + b_enc ) )   keep the k largest pre-activations, zero the rest
+    xhat = z W_dec + b_dec                          (in the scaled space; divide by c to get back to x)
+
+    L = ||x_n - xhat||^2  +  (1/32) ||e - ehat||^2            (means over tokens)
+        e    = (x_n - xhat).detach()                the residual the live latents leave
+        ehat = TopK_aux(ReLU(pre-activations of dead latents only)) W_dec     (no b_dec)
+
+Dead latents are those that have not fired for `dead_tokens` training tokens; AuxK gives them a gradient so they
+come back. b_dec starts at the data mean, W_enc starts as W_dec^T, decoder rows are kept at unit norm after
+every step, and the gradient component parallel to each row is removed before the step (it would only change the
+norm, which the renormalisation undoes). Adam's learning rate follows 2e-4 / sqrt(d_sae / 2^14).
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    k: int
+    aux_k: int = 64  # how many dead latents AuxK may use per token
+    dead_tokens: int = 20_000  # a latent that has not fired for this many training tokens is dead
+    auxk_coef: float = 1 / 32  # 0 turns AuxK off
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if not 0 < config.k <= config.d_sae:
+            raise ValueError(f"SAE k={config.k} must be in 1..d_sae={config.d_sae}")
+        self.config = config
+        W_dec = torch.randn(config.d_sae, config.d_in)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)  # (d_sae, d_in): row j is feature j's direction
+        self.W_enc = nn.Parameter(W_dec.t().clone())  # (d_in, d_sae)
+        self.b_enc = nn.Parameter(torch.zeros(config.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(config.d_in))
+        self.register_buffer("input_scale", torch.tensor(1.0))  # c
+        self.register_buffer("tokens_since_fired", torch.zeros(config.d_sae, dtype=torch.long))
+
+    # -- the forward pass, in pieces so that callers can use each one ------------------------------------------
+
+    def pre_activations(self, x):
+        """ReLU((c x - b_dec) W_enc + b_enc), shape (..., d_sae): the dense codes before TopK."""
+        return torch.relu((x * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def encode(self, x):
+        """The sparse code z (..., d_sae): the k largest pre-activations of each token, the rest zero."""
+        pre = self.pre_activations(x)
+        values, indices = pre.topk(self.config.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, indices, values)
+
+    def decode(self, z):
+        """xhat in the scaled space."""
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x):
+        """The reconstruction of x in x's own units: xhat / c. Used to splice the SAE into the model."""
+        return self.decode(self.encode(x)) / self.input_scale
+
+    # -- training losses ----------------------------------------------------------------------------------------
+
+    def loss(self, x):
+        """(total loss, mse, auxk loss, z) on a batch of raw activations x (N, d_in); see the module docstring."""
+        x_n = x * self.input_scale
+        pre = self.pre_activations(x)
+        values, indices = pre.topk(self.config.k, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, indices, values)
+        xhat = self.decode(z)
+        mse = (x_n - xhat).pow(2).sum(-1).mean()
+        auxk = self.auxk_loss(pre, (x_n - xhat).detach())
+        return mse + self.config.auxk_coef * auxk, mse, auxk, z
+
+    def auxk_loss(self, pre, residual):
+        """||e - ehat||^2 with ehat decoded (no bias) from the top aux_k pre-activations among dead latents."""
+        dead = self.tokens_since_fired >= self.config.dead_tokens  # (d_sae,)
+        if self.config.auxk_coef == 0 or not dead.any():
+            return pre.new_zeros(())
+        k_aux = min(self.config.aux_k, int(dead.sum()))
+        dead_pre = pre.masked_fill(~dead, 0.0)  # only dead latents may take part
+        values, indices = dead_pre.topk(k_aux, dim=-1)
+        z_aux = torch.zeros_like(pre).scatter(-1, indices, values)
+        residual_hat = z_aux @ self.W_dec  # no b_dec: the residual has no offset to model
+        return (residual - residual_hat).pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_dead_counter(self, z):
+        fired = (z > 0).any(dim=0)
+        self.tokens_since_fired += z.size(0)
+        self.tokens_since_fired[fired] = 0
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self):
+        """grad_j <- grad_j - (grad_j . w_j) w_j for each unit-norm decoder row w_j."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self):
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def init_from_data(self, x):
+        """c so that E ||c x||^2 = d_in, and b_dec = mean of the scaled data."""
+        self.input_scale.fill_(math.sqrt(self.config.d_in / x.pow(2).sum(-1).mean().item()))
+        self.b_dec.copy_((x * self.input_scale).mean(0))
+
+
+def sae_lr(d_sae, base_lr=2e-4):
+    """The 1/sqrt(d_sae / 2^14) learning-rate rule, from 2e-4 at 2^14 latents."""
+    return base_lr / math.sqrt(d_sae / 2**14)
+
+
+def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0, desc="sae"):
+    """Train one TopK SAE on activations (N, d_in); returns (sae, history of losses)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    sae = TopKSAE(config).to(activations.device)
+    sae.init_from_data(activations)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr or sae_lr(config.d_sae))
+    history = []
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for step in bar:
+        idx = torch.randint(len(activations), (batch_size,), generator=generator).to(activations.device)
+        loss, mse, auxk, z = sae.loss(activations[idx])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: SAE loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_decoder_grad()
+        optimizer.step()
+        sae.normalize_decoder()
+        sae.update_dead_counter(z)
+        if step % 100 == 0 or step == steps - 1:
+            # normalised MSE: the scaled data have E ||x_n||^2 = d_in
+            history.append({"step": step, "mse": mse.item(), "auxk": auxk.item()})
+            bar.set_postfix(nmse=f"{mse.item() / config.d_in:.3f}")
+    return sae.eval(), history
+
+
+@torch.no_grad()
+def collect_activations(model, ids, points, n_tokens, block_size, device, seed=0, batch_size=64):
+    """{point: (n_tokens, d_model)} residual activations of model on random windows of the token ids."""
+    from data.corpus import get_batch  # local import: sae.py needs data only for this convenience
+
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    acts = {p: [] for p in points}
+    n_windows = math.ceil(n_tokens / block_size)
+    for start in range(0, n_windows, batch_size):
+        x, _ = get_batch(ids, min(batch_size, n_windows - start), block_size, generator, device)
+        _, _, residuals = model(x, read=points)
+        for p in points:
+            acts[p].append(residuals[p].reshape(-1, residuals[p].size(-1)))
+    return {p: torch.cat(a)[:n_tokens] for p, a in acts.items()}
+
+
+def train_saes(model, ids, points, config_kwargs, n_tokens, steps, batch_size, block_size, device, seed=0):
+    """One SAE per residual point, trained on the frozen model's activations over ids."""
+    acts = collect_activations(model, ids, points, n_tokens, block_size, device, seed)
+    saes, histories = {}, {}
+    for p in points:
+        config = SAEConfig(d_in=acts[p].size(1), **config_kwargs)
+        saes[p], histories[p] = train_sae(acts[p], config, steps, batch_size, seed=seed, desc=f"sae point {p}")
+    return saes, histories
+
+
+def sae_to_dict(sae):
+    return {"config": asdict(sae.config), "state": sae.state_dict()}
+
+
+def sae_from_dict(d, device="cpu"):
+    sae = TopKSAE(SAEConfig(**d["config"]))
+    sae.load_state_dict(d["state"])
+    return sae.to(device).eval()
+
+
+def check_sae_fits(sae, model, point):
+    """Refuse an SAE whose input width or residual point does not fit the model."""
+    n_embd, n_layer = model.config.n_embd, model.config.n_layer
+    if sae.config.d_in != n_embd:
+        raise ValueError(f"the SAE for point {point} reads vectors of width {sae.config.d_in}, but the model's "
+                         f"residual stream has width n_embd={n_embd}; retrain the SAE for this model")
+    if not 0 <= point <= n_layer:
+        raise ValueError(f"the SAE is for residual point {point}, but the model has points 0..{n_layer}")
