@@ -142,3 +142,236 @@ def plot_sae_metrics(results, run_dir):
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "sae_k_sweep.png"), dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# continual-learning metrics
+#
+# R has T + 1 rows: R[0] before any task, R[t] after training task t (tasks numbered 1..T); column i-1 is task i.
+
+
+def cl_metrics(R):
+    """OP, plasticity, BWT and forgetting from an accuracy matrix (list of rows); see the equations below."""
+    R = torch.tensor(R, dtype=torch.float64)
+    T = R.size(0) - 1
+    final = R[T]
+    metrics = {"op": final.mean().item()}  # OP = (1/T) sum_i R[T][i]
+    if T < 2 or R.size(1) != T:  # multitask has one row after training: only OP is defined
+        return {**metrics, "plasticity": None, "bwt": None, "forgetting": None, "forgetting_per_task": None}
+    learned = torch.stack([R[i + 1, i] for i in range(T)])  # R[i][i]: task i right after learning it
+    metrics["plasticity"] = learned.mean().item()  # (1/T) sum_i R[i][i]
+    metrics["bwt"] = (final[: T - 1] - learned[: T - 1]).mean().item()  # (1/(T-1)) sum_{i<T} (R[T][i] - R[i][i])
+    # forgetting_i = max_{t<T} R[t][i] - R[T][i], over the rows after task i was learned, for i < T
+    forgetting = [(R[i + 1 : T, i].max() - final[i]).item() for i in range(T - 1)]
+    metrics["forgetting_per_task"] = forgetting
+    metrics["forgetting"] = sum(forgetting) / len(forgetting)
+    return metrics
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
+
+
+def load_cl_results(run_dir, cl_dir="cl"):
+    """{method: [result dict per seed]} from out/<run>/<cl_dir>/*.json."""
+    results = defaultdict(list)
+    cl_dir = os.path.join(run_dir, cl_dir)
+    for name in sorted(os.listdir(cl_dir)) if os.path.isdir(cl_dir) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(cl_dir, name)) as f:
+                r = json.load(f)
+            results[r["method"]].append(r)
+    return results
+
+
+METHOD_ORDER = ("seqft", "ewc", "sae", "replay", "multitask")
+
+
+def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
+    """Aggregate the CL results over seeds, print the comparison table, write summary.json, report.md, plots
+    (into out/<run>/, or out/<run>/<cl_dir>/ for another results folder)."""
+    results = load_cl_results(run_dir, cl_dir)
+    if cl_dir != "cl":
+        run_dir = os.path.join(run_dir, cl_dir)
+    methods = [m for m in (methods or METHOD_ORDER) if m in results]
+    if not methods:
+        raise FileNotFoundError(f"no continual-learning results in {run_dir}/cl; run `python train.py` first")
+    seqft_step = {r["seed"]: r["step_seconds"] for r in results.get("seqft", [])}
+    summary = {}
+    for method in methods:
+        runs = [r for r in results[method] if seeds is None or r["seed"] in seeds]
+        per_seed = [cl_metrics(r["R"]) for r in runs]
+        row = {"seeds": [r["seed"] for r in runs], "tasks": runs[0]["tasks"], "eval_split": runs[0]["eval_split"]}
+        for key in ("op", "bwt", "plasticity", "forgetting"):
+            row[key], row[key + "_std"] = mean_std([m[key] for m in per_seed])
+        row["lm_loss_before"], _ = mean_std([r["lm_loss_before"] for r in runs])
+        row["lm_loss_after"], row["lm_loss_after_std"] = mean_std([r["lm_loss_after"] for r in runs])
+        row["retained_bytes"], _ = mean_std([r["retained_bytes"] for r in runs])
+        row["step_ms"], _ = mean_std([1000 * r["step_seconds"] for r in runs])
+        ratios = [r["step_seconds"] / seqft_step[r["seed"]] for r in runs if r["seed"] in seqft_step]
+        row["step_time_ratio"], _ = mean_std(ratios)
+        row["R_mean"] = torch.tensor([r["R"] for r in runs], dtype=torch.float64).mean(0).tolist()
+        summary[method] = row
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    table = results_table(summary)
+    print(table)
+    plot_cl(summary, run_dir)
+    write_report(summary, table, run_dir)
+    return summary
+
+
+def fmt(mean, std=None, digits=3):
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
+def results_table(summary):
+    """Markdown table: OP, BWT, plasticity, forgetting, LM loss after, retained bytes, step-time ratio."""
+    lines = ["| method | OP | BWT | plasticity | forgetting | LM loss after (before) | retained bytes "
+             "| step time vs seqft |", "|---|---|---|---|---|---|---|---|"]
+    for method, r in summary.items():
+        ratio = "-" if r["step_time_ratio"] is None else f"{r['step_time_ratio']:.2f}x"
+        lines.append(
+            f"| {method} | {fmt(r['op'], r['op_std'])} | {fmt(r['bwt'], r['bwt_std'])} | "
+            f"{fmt(r['plasticity'], r['plasticity_std'])} | {fmt(r['forgetting'], r['forgetting_std'])} | "
+            f"{fmt(r['lm_loss_after'], r['lm_loss_after_std'])} ({r['lm_loss_before']:.3f}) | "
+            f"{int(r['retained_bytes']):,} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot_cl(summary, run_dir):
+    """cl_matrix.png (accuracy-matrix heatmaps, mean over seeds), cl_curves.png (each task's accuracy along the
+    sequence), cl_bars.png (OP and BWT with the seed spread)."""
+    methods = list(summary)
+    tasks = summary[methods[0]]["tasks"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        R = summary[method]["R_mean"]
+        ax.imshow(R, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for t, row in enumerate(R):
+            for i, v in enumerate(row):
+                ax.text(i, t, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=60, fontsize=7)
+        rows = ["base"] + (tasks if len(R) == len(tasks) + 1 else ["all"])[: len(R) - 1]
+        ax.set_yticks(range(len(R)), ["after " + r if r != "base" else r for r in rows], fontsize=7)
+        ax.set_title(method)
+    fig.suptitle("accuracy R[after row][task column], mean over seeds")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "cl_matrix.png"), dpi=120)
+    plt.close(fig)
+
+    sequential = [m for m in methods if len(summary[m]["R_mean"]) == len(tasks) + 1]
+    if sequential:
+        fig, axes = plt.subplots(1, len(sequential), figsize=(4.2 * len(sequential), 3.5), squeeze=False,
+                                 sharey=True)
+        for ax, method in zip(axes[0], sequential):
+            R = torch.tensor(summary[method]["R_mean"])
+            for i, task in enumerate(tasks):
+                ax.plot(range(len(R)), R[:, i], marker=".", label=task)
+            ax.set_xticks(range(len(R)), ["base"] + [f"+{t[:4]}" for t in tasks], rotation=60, fontsize=7)
+            ax.set_title(method)
+            ax.set_ylim(-0.05, 1.05)
+        axes[0][0].set_ylabel("accuracy")
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+        fig.tight_layout()
+        fig.savefig(os.path.join(run_dir, "cl_curves.png"), dpi=120)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key in zip(axes, ("op", "bwt")):
+        values = [summary[m][key] if summary[m][key] is not None else 0.0 for m in methods]
+        errors = [summary[m][key + "_std"] or 0.0 for m in methods]
+        ax.bar(methods, values, yerr=errors, capsize=4, color="tab:blue")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(key.upper() + f" (mean ± std over {len(summary[methods[0]]['seeds'])} seed(s))")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "cl_bars.png"), dpi=120)
+    plt.close(fig)
+
+
+def write_report(summary, table, run_dir):
+    first = next(iter(summary.values()))
+    lines = [f"# Continual learning: {os.path.basename(os.path.normpath(run_dir))}", "",
+             f"Tasks in order: {', '.join(first['tasks'])}. Accuracy on the `{first['eval_split']}` split; "
+             f"seeds {first['seeds']}.", "", table, "",
+             "![accuracy matrices](cl_matrix.png)", "", "![accuracy along the sequence](cl_curves.png)", "",
+             "![OP and BWT](cl_bars.png)", ""]
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python evaluate.py out/<run>   (rebuilds the report from the saved JSON)", file=sys.stderr)
+        sys.exit(2)
+    summarize_run(sys.argv[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the study of idea 2: normal vs SAE-regularized models, fresh SAEs over a k sweep
+
+
+def study_curves(results, variant):
+    """{'points': {p: (L0 mean, L0 std, CE mean, CE std) per k}, 'compound': (total L0 ..., compound CE ...)}."""
+    seeds = list(results[variant])
+    ks = [str(k) for k in results["study_k"]]
+    runs = [results[variant][s]["by_k"] for s in seeds]
+    points = list(runs[0][ks[0]]["points"])
+    curves = {"points": {}, "compound": None}
+    for p in points:
+        l0s = [mean_std([r[k]["points"][p]["l0"] for r in runs]) for k in ks]
+        ces = [mean_std([r[k]["points"][p]["ce_increase"] for r in runs]) for k in ks]
+        curves["points"][p] = (l0s, ces)
+    curves["compound"] = ([mean_std([r[k]["total_l0"] for r in runs]) for k in ks],
+                          [mean_std([r[k]["compound_ce_increase"] for r in runs]) for k in ks])
+    return curves
+
+
+def plot_study(results, study_dir):
+    """study_per_point.png: CE increase vs L0 per point (log-log); study_compound.png: compound CE increase vs
+    total L0; normal vs regularized, mean over seeds with the std as error bars."""
+    curves = {v: study_curves(results, v) for v in ("normal", "regularized")}
+    points = list(curves["normal"]["points"])
+    fig, axes = plt.subplots(1, len(points), figsize=(3.6 * len(points), 3.4), squeeze=False)
+    for ax, p in zip(axes[0], points):
+        for variant, color in (("normal", "tab:blue"), ("regularized", "tab:orange")):
+            l0s, ces = curves[variant]["points"][p]
+            ax.errorbar([m for m, _ in l0s], [max(m, 1e-5) for m, _ in ces], yerr=[s for _, s in ces],
+                        marker="o", color=color, label=variant, capsize=3)
+        ax.set(xscale="log", yscale="log", xlabel="L0", title=f"point {p}")
+    axes[0][0].set_ylabel("CE increase (nats)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(study_dir, "study_per_point.png"), dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    for variant, color in (("normal", "tab:blue"), ("regularized", "tab:orange")):
+        l0s, ces = curves[variant]["compound"]
+        ax.errorbar([m for m, _ in l0s], [m for m, _ in ces], yerr=[s for _, s in ces], marker="o", color=color,
+                    label=variant, capsize=3)
+    ax.set(xlabel="total L0 (sum over points)", ylabel="compound CE increase (nats)",
+           title="all points spliced at once")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(study_dir, "study_compound.png"), dpi=120)
+    plt.close(fig)
+
+
+def study_table(results):
+    """Markdown: val CE and, per k, total L0 and compound CE increase, normal vs regularized (mean ± std)."""
+    lines = ["| model | val CE | ms/iter | k | total L0 | compound CE increase |", "|---|---|---|---|---|---|"]
+    for variant in ("normal", "regularized"):
+        runs = list(results[variant].values())
+        val = mean_std([r["val_ce"] for r in runs])
+        ms = mean_std([r["ms_per_iter"] for r in runs])
+        for k in results["study_k"]:
+            l0 = mean_std([r["by_k"][str(k)]["total_l0"] for r in runs])
+            ce = mean_std([r["by_k"][str(k)]["compound_ce_increase"] for r in runs])
+            lines.append(f"| {variant} | {fmt(*val)} | {ms[0]:.1f} | {k} | {l0[0]:.1f} | {fmt(*ce)} |")
+    return "\n".join(lines)

@@ -2,7 +2,8 @@
 The entry point: configuration, the stages of the pipeline, the continual-learning loop, checkpoints.
 
     python train.py                       # every stage with the CPU defaults
-    python train.py --stage=pretrain      # one stage (pretrain | sae | cl | all)
+    python train.py --stage=pretrain      # up to one stage: pretrain | sae | cl (= all)
+    python train.py --stage=study         # idea 2: normal vs SAE-regularized pretraining, fresh SAEs on both
     python train.py --n_layer=4 --device=cpu --corpus=../shared/data/tinyshakespeare.txt
 
 Stages write to out/<run>/ and cache their result with the config that made it: a later run reuses a stage whose
@@ -18,16 +19,18 @@ import os
 import sys
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+import regularizers as reg
 from data.corpus import get_batch, load_corpus
+from data.tasks import DEFAULT_ORDER, TASKS, TaskSplit, build_task_suite
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
-from evaluate import plot_sae_metrics, sae_metrics
+from evaluate import plot_sae_metrics, sae_metrics, summarize_run, task_accuracy
 from model import GPT, GPTConfig
-from sae import check_sae_fits, sae_from_dict, sae_to_dict, train_saes
+from sae import SAEConfig, TopKSAE, check_sae_fits, sae_from_dict, sae_to_dict, train_saes
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Config:
     dropout: float = 0.0
     # pretraining (AdamW, cosine schedule with linear warmup)
     batch_size: int = 32
-    max_iters: int = 2000
+    max_iters: int = 1600
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_iters: int = 100
@@ -56,30 +59,86 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    eval_interval: int = 250
+    eval_interval: int = 200
     eval_iters: int = 20
+    # SAE regularization during pretraining (idea 2): TopK SAEs at every point 0..n_layer trained with the model
+    sae_reg_lambda: float = 0.0  # 0 = off
+    sae_reg_k: int = 8
+    sae_reg_l1: float = 0.0  # optional L1 sparsity term; TopK already fixes L0
+    sae_reg_expansion: int = 8  # d_sae of the jointly trained SAEs = sae_reg_expansion * n_embd
     # SAEs on the base model's residual stream
     sae_points: tuple[int, ...] = ()  # residual points; empty = every point after a block, 1..n_layer
     sae_expansion: int = 8  # d_sae = sae_expansion * n_embd
     sae_k: tuple[int, ...] = (8,)  # TopK; several values train a k sweep, the first is the one used later
-    sae_steps: int = 2500
+    sae_steps: int = 2000
     sae_batch_size: int = 512  # tokens per SAE step
     sae_tokens: int = 200_000  # activations collected per point to train on
     sae_auxk: bool = True
     sae_aux_k: int = 64
     sae_dead_tokens: int = 20_000
+    # continual learning
+    tasks: tuple[str, ...] = DEFAULT_ORDER  # the order tasks are learned in
+    methods: tuple[str, ...] = ("seqft", "ewc", "sae")
+    seeds: tuple[int, ...] = (0,)
+    steps_per_task: int = 200
+    cl_batch_size: int = 32
+    cl_lr: float = 2e-3  # AdamW, constant, a fresh optimizer per task, no weight decay
+    n_train: int = 2000  # examples per task and split
+    n_val: int = 100
+    n_test: int = 200
+    eval_split: str = "test"  # 'val' (carved from training data) is for tuning hyperparameters
+    cl_dir: str = "cl"  # results go to out/<run>/<cl_dir>/<method>_seed<seed>.json
+    # EWC
+    ewc_lambda: float = 100.0
+    ewc_mode: str = "separate"
+    ewc_gamma: float = 1.0  # online mode: F <- gamma F_old + F_new
+    ewc_fisher_examples: int = 256
+    ewc_fisher_labels: str = "true"  # true: y sampled from the model; empirical: ground truth
+    # SAE-guided activation regularization
+    sae_lambda_p: float = 10.0
+    sae_lambda_g: float = 1.0
+    sae_eps: float = 0.05
+    sae_delta: float = 0.1
+    mask_examples: int = 256  # examples of the current task the mask is built from
+    mask_knn: int = 4
+    mask_alpha: float = 0.5
+    mask_binary: bool = False  # ablation: threshold the mask at mask_threshold
+    mask_threshold: float = 0.5
+    sae_protect_past: bool = False  # ablation: also protect features earlier tasks' masks marked relevant
+    sae_codes: str = "topk"  # drift on the TopK codes, or 'dense' ReLU pre-activations
+    sae_reference: str = "task_start"  # theta_ref: the model at task start, or the 'base' model
+    # replay (stores data; a reference point)
+    replay_fraction: float = 0.05  # of each finished task's training examples kept
+    replay_batch_size: int = 16  # replayed examples appended to each batch
+    # the study of idea 2: normal vs SAE-regularized pretraining, then fresh SAEs at every point over a k sweep
+    study_seeds: tuple[int, ...] = (0, 1)
+    study_lambda: float = 1.0  # sae_reg_lambda of the regularized model
+    study_k: tuple[int, ...] = (4, 8, 16)
 
 
 CHOICES = {  # fields whose value must be one of a fixed set
-    "stage": ("all", "pretrain", "sae"),
+    "stage": ("all", "pretrain", "sae", "cl", "study"),
     "device": ("auto", "cpu", "cuda"),
+    "tasks": tuple(TASKS),
+    "methods": ("seqft", "ewc", "sae", "replay", "multitask"),
+    "eval_split": ("test", "val"),
+    "ewc_mode": ("separate", "online"),
+    "ewc_fisher_labels": ("true", "empirical"),
+    "sae_codes": ("topk", "dense"),
+    "sae_reference": ("task_start", "base"),
 }
 STAGE_KEYS = {  # the config fields each stage's result depends on (a stage also depends on the ones before it)
     "pretrain": ("seed", "corpus", "corpus_lines", "n_layer", "n_head", "n_embd", "block_size", "dropout",
                  "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
-                 "grad_clip", "eval_interval", "eval_iters"),
+                 "grad_clip", "eval_interval", "eval_iters", "sae_reg_lambda", "sae_reg_k", "sae_reg_l1",
+                 "sae_reg_expansion"),
     "sae": ("sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "sae_tokens", "sae_auxk",
             "sae_aux_k", "sae_dead_tokens"),
+    "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "n_train", "n_val", "n_test", "eval_split",
+           "ewc_lambda", "ewc_mode", "ewc_gamma", "ewc_fisher_examples", "ewc_fisher_labels", "sae_lambda_p",
+           "sae_lambda_g", "sae_eps", "sae_delta", "mask_examples", "mask_knn", "mask_alpha", "mask_binary",
+           "mask_threshold", "sae_protect_past", "sae_codes", "sae_reference", "replay_fraction",
+           "replay_batch_size"),
 }
 
 
@@ -119,7 +178,8 @@ def validate(config):
         raise ValueError(f"--n_embd={config.n_embd} must be divisible by --n_head={config.n_head}")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval",
                 "eval_iters", "corpus_lines", "sae_expansion", "sae_steps", "sae_batch_size", "sae_tokens",
-                "sae_aux_k", "sae_dead_tokens"):
+                "sae_aux_k", "sae_dead_tokens", "sae_reg_expansion", "steps_per_task", "cl_batch_size", "n_train",
+                "n_val", "n_test", "ewc_fisher_examples", "mask_examples", "mask_knn", "replay_batch_size"):
         if getattr(config, key) < 1:
             raise ValueError(f"--{key}={getattr(config, key)} must be at least 1")
     for point in config.sae_points:
@@ -127,6 +187,21 @@ def validate(config):
             raise ValueError(f"--sae_points: {point} is not a residual point; valid points are 0..{config.n_layer}")
     if not config.sae_k or not all(0 < k <= config.sae_expansion * config.n_embd for k in config.sae_k):
         raise ValueError(f"--sae_k={config.sae_k}: each k must be in 1..d_sae={config.sae_expansion * config.n_embd}")
+    if not 0 < config.sae_reg_k <= config.sae_reg_expansion * config.n_embd:  # the jointly trained SAEs
+        raise ValueError(f"--sae_reg_k={config.sae_reg_k} must be in 1..d_sae="
+                         f"{config.sae_reg_expansion * config.n_embd}")
+    if not config.study_seeds or not config.study_k:
+        raise ValueError("--study_seeds and --study_k need at least one value each")
+    for key in ("sae_reg_lambda", "sae_reg_l1", "study_lambda", "ewc_lambda", "ewc_gamma", "sae_lambda_p",
+                "sae_lambda_g", "sae_eps", "sae_delta", "mask_alpha"):
+        if getattr(config, key) < 0:
+            raise ValueError(f"--{key}={getattr(config, key)} must be non-negative")
+    if not config.tasks or len(set(config.tasks)) != len(config.tasks):
+        raise ValueError(f"--tasks={','.join(config.tasks)}: name each task once; valid tasks: {', '.join(TASKS)}")
+    if not config.methods or not config.seeds:
+        raise ValueError("--methods and --seeds need at least one value each")
+    if not 0.0 < config.replay_fraction <= 1.0:
+        raise ValueError(f"--replay_fraction={config.replay_fraction} must be in (0, 1]")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"--dropout={config.dropout} must be in [0, 1)")
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -235,15 +310,15 @@ def estimate_lm_loss(model, ids, config, device, n_batches, seed=1234):
     return sum(losses) / len(losses)
 
 
-def greedy_samples(model, prompts, device, max_new_tokens=40):
-    """Greedy continuations of each prompt up to the end of its line."""
+def greedy_samples(model, prompts, device, max_new_tokens=40, one_line=True):
+    """Greedy continuations of each prompt: to the end of its line, or max_new_tokens characters."""
     model.eval()
     samples = []
     for prompt in prompts:
         idx = torch.tensor([encode(prompt)], device=device)
-        out = model.generate(idx, max_new_tokens, stop_token=NEWLINE)[0, len(prompt) :].tolist()
-        text = decode(out)
-        samples.append(prompt + text.split("\n")[0])
+        stop = NEWLINE if one_line else None
+        text = decode(model.generate(idx, max_new_tokens, stop_token=stop)[0, len(prompt) :].tolist())
+        samples.append(prompt + (text.split("\n")[0] if one_line else text))
     return samples
 
 
@@ -265,10 +340,19 @@ def pretrain(config, device):
                       n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
     model = GPT(GPTConfig(**model_args)).to(device)
     optimizer = model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2), device)
+    joint_saes = {}  # idea 2: an SAE at every residual point, trained with the model, without weight decay
+    if config.sae_reg_lambda > 0:
+        sae_config = SAEConfig(d_in=config.n_embd, d_sae=config.sae_reg_expansion * config.n_embd,
+                               k=config.sae_reg_k, auxk_coef=0.0)
+        joint_saes = {p: TopKSAE(sae_config).to(device) for p in range(config.n_layer + 1)}
+        optimizer.add_param_group({"params": [q for s in joint_saes.values() for q in s.parameters()],
+                                   "weight_decay": 0.0})
     generator = torch.Generator().manual_seed(config.seed)
     start_iter, history = 0, []
     if checkpoint is not None:  # an interrupted run with the same config: resume where it stopped
         model.load_state_dict(checkpoint["model"])
+        for p, state in checkpoint["joint_saes"].items():
+            joint_saes[p].load_state_dict(state)
         optimizer.load_state_dict(checkpoint["optimizer"])
         generator.set_state(checkpoint["generator"])
         start_iter, history = checkpoint["iter"], checkpoint["history"]
@@ -278,23 +362,33 @@ def pretrain(config, device):
     def snapshot(it, done, val_loss=None):
         return {"config": expected, "model_args": model_args, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "iter": it,
-                "history": history, "done": done, "val_loss": val_loss}
+                "history": history, "done": done, "val_loss": val_loss,
+                "joint_saes": {p: s.state_dict() for p, s in joint_saes.items()}}
 
     model.train()
     t0 = time.time()
+    step_seconds = 0.0  # time in training steps only, without evaluation and checkpoints
     bar = tqdm(range(start_iter, config.max_iters), desc="pretrain", initial=start_iter, total=config.max_iters)
     for it in bar:
+        t_step = time.time()
         for group in optimizer.param_groups:
             group["lr"] = get_lr(it, config)
         x, y = get_batch(train_ids, config.batch_size, config.block_size, generator, device)
-        _, loss, _ = model(x, y)
+        _, loss, residuals = model(x, y, read=tuple(joint_saes))
+        if joint_saes:
+            loss = loss + reg.sae_training_penalty(residuals, joint_saes, config.sae_reg_lambda, config.sae_reg_l1)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretrain: loss is {loss.item()} at iteration {it}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        for sae in joint_saes.values():
+            sae.remove_parallel_decoder_grad()
         optimizer.step()
+        for sae in joint_saes.values():
+            sae.normalize_decoder()
+        step_seconds += time.time() - t_step
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters:
             train_loss = estimate_lm_loss(model, train_ids, config, device, config.eval_iters)
@@ -305,16 +399,19 @@ def pretrain(config, device):
     bar.close()
     seconds = time.time() - t0
     val_loss = history[-1]["val_loss"]
-    samples = greedy_samples(model, SAMPLE_PROMPTS if not config.corpus else ("\n",), device)
+    if config.corpus:  # a user corpus: one long continuation of a newline
+        samples = greedy_samples(model, ("\n",), device, max_new_tokens=200, one_line=False)
+    else:
+        samples = greedy_samples(model, SAMPLE_PROMPTS, device)
     checkpoint = snapshot(config.max_iters, done=True, val_loss=val_loss)
     save_checkpoint(checkpoint, path)
     summary = {"val_loss": val_loss, "train_loss": history[-1]["train_loss"], "seconds": seconds,
-               "ms_per_iter": 1000 * seconds / max(1, config.max_iters - start_iter), "history": history,
+               "ms_per_iter": 1000 * step_seconds / max(1, config.max_iters - start_iter), "history": history,
                "samples": samples, "params": model.num_params(), "config": expected}
     save_json(summary, os.path.join(config.out_dir, config.run, "pretrain.json"))
     print(f"pretrain: val loss {val_loss:.4f} in {seconds:.1f}s; greedy samples:")
     for sample in samples:
-        print("   ", sample.replace("\n", "\\n"))
+        print("   ", sample.strip("\n").replace("\n", "\n    "))
     return checkpoint
 
 
@@ -331,6 +428,7 @@ def load_saes(checkpoint, model, device, k=None):
     saes = {p: sae_from_dict(d, device) for p, d in checkpoint["saes"][k].items()}
     for p, sae in saes.items():
         check_sae_fits(sae, model, p)
+        sae.requires_grad_(False)  # frozen: gradients flow through the SAE to the model, never into it
     return saes
 
 
@@ -376,6 +474,227 @@ def train_sae_stage(config, device, base):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# stage 3: continual learning
+
+
+def evaluate_tasks(model, suite, config, device):
+    """One row of the accuracy matrix: accuracy on every task's eval split, in task order."""
+    return [task_accuracy(model, suite[name][config.eval_split], device) for name in config.tasks]
+
+
+def concat_splits(splits, name="mixed"):
+    """One TaskSplit holding the examples of several (same padded length)."""
+    return TaskSplit(name, [e for s in splits for e in s.examples], *(
+        torch.cat([getattr(s, key) for s in splits]) for key in ("x", "y", "answer_mask", "content_mask")))
+
+
+def subset(split, idx):
+    return TaskSplit(split.name, [split.examples[i] for i in idx.tolist()], split.x[idx], split.y[idx],
+                     split.answer_mask[idx], split.content_mask[idx])
+
+
+def train_steps(model, split, n_steps, config, device, generator, bar, penalty_fn=None, replay=None):
+    """n_steps of AdamW on the answer-token cross-entropy of split, plus penalty_fn(batch, residuals) if given.
+
+    Returns the seconds spent in the steps (for the step-time comparison)."""
+    optimizer = model.configure_optimizer(config.cl_lr, 0.0, (config.beta1, config.beta2), device)
+    model.train()
+    read = penalty_fn.points if penalty_fn is not None else ()
+    seconds = 0.0
+    for step in range(n_steps):
+        t0 = time.time()
+        x, y, answer_mask, content_mask = split.batch(config.cl_batch_size, generator, device)
+        if replay is not None:  # append a batch from the replay buffer
+            old = replay.batch(config.replay_batch_size, generator, device)
+            new = (x, y, answer_mask, content_mask)
+            x, y, answer_mask, content_mask = (torch.cat([a, b]) for a, b in zip(new, old))
+        _, ce, residuals = model(x, y, answer_mask, read=read)
+        loss = ce
+        logs = {}
+        if penalty_fn is not None:
+            penalty, logs = penalty_fn(x, content_mask, residuals)
+            loss = ce + penalty
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} on task {split.name} step {step}; lower --cl_lr or the "
+                                     "penalty weights")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        seconds += time.time() - t0
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(task=split.name, ce=f"{ce.item():.3f}", **{k: f"{v:.3f}" for k, v in logs.items()})
+    return seconds
+
+
+def make_sae_penalty(reference, saes, masks, config):
+    """The SAE-guided penalty for one task, as a function of (batch, content mask, residuals), given the frozen
+    reference model theta_ref."""
+
+    def penalty_fn(x, content_mask, residuals):
+        with torch.no_grad():
+            _, _, ref_residuals = reference(x, read=tuple(saes))
+        return reg.sae_guided_penalty(residuals, ref_residuals, saes, masks, content_mask, config.sae_lambda_p,
+                                      config.sae_lambda_g, config.sae_eps, config.sae_delta, config.sae_codes)
+
+    penalty_fn.points = tuple(saes)
+    return penalty_fn
+
+
+def make_ewc_penalty(model, state, config):
+    def penalty_fn(x, content_mask, residuals):
+        return reg.ewc_penalty(model, state, config.ewc_lambda), {}
+
+    penalty_fn.points = ()
+    return penalty_fn
+
+
+def run_method(method, seed, config, device, base, sae_checkpoint, suite, lm_val_ids):
+    """Learn the tasks in order with one method; returns the results dict (accuracy matrix R and timings)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = model_from_checkpoint(base, device)
+    names = config.tasks
+    lm_loss_before = estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters)
+    R = [evaluate_tasks(model, suite, config, device)]
+    state = {"anchors": []}  # EWC
+    masks, replay_idx = [], {}  # SAE-guided: one {point: mask} per task; replay: kept example indices per task
+    saes = load_saes(sae_checkpoint, model, device) if method == "sae" else None
+    base_model = reg.frozen_copy(model) if method == "sae" and config.sae_reference == "base" else None
+    step_seconds, n_steps, t_start = 0.0, 0, time.time()
+    total_steps = config.steps_per_task * len(names)
+    bar = tqdm(total=total_steps, desc=f"cl {method} seed {seed}")
+    if method == "multitask":  # the upper bound: every task at once, as many steps as the whole sequence
+        mixed = concat_splits([suite[name]["train"] for name in names])
+        step_seconds = train_steps(model, mixed, total_steps, config, device, generator, bar)
+        n_steps = total_steps
+        R.append(evaluate_tasks(model, suite, config, device))
+    else:
+        for t, name in enumerate(names):
+            train_split = suite[name]["train"]
+            penalty_fn, replay = None, None
+            if method == "ewc" and state["anchors"]:
+                penalty_fn = make_ewc_penalty(model, state, config)
+            elif method == "sae":
+                reference = base_model if base_model is not None else reg.frozen_copy(model)
+                mask = reg.build_feature_masks(reference, saes, train_split, config.mask_examples, config.mask_knn,
+                                               config.mask_alpha, config.sae_codes,
+                                               config.mask_threshold if config.mask_binary else None)
+                masks.append(mask)
+                if config.sae_protect_past:
+                    mask = {p: reg.merge_past_masks(m, [old[p] for old in masks[:-1]]) for p, m in mask.items()}
+                penalty_fn = make_sae_penalty(reference, saes, mask, config)
+            elif method == "replay" and replay_idx:
+                replay = concat_splits([subset(suite[old]["train"], idx) for old, idx in replay_idx.items()])
+            step_seconds += train_steps(model, train_split, config.steps_per_task, config, device, generator, bar,
+                                        penalty_fn, replay)
+            n_steps += config.steps_per_task
+            if method == "ewc":
+                fisher = reg.fisher_diagonal(model, train_split, config.ewc_fisher_examples,
+                                             config.ewc_fisher_labels, seed=seed + t)
+                reg.ewc_consolidate(state, model, fisher, config.ewc_mode, config.ewc_gamma)
+            elif method == "replay":
+                replay_idx[name] = reg.replay_sample(train_split, config.replay_fraction, seed=seed + t)
+            R.append(evaluate_tasks(model, suite, config, device))
+            bar.write(f"{method} seed {seed} after {name}: " + " ".join(f"{n}={a:.2f}" for n, a in zip(names, R[-1])))
+    bar.close()
+    retained = {  # what the method keeps between tasks, in bytes
+        "seqft": 0, "multitask": 0,
+        "ewc": reg.tensor_bytes(state["anchors"]),
+        "sae": reg.tensor_bytes(masks),
+        "replay": sum(reg.tensor_bytes([suite[n]["train"].x[i], suite[n]["train"].y[i]])
+                      for n, i in replay_idx.items()),
+    }[method]
+    return {"method": method, "seed": seed, "tasks": list(names), "eval_split": config.eval_split, "R": R,
+            "lm_loss_before": lm_loss_before,
+            "lm_loss_after": estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters),
+            "retained_bytes": retained, "step_seconds": step_seconds / n_steps,
+            "wall_seconds": time.time() - t_start}
+
+
+def continual_learning(config, device, base, sae_checkpoint):
+    """Run every method and seed (each cached as out/<run>/cl/<method>_seed<seed>.json) and write the report."""
+    run_dir = os.path.join(config.out_dir, config.run)
+    expected = stage_config(config, "cl")
+    suite = build_task_suite(config.tasks, config.n_train, config.n_val, config.n_test, seed=0)
+    _, lm_val_ids = load_corpus(config.corpus or None, n_lines=config.corpus_lines, seed=config.seed)
+    for method in config.methods:
+        for seed in config.seeds:
+            path = os.path.join(run_dir, config.cl_dir, f"{method}_seed{seed}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    cached = json.load(f)
+                if cached.get("config") == json.loads(json.dumps(expected)):
+                    print(f"cl: reusing {path}")
+                    continue
+            result = run_method(method, seed, config, device, base, sae_checkpoint, suite, lm_val_ids)
+            result["config"] = expected
+            save_json(result, path)
+    return summarize_run(run_dir, config.methods, config.seeds, config.cl_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the study of idea 2: does SAE-regularized pretraining make the activations easier to decompose?
+
+
+def fresh_saes_on_frozen_model(model, train_ids, val_ids, config, k, device):
+    """Train new TopK SAEs at every residual point of a frozen model and measure them on held-out text."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    points = tuple(range(config.n_layer + 1))
+    sae_kwargs = dict(d_sae=config.sae_expansion * config.n_embd, k=k, aux_k=config.sae_aux_k,
+                      dead_tokens=config.sae_dead_tokens, auxk_coef=1 / 32 if config.sae_auxk else 0.0)
+    saes, _ = train_saes(model, train_ids, points, sae_kwargs, config.sae_tokens, config.sae_steps,
+                         config.sae_batch_size, config.block_size, device, seed=config.seed)
+    return sae_metrics(model, saes, val_ids, config.block_size, device)
+
+
+def study(config, device):
+    """For each seed: a normal and an SAE-regularized model (same steps and learning rate), then fresh SAEs at
+    every point over the k sweep. Writes out/<run>/study/study.json and the plots study_*.png."""
+    from evaluate import plot_study, study_table
+
+    study_dir = os.path.join(config.out_dir, config.run, "study")
+    train_ids, val_ids = load_corpus(config.corpus or None, n_lines=config.corpus_lines, seed=config.seed)
+    results = {"normal": {}, "regularized": {}, "study_k": list(config.study_k), "lambda": config.study_lambda}
+    for seed in config.study_seeds:
+        for variant, lam in (("normal", 0.0), ("regularized", config.study_lambda)):
+            variant_config = dataclasses.replace(config, seed=seed, sae_reg_lambda=lam,
+                                                 run=os.path.join(config.run, "study", f"{variant}_seed{seed}"))
+            path = os.path.join(config.out_dir, variant_config.run, "fresh_saes.json")
+            expected = {**stage_config(variant_config, "sae"), "study_k": list(config.study_k)}
+            if os.path.exists(path):
+                with open(path) as f:
+                    cached = json.load(f)
+                if cached.get("config") == json.loads(json.dumps(expected)):
+                    print(f"study: reusing {path}")
+                    results[variant][seed] = cached
+                    continue
+            checkpoint = pretrain(variant_config, device)
+            with open(os.path.join(config.out_dir, variant_config.run, "pretrain.json")) as f:
+                pretrain_summary = json.load(f)
+            model = model_from_checkpoint(checkpoint, device)
+            by_k = {}
+            for k in config.study_k:
+                by_k[k] = fresh_saes_on_frozen_model(model, train_ids, val_ids, variant_config, k, device)
+                print(f"study {variant} seed {seed} k={k}: total L0 {by_k[k]['total_l0']:.1f}, compound CE "
+                      f"increase {by_k[k]['compound_ce_increase']:.4f}")
+            result = {"config": expected, "val_ce": checkpoint["val_loss"],
+                      "ms_per_iter": pretrain_summary["ms_per_iter"], "by_k": by_k}
+            save_json(result, path)
+            results[variant][seed] = json.loads(json.dumps(result))
+    save_json(results, os.path.join(study_dir, "study.json"))
+    results = json.loads(json.dumps(results))  # one form for the plots: JSON's string keys
+    plot_study(results, study_dir)
+    table = study_table(results)
+    with open(os.path.join(study_dir, "study.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv):
     try:
@@ -384,10 +703,16 @@ def main(argv):
         print(f"error: {error}", file=sys.stderr)
         return 2
     device = resolve_device(config)
+    if config.stage == "study":
+        study(config, device)
+        return 0
     base = pretrain(config, device)
     if config.stage == "pretrain":
         return 0
-    train_sae_stage(config, device, base)
+    sae_checkpoint = train_sae_stage(config, device, base)
+    if config.stage == "sae":
+        return 0
+    continual_learning(config, device, base, sae_checkpoint)
     return 0
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from data.tokenizer import NEWLINE, encode
-from data.world import (ADJECTIVES, carry_free_sum, NOUNS, PEOPLE, SPELL_WORDS, fact_questions, random_brackets, random_letters,
-                        random_mood_sentence, translate)
+from data.world import (ADJECTIVES, NOUNS, PEOPLE, SPELL_WORDS, carry_free_sum, fact_questions, random_brackets,
+                        random_letters, random_mood_sentence, translate)
 
 
 def stance(rng):
@@ -91,9 +91,12 @@ def make_splits(name, n_train=2000, n_val=100, n_test=200, seed=0):
     questions = sorted(distinct)
     rng.shuffle(questions)
     n = len(questions)
-    n_test_q = min(n_test, n // 4)
-    n_val_q = min(n_val, n // 10)
-    test_q, val_q, train_q = questions[:n_test_q], questions[n_test_q:n_test_q + n_val_q], questions[n_test_q + n_val_q:]
+    n_test_q, n_val_q = n_test, n_val
+    if n < n_train + n_val + n_test:  # a small universe: hold out 25% / 10% of it at most
+        n_test_q, n_val_q = min(n_test, n // 4), min(n_val, n // 10)
+    test_q = questions[:n_test_q]
+    val_q = questions[n_test_q : n_test_q + n_val_q]
+    train_q = questions[n_test_q + n_val_q :]
     if len(train_q) < n_train:  # small task: repeat the training questions
         train_q = [rng.choice(train_q) for _ in range(n_train)]
     return {split: [(q, distinct[q]) for q in qs[:{"train": n_train, "val": n_val, "test": n_test}[split]]]

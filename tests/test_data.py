@@ -1,0 +1,136 @@
+import re
+
+import pytest
+import torch
+
+from data.corpus import get_batch, load_corpus
+from data.tasks import DEFAULT_ORDER, TASKS, build_task_suite, format_example, make_splits
+from data.tokenizer import VOCAB_SIZE, decode, encode
+from data.world import LEXICON, WORLD, generate_corpus, generate_lines
+
+
+def test_tokenizer_round_trip():
+    text = "mia has a red cat.\nx = f([a]);  ~!"
+    assert decode(encode(text)) == text
+    assert VOCAB_SIZE == 96
+
+
+def test_tokenizer_rejects_unknown_characters_and_lists_them():
+    with pytest.raises(ValueError) as error:
+        encode("caf\u00e9 \u2014 ok\t")
+    message = str(error.value)
+    assert "'\u00e9'" in message and "'\u2014'" in message and "'\\t'" in message
+
+
+def test_corpus_is_deterministic_and_in_vocabulary():
+    a, b, c = generate_corpus(500, seed=1), generate_corpus(500, seed=1), generate_corpus(500, seed=2)
+    assert a == b and a != c
+    encode(a)  # no error: every character is in the vocabulary
+    assert len(a.splitlines()) == 500
+
+
+def test_corpus_lines_carry_true_latents():
+    for text, latents in generate_lines(300, seed=0):
+        if latents["kind"] == "fact":
+            assert latents["person"] in text
+            fact = WORLD[latents["person"]]
+            assert fact["pet"] in text or fact["place"] in text or fact["colour"] in text
+        if latents["kind"] == "sum":
+            assert text == f"{latents['a']} + {latents['b']} = {latents['a'] + latents['b']}."
+
+
+def independent_answer(name, question):
+    """Each task's answer recomputed from the question text alone, without the generators."""
+    body = question.split(": ", 1)[1]
+    if name == "stance":
+        return "pos" if re.search(r"\b(good|great|lovely|happy|nice|fine|kind|warm)\b", body) else "neg"
+    if name == "facts":
+        person = next(p for p in WORLD if re.search(rf"\b{p}\b", body))
+        key = "colour" if "colour" in body else "place" if ("live" in body or "place" in body) else "pet"
+        return WORLD[person][key]
+    if name == "add":
+        a, b = body.split("+")
+        return str(int(a) + int(b))
+    if name == "close":
+        stack = []
+        for ch in body:
+            if ch in "([{":
+                stack.append(ch)
+            elif ch in ")]}":
+                stack.pop()
+        return "".join({"(": ")", "[": "]", "{": "}"}[c] for c in reversed(stack))
+    if name == "reverse":
+        return body[::-1]
+    if name == "translate":
+        adjective, noun = body.split()
+        return LEXICON[noun] + " " + LEXICON[adjective]
+    if name == "count":
+        letter = question.split(":")[0].split()[1]
+        return str(body.count(letter))
+    if name == "sort":
+        return "".join(sorted(body))
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_task_answers_are_correct_and_splits_disjoint(name):
+    splits = make_splits(name, n_train=300, n_val=30, n_test=60, seed=0)
+    for examples in splits.values():
+        for question, answer in examples:
+            assert answer == independent_answer(name, question), (question, answer)
+    train, val, test = ({q for q, _ in splits[s]} for s in ("train", "val", "test"))
+    assert not train & test and not train & val and not val & test
+    assert len(splits["train"]) == 300 and len(test) > 0 and len(val) > 0
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_tasks_are_deterministic_under_a_seed(name):
+    assert make_splits(name, 50, 10, 10, seed=3) == make_splits(name, 50, 10, 10, seed=3)
+    assert make_splits(name, 50, 10, 10, seed=3) != make_splits(name, 50, 10, 10, seed=4)
+
+
+def test_unknown_task_is_an_error():
+    with pytest.raises(ValueError, match="valid tasks"):
+        make_splits("juggling")
+
+
+def test_task_tensors_mask_the_answer_only():
+    suite = build_task_suite(["add"], n_train=20, n_val=5, n_test=5)
+    split = suite["add"]["train"]
+    question, answer = split.examples[0]
+    prompt, completion = format_example(question, answer)
+    assert decode(split.y[0][split.answer_mask[0].bool()]) == completion  # the loss sees exactly the answer + \n
+    n_content = len(prompt + completion) - 1
+    assert split.content_mask[0].sum().item() == n_content
+    assert decode(split.x[0, :n_content]) == (prompt + completion)[:-1]
+    assert torch.equal(split.x[0, 1:n_content], split.y[0, : n_content - 1])  # y is x shifted by one
+
+
+def test_suite_pads_all_tasks_to_one_length():
+    suite = build_task_suite(DEFAULT_ORDER, n_train=20, n_val=5, n_test=5)
+    lengths = {s.x.size(1) for splits in suite.values() for s in splits.values()}
+    assert len(lengths) == 1
+
+
+def test_user_corpus_file(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("to be or not to be.\n" * 100)
+    train, val = load_corpus(str(good))
+    assert len(train) == int(0.9 * 2000) and len(train) + len(val) == 2000
+    bad = tmp_path / "bad.txt"
+    bad.write_text("na\u00efve caf\u00e9\n" * 200)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        load_corpus(str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="at least 1000"):
+        load_corpus(str(empty))
+    with pytest.raises(FileNotFoundError):
+        load_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_get_batch_windows():
+    ids = torch.arange(1000)
+    x, y = get_batch(ids, 4, 16, torch.Generator().manual_seed(0), "cpu")
+    assert x.shape == y.shape == (4, 16)
+    assert torch.equal(y, x + 1)

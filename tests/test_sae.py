@@ -1,0 +1,174 @@
+import pytest
+import torch
+
+from evaluate import fvu, l0, sae_metrics
+from sae import SAEConfig, TopKSAE, check_sae_fits, sae_lr, train_sae
+
+
+def make_sae(d_in=8, d_sae=32, k=3, **kwargs):
+    torch.manual_seed(0)
+    return TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, **kwargs))
+
+
+def test_exactly_k_or_fewer_nonzero_codes():
+    sae = make_sae(k=3)
+    z = sae.encode(torch.randn(50, 8))
+    nonzero = (z != 0).sum(-1)
+    assert (nonzero <= 3).all() and (nonzero == 3).float().mean() > 0.5
+    assert (z >= 0).all()
+    # the kept codes are the k largest pre-activations
+    pre = sae.pre_activations(torch.randn(1, 8))
+    z1 = sae.encode(torch.randn(1, 8))
+    assert z1.shape == pre.shape
+
+
+def test_init_from_data_scales_and_centres():
+    sae = make_sae()
+    x = 5.0 * torch.randn(1000, 8) + 3.0
+    sae.init_from_data(x)
+    x_n = x * sae.input_scale
+    assert abs(x_n.pow(2).sum(-1).mean().item() - 8) < 1e-3  # E ||c x||^2 = d_in
+    assert torch.allclose(sae.b_dec, x_n.mean(0))
+    assert torch.allclose(sae.W_enc, sae.W_dec.t())  # encoder starts as the decoder's transpose
+
+
+def test_decoder_rows_unit_norm_after_a_training_step():
+    sae, _ = train_sae(torch.randn(500, 8), SAEConfig(8, 32, 3), steps=5, batch_size=64)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
+
+
+def test_parallel_gradient_component_is_removed():
+    sae = make_sae()
+    loss, _, _, _ = sae.loss(torch.randn(64, 8))
+    loss.backward()
+    before = sae.W_dec.grad.clone()
+    assert (before * sae.W_dec).sum(1).abs().max() > 1e-4  # there was a parallel part to remove
+    sae.remove_parallel_decoder_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-6
+    # only the parallel part went: the perpendicular part is unchanged
+    parallel = (before * sae.W_dec).sum(1, keepdim=True) * sae.W_dec
+    assert torch.allclose(sae.W_dec.grad, before - parallel, atol=1e-6)
+
+
+def test_auxk_uses_only_dead_latents_no_bias_and_the_detached_residual():
+    sae = make_sae(d_in=8, d_sae=32, k=3, aux_k=4, dead_tokens=10)
+    with torch.no_grad():
+        sae.b_dec.fill_(100.0)  # a bias that would dominate if AuxK decoded with it
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[1, 5, 7, 20, 30]] = True
+    sae.tokens_since_fired[dead] = 10
+    x = torch.randn(16, 8)
+    pre = sae.pre_activations(x)
+    residual = torch.randn(16, 8)
+    loss = sae.auxk_loss(pre, residual)
+
+    # by hand: top-4 of the dead latents' pre-activations, decoded without b_dec
+    dead_pre = torch.where(dead, pre, torch.zeros_like(pre))
+    values, indices = dead_pre.topk(4, dim=-1)
+    z_aux = torch.zeros_like(pre).scatter(-1, indices, values)
+    assert ((z_aux != 0) & ~dead).sum() == 0  # live latents never take part
+    expected = (residual - z_aux @ sae.W_dec).pow(2).sum(-1).mean()
+    assert torch.allclose(loss, expected)
+
+    # inside sae.loss the residual is x_n - xhat (sign!) and detached: AuxK's gradient reaches no live latent
+    sae.zero_grad()
+    _, _, auxk, _ = sae.loss(x)
+    auxk.backward()
+    assert auxk.item() > 0
+    live_rows = sae.W_dec.grad[~dead]
+    assert torch.count_nonzero(live_rows) == 0  # through a detached residual, only dead rows get gradient
+    assert torch.count_nonzero(sae.W_dec.grad[dead]) > 0
+
+    # inside sae.loss the target is x_n - xhat, not xhat - x_n
+    with torch.no_grad():
+        x_n = x * sae.input_scale
+        xhat = sae.decode(sae.encode(x))
+        assert torch.allclose(auxk, sae.auxk_loss(pre, x_n - xhat))
+        assert not torch.allclose(auxk, sae.auxk_loss(pre, xhat - x_n))
+    # and the hinge of the regression has the right sign: predicting the residual exactly gives zero loss
+    right = sae.auxk_loss(pre, (z_aux @ sae.W_dec).detach())
+    wrong = sae.auxk_loss(pre, -(z_aux @ sae.W_dec).detach())
+    assert right.item() < 1e-8 < wrong.item()
+
+
+def test_no_dead_latents_means_no_auxk():
+    sae = make_sae()
+    assert sae.auxk_loss(sae.pre_activations(torch.randn(4, 8)), torch.randn(4, 8)).item() == 0.0
+
+
+def test_dead_counter_counts_tokens_and_resets_on_firing():
+    sae = make_sae()
+    z = torch.zeros(10, 32)
+    z[3, 4] = 1.0
+    sae.update_dead_counter(z)
+    sae.update_dead_counter(torch.zeros(6, 32))
+    assert sae.tokens_since_fired[4] == 6 and sae.tokens_since_fired[0] == 16
+
+
+def test_training_reduces_the_loss():
+    torch.manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    codes = torch.relu(torch.randn(2000, 16)) * (torch.rand(2000, 16) < 0.15)
+    x = codes @ directions
+    sae, history = train_sae(x, SAEConfig(8, 32, 4), steps=300, batch_size=128)
+    assert history[-1]["mse"] < 0.5 * history[0]["mse"]
+
+
+def test_fvu_and_l0_by_hand():
+    x = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+    xhat = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    # mean x = (2, 1); sum ||x - mean||^2 = (1 + 1) + (1 + 1) = 4; sum ||x - xhat||^2 = 1 + 1 = 2
+    assert fvu(x, xhat) == pytest.approx(0.5)
+    z = torch.tensor([[0.0, 2.0, 0.0], [1.0, 1.0, 3.0]])
+    assert l0(z) == pytest.approx(2.0)
+
+
+def test_learning_rate_rule():
+    assert sae_lr(2**14) == pytest.approx(2e-4)
+    assert sae_lr(2**12) == pytest.approx(4e-4)
+
+
+def test_splicing_x_itself_gives_zero_ce_increase(tiny_model):
+    class Identity(torch.nn.Module):  # an "SAE" that reconstructs perfectly
+        def __init__(self):
+            super().__init__()
+            self.config = SAEConfig(d_in=32, d_sae=32, k=32)
+            self.register_buffer("input_scale", torch.tensor(1.0))
+            self.b_dec = torch.zeros(32)
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return z
+
+        def forward(self, x):
+            return x
+
+    ids = torch.randint(0, 96, (5000,))
+    metrics = sae_metrics(tiny_model, {1: Identity(), 2: Identity()}, ids, 32, "cpu", n_batches=2, batch_size=4)
+    assert metrics["compound_ce_increase"] == pytest.approx(0.0, abs=1e-6)
+    for point in (1, 2):
+        assert metrics["points"][point]["ce_increase"] == pytest.approx(0.0, abs=1e-6)
+        assert metrics["points"][point]["fvu"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_real_sae_increases_ce(tiny_model):
+    ids = torch.randint(0, 96, (5000,))
+    sae = make_sae(d_in=32, d_sae=64, k=2)
+    metrics = sae_metrics(tiny_model, {1: sae}, ids, 32, "cpu", n_batches=2, batch_size=4)
+    assert metrics["points"][1]["fvu"] > 0.01
+    assert metrics["points"][1]["l0"] <= 2.0
+
+
+def test_sae_that_does_not_fit_the_model_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="width 16.*n_embd=32"):
+        check_sae_fits(make_sae(d_in=16), tiny_model, point=1)
+    with pytest.raises(ValueError, match="points 0..2"):
+        check_sae_fits(make_sae(d_in=32), tiny_model, point=5)
+    check_sae_fits(make_sae(d_in=32), tiny_model, point=2)  # fits: no error
+
+
+def test_k_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="k=40"):
+        TopKSAE(SAEConfig(d_in=8, d_sae=32, k=40))
