@@ -1,0 +1,43 @@
+"""
+The continual-learning benchmark of the README: seqft, EWC, SAE-guided, replay and multitask over 3 seeds on the
+tiny-world task sequence, with the hyperparameters chosen on the validation split by bench/tune.py (the
+defaults of train.Config). Seeds change the fine-tuning (batch order, Fisher samples, replay buffer); the base
+model and its SAEs are the default run's. Writes out/<run>/benchmark.md (command, wall time, the table) and the
+plots cl_matrix.png, cl_curves.png, cl_bars.png beside it.
+
+    python bench/cl_benchmark.py            # any train.py override may follow
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402
+from evaluate import results_table  # noqa: E402
+
+ARGS = ["--methods=seqft,ewc,sae,replay,multitask", "--seeds=0,1,2"]
+
+
+def main():
+    argv = ARGS + sys.argv[1:]
+    t0 = time.time()
+    if train.main(argv) != 0:
+        sys.exit(1)
+    seconds = time.time() - t0
+    config = train.parse_args(argv)
+    run_dir = os.path.join(config.out_dir, config.run)
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    text = (f"Command: `python bench/cl_benchmark.py {' '.join(sys.argv[1:])}` (= `python train.py {' '.join(argv)}`),"
+            f" {seconds:.0f} s on this machine (cached stages reused).\n\n"
+            f"Accuracy on the test split; mean ± std over seeds {list(config.seeds)}.\n\n{results_table(summary)}\n")
+    with open(os.path.join(run_dir, "benchmark.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
