@@ -49,6 +49,7 @@ class Config:
     n_embd: int = 64
     block_size: int = 64
     dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers (nanoGPT's default is False)
     # pretraining (AdamW, cosine schedule with linear warmup)
     batch_size: int = 32
     max_iters: int = 1600
@@ -129,7 +130,7 @@ CHOICES = {  # fields whose value must be one of a fixed set
 }
 STAGE_KEYS = {  # the config fields each stage's result depends on (a stage also depends on the ones before it)
     "pretrain": ("seed", "corpus", "corpus_lines", "n_layer", "n_head", "n_embd", "block_size", "dropout",
-                 "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
+                 "bias", "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
                  "grad_clip", "eval_interval", "eval_iters", "sae_reg_lambda", "sae_reg_k", "sae_reg_l1",
                  "sae_reg_expansion"),
     "sae": ("sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "sae_tokens", "sae_auxk",
@@ -337,7 +338,7 @@ def pretrain(config, device):
     torch.manual_seed(config.seed)
     train_ids, val_ids = load_corpus(config.corpus or None, n_lines=config.corpus_lines, seed=config.seed)
     model_args = dict(vocab_size=VOCAB_SIZE, block_size=config.block_size, n_layer=config.n_layer,
-                      n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
+                      n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
     model = GPT(GPTConfig(**model_args)).to(device)
     optimizer = model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2), device)
     joint_saes = {}  # idea 2: an SAE at every residual point, trained with the model, without weight decay
@@ -521,6 +522,8 @@ def train_steps(model, split, n_steps, config, device, generator, bar, penalty_f
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+        if device == "cuda":  # CUDA runs asynchronously: wait for the step before reading the clock
+            torch.cuda.synchronize()
         seconds += time.time() - t0
         bar.update(1)
         if step % 20 == 0:

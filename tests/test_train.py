@@ -184,3 +184,12 @@ def test_study_stage(tmp_path):
         assert run["by_k"]["4"]["total_l0"] > run["by_k"]["2"]["total_l0"]
     for name in ("study_per_point.png", "study_compound.png", "study.md"):
         assert (study_dir / name).exists()
+
+
+def test_bias_flag_builds_a_model_without_biases(tmp_path):
+    checkpoint = train.pretrain(tiny_config(tmp_path, "--bias=false", "--max_iters=5", "--eval_interval=5"), "cpu")
+    model = train.model_from_checkpoint(checkpoint, "cpu")
+    assert all(m.bias is None for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)))
+    with_bias = train.model_from_checkpoint(train.pretrain(tiny_config(tmp_path / "b", "--max_iters=5",
+                                                                       "--eval_interval=5"), "cpu"), "cpu")
+    assert with_bias.num_params() > model.num_params()
