@@ -423,6 +423,12 @@ def sae_points(config):
     return config.sae_points or tuple(range(1, config.n_layer + 1))
 
 
+def sae_kwargs(config, k):
+    """The SAEConfig fields (all but d_in) that the config sets, for one k."""
+    return dict(d_sae=config.sae_expansion * config.n_embd, k=k, aux_k=config.sae_aux_k,
+                dead_tokens=config.sae_dead_tokens, auxk_coef=1 / 32 if config.sae_auxk else 0.0)
+
+
 def load_saes(checkpoint, model, device, k=None):
     """{point: sae} for one k (default: the first of the sweep), checked against the model."""
     k = checkpoint["ks"][0] if k is None else k
@@ -451,9 +457,7 @@ def train_sae_stage(config, device, base):
     checkpoint = {"config": expected, "ks": list(config.sae_k), "saes": {}}
     results = {"points": list(points), "by_k": {}}
     for k in config.sae_k:
-        sae_kwargs = dict(d_sae=config.sae_expansion * config.n_embd, k=k, aux_k=config.sae_aux_k,
-                          dead_tokens=config.sae_dead_tokens, auxk_coef=1 / 32 if config.sae_auxk else 0.0)
-        saes, histories = train_saes(model, train_ids, points, sae_kwargs, config.sae_tokens, config.sae_steps,
+        saes, histories = train_saes(model, train_ids, points, sae_kwargs(config, k), config.sae_tokens, config.sae_steps,
                                      config.sae_batch_size, config.block_size, device, seed=config.seed)
         checkpoint["saes"][k] = {p: sae_to_dict(sae) for p, sae in saes.items()}
         metrics = sae_metrics(model, saes, val_ids, config.block_size, device)
@@ -646,9 +650,7 @@ def fresh_saes_on_frozen_model(model, train_ids, val_ids, config, k, device):
     for p in model.parameters():
         p.requires_grad_(False)
     points = tuple(range(config.n_layer + 1))
-    sae_kwargs = dict(d_sae=config.sae_expansion * config.n_embd, k=k, aux_k=config.sae_aux_k,
-                      dead_tokens=config.sae_dead_tokens, auxk_coef=1 / 32 if config.sae_auxk else 0.0)
-    saes, _ = train_saes(model, train_ids, points, sae_kwargs, config.sae_tokens, config.sae_steps,
+    saes, _ = train_saes(model, train_ids, points, sae_kwargs(config, k), config.sae_tokens, config.sae_steps,
                          config.sae_batch_size, config.block_size, device, seed=config.seed)
     return sae_metrics(model, saes, val_ids, config.block_size, device)
 

@@ -16,10 +16,14 @@ def test_exactly_k_or_fewer_nonzero_codes():
     nonzero = (z != 0).sum(-1)
     assert (nonzero <= 3).all() and (nonzero == 3).float().mean() > 0.5
     assert (z >= 0).all()
-    # the kept codes are the k largest pre-activations
-    pre = sae.pre_activations(torch.randn(1, 8))
-    z1 = sae.encode(torch.randn(1, 8))
-    assert z1.shape == pre.shape
+    # the kept codes are the k largest pre-activations, unchanged
+    x = torch.randn(20, 8)
+    pre, z = sae.pre_activations(x), sae.encode(x)
+    kept = z != 0
+    assert torch.equal(z[kept], pre[kept])
+    smallest_kept = torch.where(kept, pre, torch.full_like(pre, float("inf"))).min(-1).values
+    largest_dropped = torch.where(kept, torch.full_like(pre, -float("inf")), pre).max(-1).values
+    assert (smallest_kept >= largest_dropped).all()
 
 
 def test_init_from_data_scales_and_centres():
