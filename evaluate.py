@@ -1,7 +1,7 @@
 """
 Metrics, plots and the report.
 
-- Task accuracy: exact match of the greedy-decoded answer.
+- Task accuracy: exact match of the greedy-decoded answer (computed teacher-forced, in one pass).
 - Continual-learning metrics from the accuracy matrix R, where R[t][i] is the accuracy on task i after training
   task t (row 0: before any task): OP, plasticity, BWT, forgetting.
 - SAE metrics on held-out text: L0, FVU, explained variance, dead fraction, cosine(x, xhat), CE increase when a
@@ -20,32 +20,31 @@ matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt
 import torch
 
-from data.tasks import format_example
-from data.tokenizer import NEWLINE, decode, encode
+from data.tasks import trim_padding
 
 # ----------------------------------------------------------------------------------------------------------------
 # task accuracy
 
 
 @torch.no_grad()
-def task_accuracy(model, split, device, max_answer_len=12):
-    """Exact-match accuracy of greedy decoding on a TaskSplit.
+def task_accuracy(model, split, device, batch_size=256):
+    """Exact-match accuracy of greedy decoding on a TaskSplit, in one teacher-forced pass.
 
-    Prompts of equal length are decoded together as one batch (no padding, so no attention mask is needed)."""
+    Greedy decoding writes the answer and then the newline that ends it exactly when, at every completion
+    position, the argmax of the next-token logits given the true prefix is the true next token:
+        correct_i = prod over completion positions t of [ argmax_v logits_i[t, v] == y_i[t] ]
+    So a single forward pass over prompt + answer scores every example, with no token-by-token decoding and no
+    cap on the answer's length."""
     was_training = model.training
     model.eval()
-    by_length = defaultdict(list)
-    for question, answer in split.examples:
-        prompt, _ = format_example(question, answer)
-        by_length[len(prompt)].append((prompt, answer))
-    correct = 0
-    for group in by_length.values():
-        idx = torch.tensor([encode(prompt) for prompt, _ in group], device=device)
-        out = model.generate(idx, max_answer_len + 1, stop_token=NEWLINE)[:, idx.size(1) :]
-        for row, (_, answer) in zip(out.tolist(), group):
-            correct += decode(row).split("\n")[0] == answer
+    correct = []
+    for start in range(0, len(split), batch_size):
+        x, y, answer_mask, content_mask = trim_padding(*(t[start : start + batch_size].to(device) for t in (
+            split.x, split.y, split.answer_mask, split.content_mask)))
+        predicted = model(x)[0].argmax(-1)
+        correct.append(((predicted == y) | (answer_mask == 0)).all(-1))
     model.train(was_training)
-    return correct / len(split.examples)
+    return torch.cat(correct).float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parameters_to_vector
 
 # ----------------------------------------------------------------------------------------------------------------
 # the one squared hinge
@@ -88,15 +89,17 @@ def fisher_diagonal(model, split, n_examples, labels="true", seed=0, chunk_size=
 
 
 def ewc_consolidate(state, model, fisher, mode="separate", gamma=1.0):
-    """After a task: add (F, theta*) to the EWC state.
+    """After a task: add (F, theta*) to the EWC state, each one flat vector over all of the model's parameters
+    (in model.parameters() order), so that the penalty is a few operations on long vectors.
 
     separate: one (F, theta*) pair per past task.  online: F <- gamma F_old + F_new with one anchor, theta* = now."""
-    theta_star = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fisher = parameters_to_vector([fisher[name] for name, _ in model.named_parameters()])
+    theta_star = parameters_to_vector(model.parameters()).detach().clone()
     if mode == "separate" or not state["anchors"]:
         state["anchors"].append({"fisher": fisher, "theta": theta_star})
     elif mode == "online":
         old = state["anchors"][0]["fisher"]
-        state["anchors"][0] = {"fisher": {n: gamma * old[n] + fisher[n] for n in fisher}, "theta": theta_star}
+        state["anchors"][0] = {"fisher": gamma * old + fisher, "theta": theta_star}
     else:
         raise ValueError(f"ewc mode {mode!r}: choose 'separate' or 'online'")
     return state
@@ -104,11 +107,11 @@ def ewc_consolidate(state, model, fisher, mode="separate", gamma=1.0):
 
 def ewc_penalty(model, state, lam):
     """(lambda/2) sum_anchors sum_i F_i (theta_i - theta*_i)^2, written as the per-coordinate hinge with bound 0."""
+    theta = parameters_to_vector(model.parameters())  # differentiable: gradients flow back to each parameter
     total = 0.0
     for anchor in state["anchors"]:
-        for name, p in model.named_parameters():
-            drift = (p - anchor["theta"][name]).abs()
-            total = total + 0.5 * lam * hinge_penalty(drift, anchor["fisher"][name], 0.0, per_coordinate=True)
+        drift = (theta - anchor["theta"]).abs()
+        total = total + 0.5 * lam * hinge_penalty(drift, anchor["fisher"], 0.0, per_coordinate=True)
     return total
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import regularizers as reg
 from data.corpus import get_batch, load_corpus
-from data.tasks import DEFAULT_ORDER, TASKS, TaskSplit, build_task_suite
+from data.tasks import DEFAULT_ORDER, TASKS, TaskSplit, build_task_suite, trim_padding
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
 from evaluate import plot_sae_metrics, sae_metrics, summarize_run, task_accuracy
 from model import GPT, GPTConfig
@@ -46,7 +46,7 @@ class Config:
     # model
     n_layer: int = 2
     n_head: int = 4
-    n_embd: int = 64
+    n_embd: int = 96  # width, learning rate and steps per task chosen by bench/calibrate.py (README)
     block_size: int = 64
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers (nanoGPT's default is False)
@@ -81,9 +81,9 @@ class Config:
     tasks: tuple[str, ...] = DEFAULT_ORDER  # the order tasks are learned in
     methods: tuple[str, ...] = ("seqft", "ewc", "sae")
     seeds: tuple[int, ...] = (0,)
-    steps_per_task: int = 200
+    steps_per_task: int = 150
     cl_batch_size: int = 32
-    cl_lr: float = 2e-3  # AdamW, constant, a fresh optimizer per task, no weight decay
+    cl_lr: float = 3e-4  # AdamW, constant, a fresh optimizer per task, no weight decay
     n_train: int = 2000  # examples per task and split
     n_val: int = 100
     n_test: int = 200
@@ -457,8 +457,9 @@ def train_sae_stage(config, device, base):
     checkpoint = {"config": expected, "ks": list(config.sae_k), "saes": {}}
     results = {"points": list(points), "by_k": {}}
     for k in config.sae_k:
-        saes, histories = train_saes(model, train_ids, points, sae_kwargs(config, k), config.sae_tokens, config.sae_steps,
-                                     config.sae_batch_size, config.block_size, device, seed=config.seed)
+        saes, histories = train_saes(model, train_ids, points, sae_kwargs(config, k), config.sae_tokens,
+                                     config.sae_steps, config.sae_batch_size, config.block_size, device,
+                                     seed=config.seed)
         checkpoint["saes"][k] = {p: sae_to_dict(sae) for p, sae in saes.items()}
         metrics = sae_metrics(model, saes, val_ids, config.block_size, device)
         metrics["train_dead_fraction"] = {p: (sae.tokens_since_fired >= sae.config.dead_tokens).float().mean().item()
@@ -513,6 +514,7 @@ def train_steps(model, split, n_steps, config, device, generator, bar, penalty_f
             old = replay.batch(config.replay_batch_size, generator, device)
             new = (x, y, answer_mask, content_mask)
             x, y, answer_mask, content_mask = (torch.cat([a, b]) for a, b in zip(new, old))
+        x, y, answer_mask, content_mask = trim_padding(x, y, answer_mask, content_mask)
         _, ce, residuals = model(x, y, answer_mask, read=read)
         loss = ce
         logs = {}

@@ -1,7 +1,7 @@
 """
 Fair hyperparameter selection for the continual-learning methods, on the validation split only.
 
-Each method gets the same number of trials (4). A trial is a full run of the task sequence with one seed, scored by
+Each method gets the same number of trials (6). A trial is a full run of the task sequence with one seed, scored by
 OP on the `val` split (carved from the training data); the test split is never looked at. The chosen values and
 every trial's score are written to out/<run>/tune/tuning.md and tuning.json.
 
@@ -18,11 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
 
-GRIDS = {  # method -> list of trials, each a dict of config overrides
-    "ewc": [{"ewc_lambda": lam} for lam in (1e2, 1e3, 1e4, 1e5)],
+GRIDS = {  # method -> list of trials, each a dict of config overrides; the same number of trials per method
+    "ewc": [{"ewc_lambda": lam} for lam in (1, 10, 1e2, 1e3, 1e4, 1e5)],
     "sae": [
         {"sae_lambda_p": lp, "sae_lambda_g": lg, "sae_eps": eps, "sae_delta": delta}
-        for lp in (1e2, 1e4)
+        for lp in (1, 1e2, 1e4)
         for lg, eps, delta in ((0.0, 0.0, 0.0), (1.0, 0.02, 0.2))
     ],
 }

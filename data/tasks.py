@@ -126,6 +126,13 @@ class TaskSplit:
         return tuple(t[idx].to(device) for t in (self.x, self.y, self.answer_mask, self.content_mask))
 
 
+def trim_padding(x, y, answer_mask, content_mask):
+    """Cut the columns that are padding in every row. Exact for a causal model: padding comes after the content,
+    so no real position ever attends to it. Saves the compute of short tasks padded to the longest one."""
+    length = int(content_mask.sum(1).max())
+    return x[:, :length], y[:, :length], answer_mask[:, :length], content_mask[:, :length]
+
+
 def to_tensors(name, examples, length):
     """Encode (question, answer) pairs into a TaskSplit padded to `length` positions."""
     n = len(examples)

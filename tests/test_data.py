@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data.corpus import get_batch, load_corpus
-from data.tasks import DEFAULT_ORDER, TASKS, build_task_suite, format_example, make_splits
+from data.tasks import DEFAULT_ORDER, TASKS, build_task_suite, format_example, make_splits, trim_padding
 from data.tokenizer import VOCAB_SIZE, decode, encode
 from data.world import LEXICON, WORLD, generate_corpus, generate_lines
 
@@ -134,3 +134,15 @@ def test_get_batch_windows():
     x, y = get_batch(ids, 4, 16, torch.Generator().manual_seed(0), "cpu")
     assert x.shape == y.shape == (4, 16)
     assert torch.equal(y, x + 1)
+
+
+def test_trim_padding_keeps_the_longest_example_and_changes_no_logit(tiny_model):
+    suite = build_task_suite(["add", "stance"], n_train=16, n_val=2, n_test=2)
+    short, long = suite["add"]["train"], suite["stance"]["train"]
+    fields = ("x", "y", "answer_mask", "content_mask")
+    batch = [torch.cat([getattr(short, f)[:3], getattr(long, f)[:1]]) for f in fields]
+    x, y, answer_mask, content_mask = trim_padding(*batch)
+    assert x.size(1) == int(batch[3].sum(1).max()) < batch[0].size(1)  # cut to the one stance example's length
+    assert answer_mask.sum() == batch[2].sum() and content_mask.sum() == batch[3].sum()  # no real token lost
+    with torch.no_grad():  # causal: the cut-off padding never reached a real position
+        assert torch.allclose(tiny_model(x)[0], tiny_model(batch[0])[0][:, : x.size(1)], atol=1e-5)

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from data.tasks import build_task_suite
+from data.tasks import build_task_suite, format_example, to_tensors
+from data.tokenizer import NEWLINE, decode, encode
+from model import GPT
 from evaluate import cl_metrics, task_accuracy
 
 
@@ -26,34 +28,59 @@ def test_multitask_matrix_has_only_op():
 
 
 class Oracle(torch.nn.Module):
-    """A 'model' that knows the answers: it predicts the next character of prompt + answer + newline."""
+    """A causal 'model' that knows each line: at every position it predicts the next character of
+    prompt + completion, where the completion is the true answer and newline unless `completions` says otherwise."""
 
-    def __init__(self, split, wrong=()):
+    def __init__(self, split, completions=None):
         super().__init__()
-        from data.tasks import format_example
-        from data.tokenizer import encode
-
-        self.lines = {}
+        self.lines = []
         for question, answer in split.examples:
-            prompt, completion = format_example(question, "X" if question in wrong else answer)
-            self.lines[tuple(encode(prompt))] = encode(prompt + completion)
+            prompt, completion = format_example(question, answer)
+            completion = (completions or {}).get(question, completion)
+            self.lines.append((encode(prompt), encode(prompt + completion)))
         self.config = type("C", (), {"block_size": 64})()
 
     def forward(self, idx):
         logits = torch.zeros(idx.size(0), idx.size(1), 96)
         for b, row in enumerate(idx.tolist()):
-            line = next(v for k, v in self.lines.items() if tuple(row[: len(k)]) == k)
-            nxt = line[len(row)] if len(row) < len(line) else 0
-            logits[b, -1, nxt] = 1.0
+            # the line whose prompt starts this row (prompts never share a prefix up to their last character)
+            line = next(line for prompt, line in self.lines if row[: len(prompt)] == prompt)
+            for t in range(len(row)):
+                if row[: t + 1] == line[: t + 1]:  # only a true prefix is answered as in the line
+                    logits[b, t, line[t + 1] if t + 1 < len(line) else NEWLINE] = 1.0
         return logits, None, {}
 
-    from model import GPT
     generate = GPT.generate
 
 
-def test_task_accuracy_is_exact_match():
-    split = build_task_suite(["reverse"], n_train=10, n_val=5, n_test=20)["reverse"]["test"]
+def greedy_exact_match(model, split, max_new_tokens=20):
+    """The slow reference: decode token by token, compare the text up to the first newline."""
+    correct = 0
+    for question, answer in split.examples:
+        prompt, _ = format_example(question, answer)
+        out = model.generate(torch.tensor([encode(prompt)]), max_new_tokens, stop_token=NEWLINE)
+        correct += decode(out[0, len(prompt) :].tolist()).split("\n")[0] == answer
+    return correct / len(split)
+
+
+def test_task_accuracy_is_greedy_exact_match():
+    split = build_task_suite(["translate"], n_train=10, n_val=5, n_test=20)["translate"]["test"]
     assert len(split) == 20
     assert task_accuracy(Oracle(split), split, "cpu") == 1.0
-    wrong = {q for q, _ in split.examples[:5]}
-    assert task_accuracy(Oracle(split, wrong), split, "cpu") == pytest.approx(15 / 20)
+    qs = [q for q, _ in split.examples]
+    answers = dict(split.examples)
+    completions = {
+        qs[0]: "X" + answers[qs[0]][1:] + "\n",  # wrong first character
+        qs[1]: answers[qs[1]][:-1] + "X\n",  # wrong last character
+        qs[2]: answers[qs[2]] + "s\n",  # runs on past the answer
+        qs[3]: answers[qs[3]][:-1] + "\n",  # stops early
+    }
+    oracle = Oracle(split, completions)
+    assert task_accuracy(oracle, split, "cpu", batch_size=7) == pytest.approx(16 / 20)
+    assert greedy_exact_match(oracle, split) == pytest.approx(16 / 20)
+
+
+def test_long_answers_are_scored_in_full():
+    split = to_tensors("translate", [("tr: white banana", "platano blanco")], length=40)  # a 14-character answer
+    assert task_accuracy(Oracle(split), split, "cpu") == 1.0
+    assert task_accuracy(Oracle(split, {"tr: white banana": "platano blancos\n"}), split, "cpu") == 0.0
