@@ -11,6 +11,7 @@ Metrics, plots and the report.
 
 import json
 import os
+import re
 import sys
 from collections import defaultdict
 
@@ -176,11 +177,12 @@ def mean_std(values):
 
 
 def load_cl_results(run_dir, cl_dir="cl"):
-    """{method: [result dict per seed]} from out/<run>/<cl_dir>/*.json."""
+    """{method: [result dict per seed]} from out/<run>/<cl_dir>/<method>_seed<seed>.json (other files, such as
+    the summary.json written beside them, are not results)."""
     results = defaultdict(list)
     cl_dir = os.path.join(run_dir, cl_dir)
     for name in sorted(os.listdir(cl_dir)) if os.path.isdir(cl_dir) else []:
-        if name.endswith(".json"):
+        if re.fullmatch(r"[a-z]+_seed\d+\.json", name):
             with open(os.path.join(cl_dir, name)) as f:
                 r = json.load(f)
             results[r["method"]].append(r)

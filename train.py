@@ -90,13 +90,13 @@ class Config:
     eval_split: str = "test"  # 'val' (carved from training data) is for tuning hyperparameters
     cl_dir: str = "cl"  # results go to out/<run>/<cl_dir>/<method>_seed<seed>.json
     # EWC
-    ewc_lambda: float = 100.0  # chosen on val by bench/tune.py (README)
+    ewc_lambda: float = 1e4  # chosen on val by bench/tune.py (README)
     ewc_mode: str = "separate"
     ewc_gamma: float = 1.0  # online mode: F <- gamma F_old + F_new
     ewc_fisher_examples: int = 256
     ewc_fisher_labels: str = "true"  # true: y sampled from the model; empirical: ground truth
     # SAE-guided activation regularization
-    sae_lambda_p: float = 100.0  # chosen on val by bench/tune.py (README)
+    sae_lambda_p: float = 1e4  # chosen on val by bench/tune.py (README)
     sae_lambda_g: float = 0.0  # 0: the guide term is off (tuning chose it)
     sae_eps: float = 0.0
     sae_delta: float = 0.0

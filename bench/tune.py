@@ -22,7 +22,7 @@ GRIDS = {  # method -> list of trials, each a dict of config overrides; the same
     "ewc": [{"ewc_lambda": lam} for lam in (1, 10, 1e2, 1e3, 1e4, 1e5)],
     "sae": [
         {"sae_lambda_p": lp, "sae_lambda_g": lg, "sae_eps": eps, "sae_delta": delta}
-        for lp in (1, 1e2, 1e4)
+        for lp in (1e2, 1e4, 1e6)
         for lg, eps, delta in ((0.0, 0.0, 0.0), (1.0, 0.02, 0.2))
     ],
 }

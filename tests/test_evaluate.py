@@ -84,3 +84,12 @@ def test_long_answers_are_scored_in_full():
     split = to_tensors("translate", [("tr: white banana", "platano blanco")], length=40)  # a 14-character answer
     assert task_accuracy(Oracle(split), split, "cpu") == 1.0
     assert task_accuracy(Oracle(split, {"tr: white banana": "platano blancos\n"}), split, "cpu") == 0.0
+
+
+def test_load_cl_results_reads_result_files_only(tmp_path):
+    from evaluate import load_cl_results
+
+    (tmp_path / "cl").mkdir()
+    (tmp_path / "cl" / "seqft_seed0.json").write_text('{"method": "seqft", "seed": 0}')
+    (tmp_path / "cl" / "summary.json").write_text('{"seqft": {"op": 0.5}}')  # written beside results by a rerun
+    assert dict(load_cl_results(str(tmp_path))) == {"seqft": [{"method": "seqft", "seed": 0}]}
