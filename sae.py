@@ -86,11 +86,10 @@ class TopKSAE(nn.Module):
         dead = self.tokens_since_fired >= self.config.dead_tokens  # (d_sae,)
         if self.config.auxk_coef == 0 or not dead.any():
             return pre.new_zeros(())
-        k_aux = min(self.config.aux_k, int(dead.sum()))
-        dead_pre = pre.masked_fill(~dead, 0.0)  # only dead latents may take part
-        values, indices = dead_pre.topk(k_aux, dim=-1)
-        z_aux = torch.zeros_like(pre).scatter(-1, indices, values)
-        residual_hat = z_aux @ self.W_dec  # no b_dec: the residual has no offset to model
+        dead_pre = pre[:, dead]  # (N, n_dead): only dead latents may take part (few, so this is cheap)
+        values, indices = dead_pre.topk(min(self.config.aux_k, dead_pre.size(1)), dim=-1)
+        z_aux = torch.zeros_like(dead_pre).scatter(-1, indices, values)
+        residual_hat = z_aux @ self.W_dec[dead]  # no b_dec: the residual has no offset to model
         return (residual - residual_hat).pow(2).sum(-1).mean()
 
     @torch.no_grad()

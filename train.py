@@ -81,7 +81,7 @@ class Config:
     tasks: tuple[str, ...] = DEFAULT_ORDER  # the order tasks are learned in
     methods: tuple[str, ...] = ("seqft", "ewc", "sae")
     seeds: tuple[int, ...] = (0,)
-    steps_per_task: int = 150
+    steps_per_task: int = 200
     cl_batch_size: int = 32
     cl_lr: float = 3e-4  # AdamW, constant, a fresh optimizer per task, no weight decay
     n_train: int = 2000  # examples per task and split

@@ -54,8 +54,9 @@ def test_parallel_gradient_component_is_removed():
     assert torch.allclose(sae.W_dec.grad, before - parallel, atol=1e-6)
 
 
-def test_auxk_uses_only_dead_latents_no_bias_and_the_detached_residual():
-    sae = make_sae(d_in=8, d_sae=32, k=3, aux_k=4, dead_tokens=10)
+@pytest.mark.parametrize("aux_k", [4, 8])  # fewer, and more, than the 5 dead latents
+def test_auxk_uses_only_dead_latents_no_bias_and_the_detached_residual(aux_k):
+    sae = make_sae(d_in=8, d_sae=32, k=3, aux_k=aux_k, dead_tokens=10)
     with torch.no_grad():
         sae.b_dec.fill_(100.0)  # a bias that would dominate if AuxK decoded with it
     dead = torch.zeros(32, dtype=torch.bool)
@@ -66,9 +67,9 @@ def test_auxk_uses_only_dead_latents_no_bias_and_the_detached_residual():
     residual = torch.randn(16, 8)
     loss = sae.auxk_loss(pre, residual)
 
-    # by hand: top-4 of the dead latents' pre-activations, decoded without b_dec
+    # by hand: top-aux_k of the dead latents' pre-activations over all 32 columns, decoded without b_dec
     dead_pre = torch.where(dead, pre, torch.zeros_like(pre))
-    values, indices = dead_pre.topk(4, dim=-1)
+    values, indices = dead_pre.topk(min(aux_k, 5), dim=-1)
     z_aux = torch.zeros_like(pre).scatter(-1, indices, values)
     assert ((z_aux != 0) & ~dead).sum() == 0  # live latents never take part
     expected = (residual - z_aux @ sae.W_dec).pow(2).sum(-1).mean()
