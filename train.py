@@ -96,10 +96,10 @@ class Config:
     ewc_fisher_examples: int = 256
     ewc_fisher_labels: str = "true"  # true: y sampled from the model; empirical: ground truth
     # SAE-guided activation regularization
-    sae_lambda_p: float = 1e4  # chosen on val by bench/tune.py (README)
-    sae_lambda_g: float = 0.0  # 0: the guide term is off (tuning chose it)
-    sae_eps: float = 0.0
-    sae_delta: float = 0.0
+    sae_lambda_p: float = 1e2  # these four chosen on val by bench/tune.py (README)
+    sae_lambda_g: float = 1.0  # 0 turns the guide term off
+    sae_eps: float = 0.02
+    sae_delta: float = 0.2
     mask_examples: int = 256  # examples of the current task the mask is built from
     mask_knn: int = 4
     mask_alpha: float = 0.5

@@ -44,7 +44,7 @@ def main(argv):
             summary = train.continual_learning(config, device, base, sae_checkpoint)
             trials[method].append({"overrides": overrides, "val_op": summary[method]["op"],
                                    "val_bwt": summary[method]["bwt"]})
-    chosen = {m: max(ts, key=lambda t: t["val_op"]) for m, ts in trials.items()}
+    chosen = {m: max(ts, key=lambda t: t["val_op"]) for m, ts in trials.items()}  # ties: the first in grid order
     out_dir = os.path.join(base_config.out_dir, base_config.run, "tune")
     with open(os.path.join(out_dir, "tuning.json"), "w") as f:
         json.dump({"trials": trials, "chosen": chosen, "seconds": time.time() - t0, "argv": argv}, f, indent=2)

@@ -52,3 +52,15 @@ def test_sae_checkpoint_for_another_model_is_refused(tmp_path):
     wide_model = train.model_from_checkpoint(train.pretrain(wider, "cpu"), "cpu")
     with pytest.raises(ValueError, match="width 32.*n_embd=64"):
         train.load_saes(sae_checkpoint, wide_model, "cpu")
+
+
+@pytest.mark.parametrize("option", ["--sae_protect_past=true", "--mask_binary=true", "--sae_codes=dense",
+                                    "--sae_reference=base"])
+def test_sae_guided_ablation_options_run_end_to_end(tmp_path, option):
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=sae", "--sae_lambda_p=100", option]
+    assert train.main(argv) == 0
+    result = json.loads((tmp_path / "default" / "cl" / "sae_seed0.json").read_text())
+    key, value = option[2:].split("=")
+    assert str(result["config"][key]).lower() == value  # the option reached the run and is recorded with it
+    assert len(result["R"]) == 3 and all(0.0 <= a <= 1.0 for r in result["R"] for a in r)
+    assert result["retained_bytes"] == 2 * 4 * 32 * 4  # whatever the option, only the masks are kept
