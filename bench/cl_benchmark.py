@@ -31,8 +31,9 @@ def main():
     run_dir = os.path.join(config.out_dir, config.run)
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    text = (f"Command: `python bench/cl_benchmark.py {' '.join(sys.argv[1:])}` (= `python train.py {' '.join(argv)}`),"
-            f" {seconds:.0f} s on this machine (cached stages reused).\n\n"
+    command = f"python bench/cl_benchmark.py {' '.join(sys.argv[1:])}"
+    text = (f"Command: `{command}` (= `python train.py {' '.join(argv)}`), {seconds:.0f} s on this machine"
+            " (cached stages reused).\n\n"
             f"Accuracy on the test split; mean ± std over seeds {list(config.seeds)}.\n\n{results_table(summary)}\n")
     with open(os.path.join(run_dir, "benchmark.md"), "w") as f:
         f.write(text)
