@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt
 import torch
 
-from data.tasks import trim_padding
+from data.tasks import Batch, trim_padding
 
 # ----------------------------------------------------------------------------------------------------------------
 # task accuracy
@@ -40,10 +40,9 @@ def task_accuracy(model, split, device, batch_size=256):
     model.eval()
     correct = []
     for start in range(0, len(split), batch_size):
-        x, y, answer_mask, content_mask = trim_padding(*(t[start : start + batch_size].to(device) for t in (
-            split.x, split.y, split.answer_mask, split.content_mask)))
-        predicted = model(x)[0].argmax(-1)
-        correct.append(((predicted == y) | (answer_mask == 0)).all(-1))
+        batch = trim_padding(Batch(*(t.to(device) for t in split.rows(slice(start, start + batch_size)))))
+        predicted = model(batch.x)[0].argmax(-1)
+        correct.append(((predicted == batch.y) | (batch.answer_mask == 0)).all(-1))
     model.train(was_training)
     return torch.cat(correct).float().mean().item()
 
@@ -66,45 +65,40 @@ def fvu(x, xhat):
 def sae_metrics(model, saes, ids, block_size, device, n_batches=20, batch_size=32, seed=1234):
     """Metrics of {point: sae} on fixed random windows of held-out ids.
 
-    Per point: L0, FVU, explained variance (1 - FVU), dead fraction (latents that never fire on these tokens),
-    mean cosine(x, xhat), and CE increase = CE(model with that point's reconstruction spliced in) - CE(model).
-    For the whole set: compound CE increase, every point spliced at once (each SAE reads the already-patched
-    stream). Losses are in nats per token."""
+    Per point: L0 and FVU (the functions above), explained variance (1 - FVU), dead fraction (latents that never
+    fire on these tokens), mean cosine(x, xhat), and CE increase = CE(model with that point's reconstruction
+    spliced in) - CE(model). For the whole set: compound CE increase, every point spliced at once (each SAE reads
+    the already-patched stream). Losses are in nats per token."""
     from data.corpus import get_batch
 
     model.eval()
     points = sorted(saes)
     generator = torch.Generator().manual_seed(seed)
-    acc = {p: {"sq_err": 0.0, "sum_x": 0.0, "sum_x2": 0.0, "n": 0, "l0": 0.0, "cos": 0.0, "ce": 0.0,
-               "fired": torch.zeros(saes[p].config.d_sae, dtype=torch.bool, device=device)} for p in points}
-    clean_ce = compound_ce = 0.0
+    acts = {p: {"x": [], "xhat": [], "l0": [], "cos": [], "ce": []} for p in points}
+    fired = {p: torch.zeros(saes[p].config.d_sae, dtype=torch.bool, device=device) for p in points}
+    clean_ce, compound_ce = [], []
     for _ in range(n_batches):
         x, y = get_batch(ids, batch_size, block_size, generator, device)
         _, loss, residuals = model(x, y, read=points)
-        clean_ce += loss.item()
-        compound_ce += model(x, y, patch=dict(saes))[1].item()
+        clean_ce.append(loss.item())
+        compound_ce.append(model(x, y, patch=dict(saes))[1].item())
         for p in points:
-            sae, a = saes[p], acc[p]
-            act = residuals[p].reshape(-1, residuals[p].size(-1)).double()
-            z = sae.encode(act.float())
-            xhat = (sae.decode(z) / sae.input_scale).double()
-            a["sq_err"] += (act - xhat).pow(2).sum().item()
-            a["sum_x"] = a["sum_x"] + act.sum(0)
-            a["sum_x2"] += act.pow(2).sum().item()
-            a["n"] += act.size(0)
-            a["l0"] += (z != 0).float().sum(-1).sum().item()
-            a["cos"] += torch.nn.functional.cosine_similarity(act, xhat, dim=-1).sum().item()
-            a["fired"] |= (z > 0).any(0)
-            a["ce"] += model(x, y, patch={p: sae})[1].item()
-    results = {"clean_ce": clean_ce / n_batches, "compound_ce_increase": (compound_ce - clean_ce) / n_batches,
+            act = residuals[p].reshape(-1, residuals[p].size(-1))
+            xhat, z = saes[p].reconstruct(act)
+            a = acts[p]
+            a["x"].append(act.double().cpu())
+            a["xhat"].append(xhat.double().cpu())
+            a["l0"].append(l0(z))  # every batch has the same number of tokens: the mean of means is the mean
+            a["cos"].append(torch.nn.functional.cosine_similarity(act, xhat, dim=-1).mean().item())
+            a["ce"].append(model(x, y, patch={p: saes[p]})[1].item())
+            fired[p] |= (z > 0).any(0)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    results = {"clean_ce": mean(clean_ce), "compound_ce_increase": mean(compound_ce) - mean(clean_ce),
                "total_l0": 0.0, "points": {}}
     for p in points:
-        a = acc[p]
-        # sum ||x - mean||^2 = sum ||x||^2 - N ||mean||^2
-        total_var = a["sum_x2"] - (a["sum_x"].pow(2).sum() / a["n"]).item()
-        point = {"l0": a["l0"] / a["n"], "fvu": a["sq_err"] / total_var, "cos": a["cos"] / a["n"],
-                 "dead_fraction": 1.0 - a["fired"].float().mean().item(),
-                 "ce_increase": (a["ce"] - clean_ce) / n_batches}
+        a = acts[p]
+        point = {"l0": mean(a["l0"]), "fvu": fvu(torch.cat(a["x"]), torch.cat(a["xhat"])), "cos": mean(a["cos"]),
+                 "dead_fraction": 1.0 - fired[p].float().mean().item(), "ce_increase": mean(a["ce"]) - mean(clean_ce)}
         point["explained_variance"] = 1.0 - point["fvu"]
         results["points"][p] = point
         results["total_l0"] += point["l0"]
@@ -178,33 +172,72 @@ def mean_std(values):
 
 def load_cl_results(run_dir, cl_dir="cl"):
     """{method: [result dict per seed]} from out/<run>/<cl_dir>/<method>_seed<seed>.json (other files, such as
-    the summary.json written beside them, are not results)."""
+    the summary.json written beside them, are not results). A missing or empty folder, or a damaged file, is an
+    error that names it."""
+    folder = os.path.join(run_dir, cl_dir)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} does not exist; run `python train.py` first (or give the run's folder)")
     results = defaultdict(list)
-    cl_dir = os.path.join(run_dir, cl_dir)
-    for name in sorted(os.listdir(cl_dir)) if os.path.isdir(cl_dir) else []:
-        if re.fullmatch(r"[a-z]+_seed\d+\.json", name):
-            with open(os.path.join(cl_dir, name)) as f:
-                r = json.load(f)
-            results[r["method"]].append(r)
+    for name in sorted(os.listdir(folder)):
+        if re.fullmatch(r"[a-z_]+_seed\d+\.json", name):
+            path = os.path.join(folder, name)
+            try:
+                with open(path) as f:
+                    r = json.load(f)
+                results[r["method"]].append(r)
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{path} is damaged ({type(error).__name__}: {error}); delete it, or rerun "
+                                 "`python train.py` with the same options to redo it") from None
+    if not results:
+        raise ValueError(f"{folder} holds no continual-learning results (<method>_seed<n>.json)")
     return results
 
 
-METHOD_ORDER = ("seqft", "ewc", "sae", "replay", "multitask")
+def method_order():
+    from regularizers import METHODS  # the report lists methods in the order of the registry
+
+    return list(METHODS)
+
+
+def differing_keys(dicts):
+    """The keys whose values are not the same in all of dicts."""
+    return sorted(k for k in set().union(*dicts) if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1)
+
+
+def check_comparable(results):
+    """Refuse to average or set side by side results made by different settings: all runs must share the
+    continual-learning settings, code, device and base model (their 'shared' key), and the seeds of one method
+    its own settings. The error names the keys that differ."""
+    runs = [r for rs in results.values() for r in rs]
+    differing = differing_keys([{**r["shared"]["config"], **r["shared"], "config": None} for r in runs])
+    if differing:
+        files = ", ".join(f"{r['method']}_seed{r['seed']}.json" for r in runs)
+        raise ValueError(f"these results were made with different settings ({', '.join(differing)}), so they are "
+                         f"not compared: {files}; keep one setting per folder (--cl_dir)")
+    for method, rs in results.items():
+        differing = differing_keys([r["method_settings"] for r in rs])
+        if differing:
+            raise ValueError(f"the {method} results of seeds {[r['seed'] for r in rs]} were made with different "
+                             f"settings ({', '.join(differing)}), so they are not averaged; keep one setting per "
+                             "folder (--cl_dir)")
 
 
 def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
     """Aggregate the CL results over seeds, print the comparison table, write summary.json, report.md, plots
     (into out/<run>/, or out/<run>/<cl_dir>/ for another results folder)."""
     results = load_cl_results(run_dir, cl_dir)
+    results = {m: [r for r in results[m] if seeds is None or r["seed"] in seeds]
+               for m in method_order() if m in results and (methods is None or m in methods)}
+    results = {m: rs for m, rs in results.items() if rs}
+    if not results:
+        raise ValueError(f"no continual-learning results for methods {methods} and seeds {seeds} in "
+                         f"{os.path.join(run_dir, cl_dir)}")
+    check_comparable(results)
     if cl_dir != "cl":
         run_dir = os.path.join(run_dir, cl_dir)
-    methods = [m for m in (methods or METHOD_ORDER) if m in results]
-    if not methods:
-        raise FileNotFoundError(f"no continual-learning results in {run_dir}/cl; run `python train.py` first")
     seqft_step = {r["seed"]: r["step_seconds"] for r in results.get("seqft", [])}
     summary = {}
-    for method in methods:
-        runs = [r for r in results[method] if seeds is None or r["seed"] in seeds]
+    for method, runs in results.items():
         per_seed = [cl_metrics(r["R"]) for r in runs]
         row = {"seeds": [r["seed"] for r in runs], "tasks": runs[0]["tasks"], "eval_split": runs[0]["eval_split"]}
         for key in ("op", "bwt", "plasticity", "forgetting"):
@@ -213,6 +246,7 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
         row["lm_loss_after"], row["lm_loss_after_std"] = mean_std([r["lm_loss_after"] for r in runs])
         row["retained_bytes"], _ = mean_std([r["retained_bytes"] for r in runs])
         row["step_ms"], _ = mean_std([1000 * r["step_seconds"] for r in runs])
+        # step-time ratio against seqft of the same seed (all runs here share their settings, checked above)
         ratios = [r["step_seconds"] / seqft_step[r["seed"]] for r in runs if r["seed"] in seqft_step]
         row["step_time_ratio"], _ = mean_std(ratios)
         row["R_mean"] = torch.tensor([r["R"] for r in runs], dtype=torch.float64).mean(0).tolist()
@@ -307,72 +341,14 @@ def write_report(summary, table, run_dir):
         f.write("\n".join(lines))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         print("usage: python evaluate.py out/<run>   (rebuilds the report from the saved JSON)", file=sys.stderr)
         sys.exit(2)
-    summarize_run(sys.argv[1])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the study of idea 2: normal vs SAE-regularized models, fresh SAEs over a k sweep
-
-
-def study_curves(results, variant):
-    """{'points': {p: (L0 mean, L0 std, CE mean, CE std) per k}, 'compound': (total L0 ..., compound CE ...)}."""
-    seeds = list(results[variant])
-    ks = [str(k) for k in results["study_k"]]
-    runs = [results[variant][s]["by_k"] for s in seeds]
-    points = list(runs[0][ks[0]]["points"])
-    curves = {"points": {}, "compound": None}
-    for p in points:
-        l0s = [mean_std([r[k]["points"][p]["l0"] for r in runs]) for k in ks]
-        ces = [mean_std([r[k]["points"][p]["ce_increase"] for r in runs]) for k in ks]
-        curves["points"][p] = (l0s, ces)
-    curves["compound"] = ([mean_std([r[k]["total_l0"] for r in runs]) for k in ks],
-                          [mean_std([r[k]["compound_ce_increase"] for r in runs]) for k in ks])
-    return curves
-
-
-def plot_study(results, study_dir):
-    """study_per_point.png: CE increase vs L0 per point (log-log); study_compound.png: compound CE increase vs
-    total L0; normal vs regularized, mean over seeds with the std as error bars."""
-    curves = {v: study_curves(results, v) for v in ("normal", "regularized")}
-    points = list(curves["normal"]["points"])
-    fig, axes = plt.subplots(1, len(points), figsize=(3.6 * len(points), 3.4), squeeze=False)
-    for ax, p in zip(axes[0], points):
-        for variant, color in (("normal", "tab:blue"), ("regularized", "tab:orange")):
-            l0s, ces = curves[variant]["points"][p]
-            ax.errorbar([m for m, _ in l0s], [max(m, 1e-5) for m, _ in ces], yerr=[s for _, s in ces],
-                        marker="o", color=color, label=variant, capsize=3)
-        ax.set(xscale="log", yscale="log", xlabel="L0", title=f"point {p}")
-    axes[0][0].set_ylabel("CE increase (nats)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(study_dir, "study_per_point.png"), dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(4.5, 3.6))
-    for variant, color in (("normal", "tab:blue"), ("regularized", "tab:orange")):
-        l0s, ces = curves[variant]["compound"]
-        ax.errorbar([m for m, _ in l0s], [m for m, _ in ces], yerr=[s for _, s in ces], marker="o", color=color,
-                    label=variant, capsize=3)
-    ax.set(xlabel="total L0 (sum over points)", ylabel="compound CE increase (nats)",
-           title="all points spliced at once")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(study_dir, "study_compound.png"), dpi=120)
-    plt.close(fig)
-
-
-def study_table(results):
-    """Markdown: val CE and, per k, total L0 and compound CE increase, normal vs regularized (mean ± std)."""
-    lines = ["| model | val CE | ms/iter | k | total L0 | compound CE increase |", "|---|---|---|---|---|---|"]
-    for variant in ("normal", "regularized"):
-        runs = list(results[variant].values())
-        val = mean_std([r["val_ce"] for r in runs])
-        ms = mean_std([r["ms_per_iter"] for r in runs])
-        for k in results["study_k"]:
-            l0 = mean_std([r["by_k"][str(k)]["total_l0"] for r in runs])
-            ce = mean_std([r["by_k"][str(k)]["compound_ce_increase"] for r in runs])
-            lines.append(f"| {variant} | {fmt(*val)} | {ms[0]:.1f} | {k} | {l0[0]:.1f} | {fmt(*ce)} |")
-    return "\n".join(lines)
+    try:
+        summarize_run(sys.argv[1])
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 
 @dataclass
-class GPTConfig:
-    vocab_size: int = 96
-    block_size: int = 64  # longest sequence the position embedding covers
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
+class GPTConfig:  # no defaults: train.Config is the one place they are set
+    vocab_size: int
+    block_size: int  # longest sequence the position embedding covers
+    n_layer: int
+    n_head: int
+    n_embd: int
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
 

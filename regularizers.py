@@ -1,5 +1,18 @@
 """
-Continual-learning penalties and the state each one keeps between tasks.
+Continual-learning methods: each is one small class with a few hooks, and METHODS maps their names to them.
+
+The loop in train.py calls the hooks and never names a method:
+
+    for each task t:  before_task(model, split, t)
+                      each step:  batch = extend_batch(batch)          (replay appends old examples)
+                                  logits, CE, residuals = model(batch, read=reads)
+                                  loss = CE + penalty(model, batch, {logits, residuals})
+                                  backward, clip, optimizer step, after_step(model)
+                      after_task(model, split, t)
+    retained()   the tensors the method keeps between tasks (the "retained bytes" of the report)
+
+A method's results depend on the Config fields whose names start with its name and '_' (`ewc_lambda`, ...), on
+the shared continual-learning fields, and, if it uses the SAEs, on the SAE stage.
 
 All constraint-style penalties go through one squared hinge, `hinge_penalty`:
 
@@ -8,20 +21,26 @@ All constraint-style penalties go through one squared hinge, `hinge_penalty`:
 
 with s = +1 for an upper bound ("drift at most bound") and s = -1 for a lower bound ("drift at least bound").
 
-- EWC (Kirkpatrick et al. 2017) is the per-coordinate form on weights: d = |theta - theta*|, w = Fisher diagonal,
-  bound 0, times lambda/2, which is exactly (lambda/2) sum_i F_i (theta_i - theta*_i)^2.
+- The weight-space family, EWC (Kirkpatrick et al. 2017), SI (Zenke et al. 2017) and MAS (Aljundi et al. 2018),
+  is the per-coordinate form on weights with d = |theta - theta*|, bound 0, times lambda/2:
+  (lambda/2) sum_i w_i (theta_i - theta*_i)^2. They differ only in the importance w.
 - SAE-guided activation regularization (Ning et al. 2026) is the aggregate form on SAE features: per layer,
   protected features (weight 1 - m_j) must drift at most eps, task-relevant ones (weight m_j) at least delta.
-- Replay keeps a small buffer of earlier tasks' examples; multitask (joint training) needs no state.
+- LwF (Li and Hoiem 2016) distils the task-start model's outputs on the current task's inputs: the same data the
+  SAE-guided penalty sees, constrained in output space instead of feature space.
+- Replay keeps a small buffer of earlier tasks' examples; multitask trains on all tasks at once.
 """
 
 import copy
+import dataclasses
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
+
+from data.tasks import Batch, concat_splits
 
 # ----------------------------------------------------------------------------------------------------------------
 # the one squared hinge
@@ -39,7 +58,56 @@ def hinge_penalty(drift, weight, bound, upper=True, per_coordinate=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# EWC
+# the weight-space family: one penalty, three importances
+
+
+def trainable(model):
+    """(name, parameter) of the parameters being trained, in a fixed order: the coordinates theta_i."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def flat_parameters(model):
+    return parameters_to_vector([p for _, p in trainable(model)])
+
+
+def weight_penalty(model, anchors, lam):
+    """(lambda/2) sum_anchors sum_i w_i (theta_i - theta*_i)^2: the per-coordinate hinge with bound 0."""
+    theta = flat_parameters(model)  # differentiable: gradients flow back to each parameter
+    total = 0.0
+    for anchor in anchors:
+        drift = (theta - anchor["theta"]).abs()
+        total = total + 0.5 * lam * hinge_penalty(drift, anchor["importance"], 0.0, per_coordinate=True)
+    return total
+
+
+def consolidate(anchors, importance, theta, mode="separate", gamma=1.0):
+    """After a task, add (w, theta*) to anchors, each a flat vector over the trained parameters.
+
+    separate: one (w, theta*) pair per past task.   online: w <- gamma w_old + w_new, one anchor at theta* = now."""
+    if mode == "separate" or not anchors:
+        anchors.append({"importance": importance, "theta": theta})
+    elif mode == "online":
+        anchors[0] = {"importance": gamma * anchors[0]["importance"] + importance, "theta": theta}
+    else:
+        raise ValueError(f"consolidation mode {mode!r}: choose 'separate' or 'online'")
+
+
+def per_example_mean(model, example_fn, tensors, reduce, chunk_size=64):
+    """(1/N) sum_n reduce( d example_fn(theta; example n) / d theta ), as a flat vector over the trained parameters.
+
+    Per-example gradients come from torch.func's vmap of grad, never from a batch-mean gradient. example_fn(params,
+    *one example's tensors) is a scalar; tensors are (N, ...) each."""
+    params = {name: p.detach() for name, p in trainable(model)}
+    per_example_grad = vmap(grad(example_fn), in_dims=(None,) + (0,) * len(tensors))
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    n = len(tensors[0])
+    for start in range(0, n, chunk_size):
+        with warnings.catch_warnings():  # SDPA has no vmap batching rule on CPU yet; the fallback is correct
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            grads = per_example_grad(params, *(t[start : start + chunk_size] for t in tensors))
+        for name, g in grads.items():
+            total[name] += reduce(g).sum(0)
+    return parameters_to_vector([total[name] / n for name in params])
 
 
 def answer_log_likelihood(logits, targets, answer_mask):
@@ -48,71 +116,54 @@ def answer_log_likelihood(logits, targets, answer_mask):
     return (log_probs * answer_mask).sum(-1)
 
 
-def fisher_diagonal(model, split, n_examples, labels="true", seed=0, chunk_size=64):
-    """Diagonal Fisher F_i = E_x E_y [ (d log p(y|x) / d theta_i)^2 ] at the model's current weights, in eval mode.
+def sample_examples(split, n_examples, seed, device):
+    """A seeded random Batch of n_examples of the split, on device."""
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n_examples]
+    return Batch(*(t.to(device) for t in split.rows(idx)))
 
-    The expectation over x runs over n_examples training examples, with per-example gradients (torch.func's
-    vmap of grad), never the square of a batch-mean gradient. labels="true" samples each answer token y_t from
-    the model's own distribution given the ground-truth prefix (the true Fisher); labels="empirical" uses the
-    ground-truth tokens. Returns {parameter name: tensor shaped like the parameter}."""
+
+def fisher_diagonal(model, split, n_examples, labels="true", seed=0):
+    """EWC's importance, the diagonal Fisher F_i = E_x E_y [ (d log p(y|x) / d theta_i)^2 ], in eval mode.
+
+    labels="true" samples each answer token y_t from the model's own distribution given the ground-truth prefix
+    (the true Fisher); labels="empirical" uses the ground-truth tokens."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(split), generator=generator)[:n_examples]
-    x, y, answer_mask = split.x[idx].to(device), split.y[idx].to(device), split.answer_mask[idx].to(device)
+    batch = sample_examples(split, n_examples, seed, device)
+    y = batch.y
     if labels == "true":
         with torch.no_grad():
-            probs = F.softmax(model(x)[0], dim=-1)  # (N, T, V)
+            probs = F.softmax(model(batch.x)[0], dim=-1)  # (N, T, V)
             sample_gen = torch.Generator(device=device).manual_seed(seed)
             y = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=sample_gen).view_as(y)
     elif labels != "empirical":
         raise ValueError(f"fisher labels {labels!r}: choose 'true' or 'empirical'")
 
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    def log_likelihood(params, x1, y1, m1):
+        logits = functional_call(model, params, (x1.unsqueeze(0),))[0][0]  # (T, V)
+        return answer_log_likelihood(logits, y1, m1)
 
-    def example_log_likelihood(params, x1, y1, m1):
-        logits = functional_call(model, params, (x1.unsqueeze(0),))[0]  # (1, T, V)
-        return answer_log_likelihood(logits[0], y1, m1)
-
-    per_example_grad = vmap(grad(example_log_likelihood), in_dims=(None, 0, 0, 0))
-    fisher = {name: torch.zeros_like(p) for name, p in params.items()}
-    for start in range(0, len(idx), chunk_size):
-        with warnings.catch_warnings():  # SDPA has no vmap batching rule on CPU yet; the fallback is correct
-            warnings.filterwarnings("ignore", message=".*batching rule.*")
-            grads = per_example_grad(params, x[start : start + chunk_size], y[start : start + chunk_size],
-                                     answer_mask[start : start + chunk_size])
-        for name, g in grads.items():
-            fisher[name] += g.pow(2).sum(0)
+    fisher = per_example_mean(model, log_likelihood, (batch.x, y, batch.answer_mask), torch.square)
     model.train(was_training)
-    return {name: f / len(idx) for name, f in fisher.items()}
+    return fisher
 
 
-def ewc_consolidate(state, model, fisher, mode="separate", gamma=1.0):
-    """After a task: add (F, theta*) to the EWC state, each one flat vector over all of the model's parameters
-    (in model.parameters() order), so that the penalty is a few operations on long vectors.
+def mas_importance(model, split, n_examples, seed=0):
+    """MAS's importance: w_i = E_x | d ||f(x)||^2 / d theta_i |, with ||f(x)||^2 the squared L2 norm of the
+    logits, averaged over the answer positions (where the model writes its output). No labels are used."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batch = sample_examples(split, n_examples, seed, device)
 
-    separate: one (F, theta*) pair per past task.  online: F <- gamma F_old + F_new with one anchor, theta* = now."""
-    fisher = parameters_to_vector([fisher[name] for name, _ in model.named_parameters()])
-    theta_star = parameters_to_vector(model.parameters()).detach().clone()
-    if mode == "separate" or not state["anchors"]:
-        state["anchors"].append({"fisher": fisher, "theta": theta_star})
-    elif mode == "online":
-        old = state["anchors"][0]["fisher"]
-        state["anchors"][0] = {"fisher": gamma * old + fisher, "theta": theta_star}
-    else:
-        raise ValueError(f"ewc mode {mode!r}: choose 'separate' or 'online'")
-    return state
+    def output_norm(params, x1, m1):
+        logits = functional_call(model, params, (x1.unsqueeze(0),))[0][0]  # (T, V)
+        return (logits.pow(2).sum(-1) * m1).sum() / m1.sum().clamp(min=1.0)
 
-
-def ewc_penalty(model, state, lam):
-    """(lambda/2) sum_anchors sum_i F_i (theta_i - theta*_i)^2, written as the per-coordinate hinge with bound 0."""
-    theta = parameters_to_vector(model.parameters())  # differentiable: gradients flow back to each parameter
-    total = 0.0
-    for anchor in state["anchors"]:
-        drift = (theta - anchor["theta"]).abs()
-        total = total + 0.5 * lam * hinge_penalty(drift, anchor["fisher"], 0.0, per_coordinate=True)
-    return total
+    importance = per_example_mean(model, output_norm, (batch.x, batch.answer_mask), torch.abs)
+    model.train(was_training)
+    return importance
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,7 +209,7 @@ def propagate_mask(relevance, decoder, knn=4, alpha=0.5):
     return torch.maximum(relevance, alpha * spread)
 
 
-def build_feature_masks(reference, saes, split, n_examples, knn, alpha, codes="topk", binary_threshold=None):
+def build_feature_masks(reference, saes, split, *, n_examples, knn, alpha, codes="topk", binary_threshold=None):
     """{point: m (d_sae,)}: the continuous feature mask of a task from its data. Only these vectors are kept."""
     relevance = feature_relevance(reference, saes, split, n_examples, codes)
     masks = {}
@@ -176,7 +227,7 @@ def feature_drift(z, z_ref, content_mask):
     return ((z - z_ref).abs() * weights).sum((0, 1)) / content_mask.sum().clamp(min=1.0)
 
 
-def sae_guided_penalty(residuals, ref_residuals, saes, masks, content_mask, lambda_p, lambda_g, eps, delta,
+def sae_guided_penalty(residuals, ref_residuals, saes, masks, content_mask, *, lambda_p, lambda_g, eps, delta,
                        codes="topk"):
     """lambda_p sum_l relu(D_prot_l - eps)^2 + lambda_g sum_l relu(delta - D_guide_l)^2, with
     D_prot_l = sum_j (1 - m_j) d_j / sum_j (1 - m_j) and D_guide_l = sum_j m_j d_j / sum_j m_j.
@@ -206,11 +257,273 @@ def merge_past_masks(mask, past_masks):
 
 
 def frozen_copy(model):
-    """A copy of the model that takes no gradient: the reference theta_ref."""
+    """A copy of the model that takes no gradient: a reference theta_ref."""
     reference = copy.deepcopy(model).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     return reference
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LwF
+
+
+def distillation_loss(logits, ref_logits, mask, temperature):
+    """T^2 * mean over positions where mask is 1 of KL( softmax(ref_logits / T) || softmax(logits / T) )."""
+    ref_log_probs = F.log_softmax(ref_logits / temperature, dim=-1)
+    log_probs = F.log_softmax(logits / temperature, dim=-1)
+    kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)  # (B, T)
+    return temperature**2 * (kl * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the methods
+
+
+class Method:
+    """The hooks of a continual-learning method, each a no-op here; see the module docstring for when each runs."""
+
+    name = ""
+    joint = False  # True: the loop trains on every task at once, for as many steps as the whole sequence
+    uses_saes = False  # True: the method gets the SAEs, and its results depend on the SAE stage
+    reads = ()  # residual points the penalty needs in outputs["residuals"]
+
+    def __init__(self, config, model, saes=None, seed=0):
+        self.config, self.seed = config, seed
+
+    def before_task(self, model, split, t):
+        pass
+
+    def extend_batch(self, batch, generator, device):
+        return batch
+
+    def penalty(self, model, batch, outputs):
+        """(penalty or None, {name: float to show in the progress bar})."""
+        return None, {}
+
+    def after_step(self, model):
+        pass
+
+    def after_task(self, model, split, t):
+        pass
+
+    def retained(self):
+        """The tensors kept between tasks (nested lists / dicts)."""
+        return []
+
+    @classmethod
+    def check(cls, config):
+        """Raise ValueError for config values this method cannot use (called before any compute)."""
+
+    @classmethod
+    def config_keys(cls, config):
+        """The Config fields this method's results depend on, beyond the shared ones: those named '<name>_*'."""
+        return tuple(f.name for f in dataclasses.fields(config) if f.name.startswith(cls.name + "_"))
+
+
+class SeqFT(Method):
+    """Sequential fine-tuning: cross-entropy only. The lower bound."""
+
+    name = "seqft"
+
+
+class WeightSpaceMethod(Method):
+    """(lambda/2) sum_anchors sum_i w_i (theta_i - theta*_i)^2; a subclass says what w is (`importance`), its
+    lambda, and how anchors combine (`mode`, `gamma`: see consolidate)."""
+
+    lam, mode, gamma = 0.0, "online", 1.0
+
+    def __init__(self, config, model, saes=None, seed=0):
+        super().__init__(config, model, saes, seed)
+        self.anchors = []
+
+    def importance(self, model, split, t):
+        raise NotImplementedError
+
+    def penalty(self, model, batch, outputs):
+        return (weight_penalty(model, self.anchors, self.lam) if self.anchors else None), {}
+
+    def after_task(self, model, split, t):
+        importance = self.importance(model, split, t)
+        consolidate(self.anchors, importance, flat_parameters(model).detach().clone(), self.mode, self.gamma)
+
+    def retained(self):
+        return self.anchors
+
+
+class EWC(WeightSpaceMethod):
+    """w = the diagonal Fisher at the end of each task (per-example gradients, model-sampled labels by default)."""
+
+    name = "ewc"
+
+    def __init__(self, config, model, saes=None, seed=0):
+        super().__init__(config, model, saes, seed)
+        self.lam, self.mode, self.gamma = config.ewc_lambda, config.ewc_mode, config.ewc_gamma
+
+    def importance(self, model, split, t):
+        return fisher_diagonal(model, split, self.config.ewc_fisher_examples, self.config.ewc_fisher_labels,
+                               seed=self.seed + t)
+
+
+class SI(WeightSpaceMethod):
+    """Synaptic intelligence: w_i = max(0, sum over the task's steps of -g_i delta_theta_i) / (Delta_i^2 + xi),
+    g the gradient the step used, delta_theta the step's change, Delta the whole task's change; summed over tasks
+    with one anchor at the end of the last task. (The clamp at 0 is ours: a negative w would push a weight away.)"""
+
+    name = "si"
+
+    def __init__(self, config, model, saes=None, seed=0):
+        super().__init__(config, model, saes, seed)
+        self.lam = config.si_lambda
+        self.start = self.previous = self.path = None  # held during a task only
+
+    def before_task(self, model, split, t):
+        self.start = flat_parameters(model).detach().clone()
+        self.previous = self.start.clone()
+        self.path = torch.zeros_like(self.start)
+
+    def after_step(self, model):
+        theta = flat_parameters(model).detach()
+        g = parameters_to_vector([p.grad if p.grad is not None else torch.zeros_like(p) for _, p in trainable(model)])
+        self.path -= g * (theta - self.previous)  # -g_i delta_theta_i
+        self.previous = theta.clone()
+
+    def importance(self, model, split, t):
+        change = flat_parameters(model).detach() - self.start
+        w = (self.path / (change.pow(2) + self.config.si_xi)).clamp(min=0.0)
+        self.start = self.previous = self.path = None
+        return w
+
+    @classmethod
+    def check(cls, config):
+        if config.si_xi <= 0:
+            raise ValueError(f"--si_xi={config.si_xi}: must be above 0 (it keeps the division finite)")
+
+
+class MAS(WeightSpaceMethod):
+    """Memory-aware synapses: w_i = E_x |d ||f(x)||^2 / d theta_i| on the task's inputs, no labels."""
+
+    name = "mas"
+
+    def __init__(self, config, model, saes=None, seed=0):
+        super().__init__(config, model, saes, seed)
+        self.lam = config.mas_lambda
+
+    def importance(self, model, split, t):
+        return mas_importance(model, split, self.config.mas_examples, seed=self.seed + t)
+
+
+class LwF(Method):
+    """Learning without forgetting: lambda T^2 KL(p_ref || p_theta) at temperature T on the current batch's content
+    tokens, p_ref the model at task start (a frozen copy held during the task only)."""
+
+    name = "lwf"
+
+    def before_task(self, model, split, t):
+        self.reference = frozen_copy(model)
+
+    def penalty(self, model, batch, outputs):
+        with torch.no_grad():
+            ref_logits = self.reference(batch.x)[0]
+        kl = distillation_loss(outputs["logits"], ref_logits, batch.content_mask, self.config.lwf_temperature)
+        return self.config.lwf_lambda * kl, {"kl": kl.item()}
+
+    def after_task(self, model, split, t):
+        self.reference = None
+
+    @classmethod
+    def check(cls, config):
+        if config.lwf_temperature <= 0:
+            raise ValueError(f"--lwf_temperature={config.lwf_temperature}: must be above 0")
+
+
+class SAEGuided(Method):
+    """SAE-guided activation regularization: before each task a feature mask from the task's data; each step the
+    protect / guide hinges on the drift of SAE codes from the reference's; only the masks are kept."""
+
+    name = "sae_guided"
+    uses_saes = True
+
+    def __init__(self, config, model, saes=None, seed=0):
+        super().__init__(config, model, saes, seed)
+        self.saes, self.reads, self.masks = saes, tuple(sorted(saes or ())), []
+        self.base = frozen_copy(model) if config.sae_guided_reference == "base" else None
+
+    def before_task(self, model, split, t):
+        c = self.config
+        self.reference = self.base if self.base is not None else frozen_copy(model)
+        mask = build_feature_masks(self.reference, self.saes, split, n_examples=c.sae_guided_mask_examples,
+                                   knn=c.sae_guided_mask_knn, alpha=c.sae_guided_mask_alpha,
+                                   codes=c.sae_guided_codes,
+                                   binary_threshold=c.sae_guided_mask_threshold if c.sae_guided_mask_binary else None)
+        self.masks.append(mask)
+        if c.sae_guided_protect_past:
+            mask = {p: merge_past_masks(m, [old[p] for old in self.masks[:-1]]) for p, m in mask.items()}
+        self.mask = mask
+
+    def penalty(self, model, batch, outputs):
+        c = self.config
+        with torch.no_grad():
+            _, _, ref_residuals = self.reference(batch.x, read=self.reads)
+        return sae_guided_penalty(outputs["residuals"], ref_residuals, self.saes, self.mask, batch.content_mask,
+                                  lambda_p=c.sae_guided_lambda_p, lambda_g=c.sae_guided_lambda_g,
+                                  eps=c.sae_guided_eps, delta=c.sae_guided_delta, codes=c.sae_guided_codes)
+
+    def after_task(self, model, split, t):
+        self.reference = None  # the task-start copy is not kept
+
+    def retained(self):  # the masks, and the frozen base if it is the reference (a full copy of the model)
+        return [self.masks, [p for p in self.base.parameters()] if self.base is not None else []]
+
+    @classmethod
+    def check(cls, config):
+        d_sae = config.sae_expansion * config.n_embd
+        if config.sae_guided_mask_knn >= d_sae:
+            raise ValueError(f"--sae_guided_mask_knn={config.sae_guided_mask_knn}: must be below the SAE "
+                             f"width d_sae={d_sae} (the number of other features a feature can have)")
+        if not 0 <= config.sae_guided_mask_threshold <= 1:
+            raise ValueError(f"--sae_guided_mask_threshold={config.sae_guided_mask_threshold}: must be in "
+                             "[0, 1]")
+
+
+class Replay(Method):
+    """Keeps a random replay_fraction of each finished task's training examples and appends replay_batch_size of
+    them to every batch of the later tasks. It stores data: a reference point, not a data-free method."""
+
+    name = "replay"
+
+    def __init__(self, config, model, saes=None, seed=0):
+        super().__init__(config, model, saes, seed)
+        self.buffer, self.memory = [], None
+
+    def extend_batch(self, batch, generator, device):
+        if self.memory is None:
+            return batch
+        old = self.memory.batch(self.config.replay_batch_size, generator, device)
+        return Batch(*(torch.cat([new, replayed]) for new, replayed in zip(batch, old)))
+
+    def after_task(self, model, split, t):
+        self.buffer.append(split.subset(replay_sample(split, self.config.replay_fraction, seed=self.seed + t)))
+        self.memory = concat_splits(self.buffer)
+
+    def retained(self):
+        return [[kept.x, kept.y] for kept in self.buffer]
+
+    @classmethod
+    def check(cls, config):
+        if not 0.0 < config.replay_fraction <= 1.0:
+            raise ValueError(f"--replay_fraction={config.replay_fraction}: must be in (0, 1]")
+
+
+class Multitask(Method):
+    """Every task at once, as many steps as the whole sequence: the upper bound."""
+
+    name = "multitask"
+    joint = True
+
+
+METHODS = {cls.name: cls for cls in (SeqFT, EWC, SI, MAS, LwF, SAEGuided, Replay, Multitask)}  # report order
+RENAMED_METHODS = {"sae": "sae_guided"}  # old name -> new name, accepted with a warning
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,7 +548,7 @@ def tensor_bytes(obj):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SAE regularization during training (idea 2): the model is trained jointly with an SAE at every residual point
+# SAE-regularized pretraining: the model is trained jointly with an SAE at every residual point
 
 
 def sae_training_penalty(residuals, saes, lam, l1_coef=0.0):
@@ -249,8 +562,7 @@ def sae_training_penalty(residuals, saes, lam, l1_coef=0.0):
     total = 0.0
     for p, sae in saes.items():
         x = residuals[p]  # (B, T, C)
-        z = sae.encode(x)
-        xhat = sae.decode(z) / sae.input_scale
+        xhat, z = sae.reconstruct(x)
         squared_error = (x - xhat).pow(2).sum(-1).mean()
         mean_norm = x.norm(dim=-1).mean()
         total = total + lam * squared_error / mean_norm + l1_coef * z.abs().sum(-1).mean()

@@ -5,14 +5,17 @@ TopK sparse autoencoders on the residual stream (Gao et al., "Scaling and evalua
     z    = TopK( ReLU( (x_n - b_dec) W_enc + b_enc ) )   keep the k largest pre-activations, zero the rest
     xhat = z W_dec + b_dec                          (in the scaled space; divide by c to get back to x)
 
-    L = ||x_n - xhat||^2  +  (1/32) ||e - ehat||^2            (means over tokens)
+    L = nmse(xhat, x_n) + (1/32) nmse(ehat, e),     nmse(a, b) = sum ||a - b||^2 / sum ||b - mean(b)||^2  (batch)
         e    = (x_n - xhat).detach()                the residual the live latents leave
         ehat = TopK_aux(ReLU(pre-activations of dead latents only)) W_dec     (no b_dec)
 
-Dead latents are those that have not fired for `dead_tokens` training tokens; AuxK gives them a gradient so they
-come back. b_dec starts at the data mean, W_enc starts as W_dec^T, decoder rows are kept at unit norm after
-every step, and the gradient component parallel to each row is removed before the step (it would only change the
-norm, which the renormalisation undoes). Adam's learning rate follows 2e-4 / sqrt(d_sae / 2^14).
+Each term is divided by the variance of its own target, as in OpenAI's reference code: the main term is the
+batch's fraction of variance unexplained, and AuxK is weighed against the small residual it models (unnormalised,
+it would be about FVU ~ 1/35 times weaker). A latent is dead when it has not fired for `dead_firings` expected
+firings of an average latent, i.e. dead_firings * d_sae / k tokens; AuxK gives dead latents a gradient so they
+come back. b_dec starts at the data mean, W_enc starts as W_dec^T, decoder rows are kept at unit norm after every
+step, and the gradient component parallel to each row is removed before the step (it would only change the norm,
+which the renormalisation undoes). Adam's learning rate follows 2e-4 / sqrt(d_sae / 2^14).
 """
 
 import math
@@ -20,7 +23,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+
+from configurator import progress
 
 
 @dataclass
@@ -29,8 +33,13 @@ class SAEConfig:
     d_sae: int
     k: int
     aux_k: int = 64  # how many dead latents AuxK may use per token
-    dead_tokens: int = 20_000  # a latent that has not fired for this many training tokens is dead
+    dead_firings: float = 1000.0  # dead after this many expected firings without one (see dead_tokens)
     auxk_coef: float = 1 / 32  # 0 turns AuxK off
+
+    @property
+    def dead_tokens(self):
+        """Tokens without firing after which a latent is dead: an average latent fires k / d_sae times a token."""
+        return math.ceil(self.dead_firings * self.d_sae / self.k)
 
 
 class TopKSAE(nn.Module):
@@ -64,25 +73,28 @@ class TopKSAE(nn.Module):
         """xhat in the scaled space."""
         return z @ self.W_dec + self.b_dec
 
+    def reconstruct(self, x):
+        """(xhat / c, z): the reconstruction of x in x's own units, and the code it was decoded from."""
+        z = self.encode(x)
+        return self.decode(z) / self.input_scale, z
+
     def forward(self, x):
-        """The reconstruction of x in x's own units: xhat / c. Used to splice the SAE into the model."""
-        return self.decode(self.encode(x)) / self.input_scale
+        """The reconstruction of x in x's own units; an SAE is a function x -> xhat, to splice into the model."""
+        return self.reconstruct(x)[0]
 
     # -- training losses ----------------------------------------------------------------------------------------
 
     def loss(self, x):
-        """(total loss, mse, auxk loss, z) on a batch of raw activations x (N, d_in); see the module docstring."""
+        """(total loss, main nmse, auxk nmse, z) on a batch of raw activations x (N, d_in); see the docstring."""
         x_n = x * self.input_scale
-        pre = self.pre_activations(x)
-        values, indices = pre.topk(self.config.k, dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, indices, values)
+        z = self.encode(x)
         xhat = self.decode(z)
-        mse = (x_n - xhat).pow(2).sum(-1).mean()
-        auxk = self.auxk_loss(pre, (x_n - xhat).detach())
-        return mse + self.config.auxk_coef * auxk, mse, auxk, z
+        main = normalized_mse(xhat, x_n)
+        auxk = self.auxk_loss(self.pre_activations(x), (x_n - xhat).detach())
+        return main + self.config.auxk_coef * auxk, main, auxk, z
 
     def auxk_loss(self, pre, residual):
-        """||e - ehat||^2 with ehat decoded (no bias) from the top aux_k pre-activations among dead latents."""
+        """nmse(ehat, e) with ehat decoded (no bias) from the top aux_k pre-activations among dead latents."""
         dead = self.tokens_since_fired >= self.config.dead_tokens  # (d_sae,)
         if self.config.auxk_coef == 0 or not dead.any():
             return pre.new_zeros(())
@@ -90,7 +102,7 @@ class TopKSAE(nn.Module):
         values, indices = dead_pre.topk(min(self.config.aux_k, dead_pre.size(1)), dim=-1)
         z_aux = torch.zeros_like(dead_pre).scatter(-1, indices, values)
         residual_hat = z_aux @ self.W_dec[dead]  # no b_dec: the residual has no offset to model
-        return (residual - residual_hat).pow(2).sum(-1).mean()
+        return normalized_mse(residual_hat, residual)
 
     @torch.no_grad()
     def update_dead_counter(self, z):
@@ -116,6 +128,12 @@ class TopKSAE(nn.Module):
         self.b_dec.copy_((x * self.input_scale).mean(0))
 
 
+def normalized_mse(prediction, target):
+    """sum ||prediction - target||^2 / sum ||target - mean(target)||^2 over the batch (0 for a constant target)."""
+    variance = (target - target.mean(0)).pow(2).sum()
+    return ((prediction - target).pow(2).sum() / variance).nan_to_num(0.0, posinf=0.0)
+
+
 def sae_lr(d_sae, base_lr=2e-4):
     """The 1/sqrt(d_sae / 2^14) learning-rate rule, from 2e-4 at 2^14 latents."""
     return base_lr / math.sqrt(d_sae / 2**14)
@@ -129,10 +147,10 @@ def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0,
     sae.init_from_data(activations)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr or sae_lr(config.d_sae))
     history = []
-    bar = tqdm(range(steps), desc=desc, leave=False)
+    bar = progress(range(steps), desc=desc, leave=False)
     for step in bar:
         idx = torch.randint(len(activations), (batch_size,), generator=generator).to(activations.device)
-        loss, mse, auxk, z = sae.loss(activations[idx])
+        loss, main, auxk, z = sae.loss(activations[idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: SAE loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -142,17 +160,17 @@ def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0,
         sae.normalize_decoder()
         sae.update_dead_counter(z)
         if step % 100 == 0 or step == steps - 1:
-            # normalised MSE: the scaled data have E ||x_n||^2 = d_in
-            history.append({"step": step, "mse": mse.item(), "auxk": auxk.item()})
-            bar.set_postfix(nmse=f"{mse.item() / config.d_in:.3f}")
+            history.append({"step": step, "fvu": main.item(), "auxk": auxk.item()})
+            bar.set_postfix(fvu=f"{main.item():.3f}", refresh=False)
     return sae.eval(), history
 
 
 @torch.no_grad()
-def collect_activations(model, ids, points, n_tokens, block_size, device, seed=0, batch_size=64):
+def collect_activations(model, ids, points, n_tokens, block_size, seed=0, batch_size=64):
     """{point: (n_tokens, d_model)} residual activations of model on random windows of the token ids."""
     from data.corpus import get_batch  # local import: sae.py needs data only for this convenience
 
+    device = next(model.parameters()).device
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     acts = {p: [] for p in points}
@@ -165,12 +183,13 @@ def collect_activations(model, ids, points, n_tokens, block_size, device, seed=0
     return {p: torch.cat(a)[:n_tokens] for p, a in acts.items()}
 
 
-def train_saes(model, ids, points, config_kwargs, n_tokens, steps, batch_size, block_size, device, seed=0):
-    """One SAE per residual point, trained on the frozen model's activations over ids."""
-    acts = collect_activations(model, ids, points, n_tokens, block_size, device, seed)
+def train_saes(model, ids, points, sae_kwargs, *, n_tokens, steps, batch_size, block_size, seed=0):
+    """One SAE per residual point, trained on n_tokens of the frozen model's activations over ids;
+    sae_kwargs are the SAEConfig fields other than d_in."""
+    acts = collect_activations(model, ids, points, n_tokens, block_size, seed)
     saes, histories = {}, {}
     for p in points:
-        config = SAEConfig(d_in=acts[p].size(1), **config_kwargs)
+        config = SAEConfig(d_in=acts[p].size(1), **sae_kwargs)
         saes[p], histories[p] = train_sae(acts[p], config, steps, batch_size, seed=seed, desc=f"sae point {p}")
     return saes, histories
 

@@ -1,35 +1,38 @@
 """
-The entry point: configuration, the stages of the pipeline, the continual-learning loop, checkpoints.
+The entry point: the Config, the stages of the pipeline, and the continual-learning loop.
 
     python train.py                       # every stage with the CPU defaults
-    python train.py --stage=pretrain      # up to one stage: pretrain | sae | cl (= all)
-    python train.py --stage=study         # idea 2: normal vs SAE-regularized pretraining, fresh SAEs on both
-    python train.py --n_layer=4 --device=cpu --corpus=../shared/data/tinyshakespeare.txt
+    python train.py --help                # every key with its default and meaning, by stage
+    python train.py --stage=pretrain      # stop after a stage: pretrain | sae | cl (= all)
+    python train.py --methods=seqft,ewc,si,mas,lwf,sae_guided,replay,multitask --seeds=0,1,2 --jobs=2
+    python train.py --n_layer=4 --corpus=../shared/data/tinyshakespeare.txt --stage=pretrain
 
-Stages write to out/<run>/ and cache their result with the config that made it: a later run reuses a stage whose
-config is unchanged and redoes it otherwise. Checkpoints are written atomically (temp file, then rename), and an
-interrupted pretraining resumes from its last checkpoint.
+Stages write to out/<run>/ and cache their result with what made it (configurator.py): a later run reuses a stage
+whose config, code, data, device and upstream checkpoint are unchanged and redoes it otherwise. Checkpoints are
+written atomically, and an interrupted pretraining resumes from its last checkpoint.
 """
 
 import dataclasses
-import difflib
+import functools
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
-import typing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-import regularizers as reg
+import configurator as cfg
+from configurator import progress
 from data.corpus import get_batch, load_corpus
-from data.tasks import DEFAULT_ORDER, TASKS, TaskSplit, build_task_suite, trim_padding
+from data.tasks import DEFAULT_ORDER, TASKS, build_task_suite, concat_splits, trim_padding
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
 from evaluate import plot_sae_metrics, sae_metrics, summarize_run, task_accuracy
 from model import GPT, GPTConfig
+from regularizers import METHODS, RENAMED_METHODS, sae_training_penalty, tensor_bytes
 from sae import SAEConfig, TopKSAE, check_sae_fits, sae_from_dict, sae_to_dict, train_saes
 
 
@@ -37,193 +40,163 @@ from sae import SAEConfig, TopKSAE, check_sae_fits, sae_from_dict, sae_to_dict, 
 class Config:
     # where and how
     run: str = "default"  # results go to out_dir/run/
-    out_dir: str = "out"
-    stage: str = "all"
+    out_dir: str = "out"  # the folder all runs go to
+    stage: str = "all"  # stop after this stage: pretrain | sae | cl (= all)
     device: str = "auto"  # auto = cuda if available, else cpu
-    seed: int = 0
+    seed: int = 0  # seed of pretraining, the generated corpus and the SAEs
     corpus: str = ""  # path of a text file; empty = the generated tiny-world corpus
-    corpus_lines: int = 60_000  # size of the generated corpus
+    corpus_lines: int = 60_000  # lines of the generated corpus
     # model
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 96  # width, learning rate and steps per task chosen by bench/calibrate.py (README)
-    block_size: int = 64
-    dropout: float = 0.0
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 96  # width of the residual stream (chosen by bench/calibrate.py, docs/calibration.md)
+    block_size: int = 64  # longest sequence, in characters
+    dropout: float = 0.0  # dropout probability in pretraining
     bias: bool = True  # biases in Linear and LayerNorm layers (nanoGPT's default is False)
     # pretraining (AdamW, cosine schedule with linear warmup)
-    batch_size: int = 32
-    max_iters: int = 1600
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_iters: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    eval_interval: int = 200
-    eval_iters: int = 20
-    # SAE regularization during pretraining (idea 2): TopK SAEs at every point 0..n_layer trained with the model
-    sae_reg_lambda: float = 0.0  # 0 = off
-    sae_reg_k: int = 8
+    batch_size: int = 32  # windows per pretraining step
+    max_iters: int = 1600  # pretraining steps
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # learning rate at the end of the cosine
+    warmup_iters: int = 100  # steps of linear warmup
+    weight_decay: float = 0.1  # AdamW weight decay on matrices
+    beta1: float = 0.9  # AdamW beta1 (pretraining and continual learning)
+    beta2: float = 0.99  # AdamW beta2 (pretraining and continual learning)
+    grad_clip: float = 1.0  # clip the gradient norm to this in every stage; 0 = no clipping
+    eval_interval: int = 200  # steps between evaluations and checkpoints
+    eval_iters: int = 20  # batches per loss estimate
+    # SAE-regularized pretraining: TopK SAEs at every point 0..n_layer trained jointly with the model
+    sae_reg_lambda: float = 0.0  # weight of the reconstruction term; 0 = off
+    sae_reg_k: int = 8  # TopK of the jointly trained SAEs
     sae_reg_l1: float = 0.0  # optional L1 sparsity term; TopK already fixes L0
     sae_reg_expansion: int = 8  # d_sae of the jointly trained SAEs = sae_reg_expansion * n_embd
     # SAEs on the base model's residual stream
     sae_points: tuple[int, ...] = ()  # residual points; empty = every point after a block, 1..n_layer
     sae_expansion: int = 8  # d_sae = sae_expansion * n_embd
     sae_k: tuple[int, ...] = (8,)  # TopK; several values train a k sweep, the first is the one used later
-    sae_steps: int = 2000
+    sae_steps: int = 2000  # training steps per SAE
     sae_batch_size: int = 512  # tokens per SAE step
     sae_tokens: int = 200_000  # activations collected per point to train on
-    sae_auxk: bool = True
-    sae_aux_k: int = 64
-    sae_dead_tokens: int = 20_000
+    sae_auxk: bool = True  # the auxiliary loss that revives dead latents
+    sae_aux_k: int = 64  # dead latents AuxK may use per token
+    sae_dead_firings: float = 1000.0  # dead after this many expected firings without one (d_sae / k tokens each)
     # continual learning
     tasks: tuple[str, ...] = DEFAULT_ORDER  # the order tasks are learned in
-    methods: tuple[str, ...] = ("seqft", "ewc", "sae")
-    seeds: tuple[int, ...] = (0,)
-    steps_per_task: int = 200
-    cl_batch_size: int = 32
+    methods: tuple[str, ...] = ("seqft", "ewc", "sae_guided")  # methods to run (regularizers.METHODS)
+    seeds: tuple[int, ...] = (0,)  # fine-tuning seeds: batch order, importance samples, replay buffer
+    steps_per_task: int = 200  # AdamW steps per task
+    cl_batch_size: int = 32  # examples per step
     cl_lr: float = 3e-4  # AdamW, constant, a fresh optimizer per task, no weight decay
-    n_train: int = 2000  # examples per task and split
-    n_val: int = 100
-    n_test: int = 200
-    eval_split: str = "test"  # 'val' (carved from training data) is for tuning hyperparameters
+    n_train: int = 2000  # training examples per task
+    n_val: int = 100  # validation examples per task (at most; carved from training questions)
+    n_test: int = 200  # test examples per task (at most)
+    eval_split: str = "test"  # the split R is measured on; 'val' is for tuning hyperparameters
     cl_dir: str = "cl"  # results go to out/<run>/<cl_dir>/<method>_seed<seed>.json
-    # EWC
-    ewc_lambda: float = 1e4  # chosen on val by bench/tune.py (README)
-    ewc_mode: str = "separate"
-    ewc_gamma: float = 1.0  # online mode: F <- gamma F_old + F_new
-    ewc_fisher_examples: int = 256
+    jobs: int = 1  # (method, seed) runs at once, in processes of one thread each
+    # EWC: w = diagonal Fisher
+    ewc_lambda: float = 1e4  # penalty weight (chosen on val by bench/tune.py)
+    ewc_mode: str = "separate"  # one (F, theta*) per task, or 'online': F <- gamma F_old + F_new
+    ewc_gamma: float = 1.0  # online mode's decay of the old Fisher
+    ewc_fisher_examples: int = 256  # examples the Fisher is estimated on
     ewc_fisher_labels: str = "true"  # true: y sampled from the model; empirical: ground truth
+    # SI: w = path integral of -g * delta_theta over the task
+    si_lambda: float = 1.0  # penalty weight (chosen on val by bench/tune.py)
+    si_xi: float = 1e-3  # damping of the division by the squared total change
+    # MAS: w = mean |gradient of the squared output norm|
+    mas_lambda: float = 1.0  # penalty weight (chosen on val by bench/tune.py)
+    mas_examples: int = 256  # examples the importance is estimated on
+    # LwF: distillation of the task-start model's outputs
+    lwf_lambda: float = 1.0  # weight of the KL term (chosen on val by bench/tune.py)
+    lwf_temperature: float = 2.0  # softmax temperature T of both distributions
     # SAE-guided activation regularization
-    sae_lambda_p: float = 1e2  # these four chosen on val by bench/tune.py (README)
-    sae_lambda_g: float = 1.0  # 0 turns the guide term off
-    sae_eps: float = 0.02
-    sae_delta: float = 0.2
-    mask_examples: int = 256  # examples of the current task the mask is built from
-    mask_knn: int = 4
-    mask_alpha: float = 0.5
-    mask_binary: bool = False  # ablation: threshold the mask at mask_threshold
-    mask_threshold: float = 0.5
-    sae_protect_past: bool = False  # ablation: also protect features earlier tasks' masks marked relevant
-    sae_codes: str = "topk"  # drift on the TopK codes, or 'dense' ReLU pre-activations
-    sae_reference: str = "task_start"  # theta_ref: the model at task start, or the 'base' model
+    sae_guided_lambda_p: float = 1e2  # weight of the protect hinge (chosen on val by bench/tune.py)
+    sae_guided_lambda_g: float = 1.0  # weight of the guide hinge; 0 turns it off
+    sae_guided_eps: float = 0.02  # protected features may drift this much for free
+    sae_guided_delta: float = 0.2  # relevant features should drift at least this much
+    sae_guided_mask_examples: int = 256  # examples of the current task the mask is built from
+    sae_guided_mask_knn: int = 4  # decoder neighbours a feature's relevance spreads to
+    sae_guided_mask_alpha: float = 0.5  # how much relevance spreads to a neighbour
+    sae_guided_mask_binary: bool = False  # ablation: threshold the mask at sae_guided_mask_threshold
+    sae_guided_mask_threshold: float = 0.5  # the threshold of a binary mask
+    sae_guided_protect_past: bool = False  # ablation: also protect features earlier tasks' masks marked
+    sae_guided_codes: str = "topk"  # drift on the TopK codes, or 'dense' ReLU pre-activations
+    sae_guided_reference: str = "task_start"  # theta_ref: the model at task start, or the 'base' model
     # replay (stores data; a reference point)
-    replay_fraction: float = 0.05  # of each finished task's training examples kept
+    replay_fraction: float = 0.05  # share of each finished task's training examples kept
     replay_batch_size: int = 16  # replayed examples appended to each batch
-    # the study of idea 2: normal vs SAE-regularized pretraining, then fresh SAEs at every point over a k sweep
-    study_seeds: tuple[int, ...] = (0, 1)
-    study_lambda: float = 1.0  # sae_reg_lambda of the regularized model
-    study_k: tuple[int, ...] = (4, 8, 16)
 
 
 CHOICES = {  # fields whose value must be one of a fixed set
-    "stage": ("all", "pretrain", "sae", "cl", "study"),
+    "stage": ("all", "pretrain", "sae", "cl"),
     "device": ("auto", "cpu", "cuda"),
     "tasks": tuple(TASKS),
-    "methods": ("seqft", "ewc", "sae", "replay", "multitask"),
+    "methods": tuple(METHODS),
     "eval_split": ("test", "val"),
     "ewc_mode": ("separate", "online"),
     "ewc_fisher_labels": ("true", "empirical"),
-    "sae_codes": ("topk", "dense"),
-    "sae_reference": ("task_start", "base"),
+    "sae_guided_codes": ("topk", "dense"),
+    "sae_guided_reference": ("task_start", "base"),
 }
-STAGE_KEYS = {  # the config fields each stage's result depends on (a stage also depends on the ones before it)
+STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those of the stages it is built from
     "pretrain": ("seed", "corpus", "corpus_lines", "n_layer", "n_head", "n_embd", "block_size", "dropout",
                  "bias", "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
                  "grad_clip", "eval_interval", "eval_iters", "sae_reg_lambda", "sae_reg_k", "sae_reg_l1",
                  "sae_reg_expansion"),
     "sae": ("sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "sae_tokens", "sae_auxk",
-            "sae_aux_k", "sae_dead_tokens"),
-    "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "n_train", "n_val", "n_test", "eval_split",
-           "ewc_lambda", "ewc_mode", "ewc_gamma", "ewc_fisher_examples", "ewc_fisher_labels", "sae_lambda_p",
-           "sae_lambda_g", "sae_eps", "sae_delta", "mask_examples", "mask_knn", "mask_alpha", "mask_binary",
-           "mask_threshold", "sae_protect_past", "sae_codes", "sae_reference", "replay_fraction",
-           "replay_batch_size"),
-}
+            "sae_aux_k", "sae_dead_firings"),
+    "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "n_train", "n_val", "n_test", "eval_split"),
+}  # and each method's own fields, '<method>_*' (regularizers.Method.config_keys)
+NOT_RESULT_KEYS = ("run", "out_dir", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device: see keys
+RENAMED_KEYS = {old: "sae_guided_" + new for old, new in (
+    ("sae_lambda_p", "lambda_p"), ("sae_lambda_g", "lambda_g"), ("sae_eps", "eps"), ("sae_delta", "delta"),
+    ("mask_examples", "mask_examples"), ("mask_knn", "mask_knn"), ("mask_alpha", "mask_alpha"),
+    ("mask_binary", "mask_binary"), ("mask_threshold", "mask_threshold"), ("sae_protect_past", "protect_past"),
+    ("sae_codes", "codes"), ("sae_reference", "reference"))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# configuration from the command line
-
-def parse_value(key, text, annotation):
-    """Convert a command-line string to the field's type, or raise ValueError naming the key."""
-    try:
-        if annotation is bool:
-            if text.lower() in ("1", "true", "yes"):
-                return True
-            if text.lower() in ("0", "false", "no"):
-                return False
-            raise ValueError
-        if annotation in (int, float, str):
-            return annotation(text)  # float("3") works too: ints are accepted where floats are expected
-        if typing.get_origin(annotation) is tuple:
-            item_type = typing.get_args(annotation)[0]
-            return tuple(item_type(item) for item in text.split(",") if item != "")
-    except ValueError:
-        pass
-    type_name = getattr(annotation, "__name__", str(annotation))
-    if typing.get_origin(annotation) is tuple:
-        type_name = f"comma-separated list of {typing.get_args(annotation)[0].__name__}"
-    raise ValueError(f"--{key}={text!r}: expected a {type_name}")
+# configuration
 
 
 def validate(config):
-    """Check choices and ranges; raise ValueError naming the key and what is allowed."""
-    for key, allowed in CHOICES.items():
-        values = getattr(config, key)
-        for value in values if isinstance(values, tuple) else (values,):
-            if value not in allowed:
-                raise ValueError(f"--{key}={value!r} is not valid; choose from: {', '.join(map(str, allowed))}")
+    """Everything that can be checked before compute is spent; ValueError names the key and what is allowed."""
+    cfg.validate(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "corpus_lines"))
     if config.n_embd % config.n_head:
         raise ValueError(f"--n_embd={config.n_embd} must be divisible by --n_head={config.n_head}")
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval",
-                "eval_iters", "corpus_lines", "sae_expansion", "sae_steps", "sae_batch_size", "sae_tokens",
-                "sae_aux_k", "sae_dead_tokens", "sae_reg_expansion", "steps_per_task", "cl_batch_size", "n_train",
-                "n_val", "n_test", "ewc_fisher_examples", "mask_examples", "mask_knn", "replay_batch_size"):
-        if getattr(config, key) < 1:
-            raise ValueError(f"--{key}={getattr(config, key)} must be at least 1")
+    if config.lr <= 0 or config.cl_lr <= 0:
+        raise ValueError(f"--lr={config.lr} and --cl_lr={config.cl_lr} must be above 0")
+    if config.min_lr > config.lr:
+        raise ValueError(f"--min_lr={config.min_lr} must be at most --lr={config.lr}")
+    for key in ("beta1", "beta2", "dropout"):
+        if not getattr(config, key) < 1.0:
+            raise ValueError(f"--{key}={getattr(config, key)} must be below 1")
     for point in config.sae_points:
         if not 0 <= point <= config.n_layer:
             raise ValueError(f"--sae_points: {point} is not a residual point; valid points are 0..{config.n_layer}")
-    if not config.sae_k or not all(0 < k <= config.sae_expansion * config.n_embd for k in config.sae_k):
-        raise ValueError(f"--sae_k={config.sae_k}: each k must be in 1..d_sae={config.sae_expansion * config.n_embd}")
-    if not 0 < config.sae_reg_k <= config.sae_reg_expansion * config.n_embd:  # the jointly trained SAEs
+    d_sae = config.sae_expansion * config.n_embd
+    if not all(0 < k <= d_sae for k in config.sae_k):
+        raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: each k must be in 1..d_sae={d_sae}")
+    if not config.sae_reg_k <= config.sae_reg_expansion * config.n_embd:  # the jointly trained SAEs
         raise ValueError(f"--sae_reg_k={config.sae_reg_k} must be in 1..d_sae="
                          f"{config.sae_reg_expansion * config.n_embd}")
-    if not config.study_seeds or not config.study_k:
-        raise ValueError("--study_seeds and --study_k need at least one value each")
-    for key in ("sae_reg_lambda", "sae_reg_l1", "study_lambda", "ewc_lambda", "ewc_gamma", "sae_lambda_p",
-                "sae_lambda_g", "sae_eps", "sae_delta", "mask_alpha"):
-        if getattr(config, key) < 0:
-            raise ValueError(f"--{key}={getattr(config, key)} must be non-negative")
     if not config.tasks or len(set(config.tasks)) != len(config.tasks):
         raise ValueError(f"--tasks={','.join(config.tasks)}: name each task once; valid tasks: {', '.join(TASKS)}")
-    if not config.methods or not config.seeds:
-        raise ValueError("--methods and --seeds need at least one value each")
-    if not 0.0 < config.replay_fraction <= 1.0:
-        raise ValueError(f"--replay_fraction={config.replay_fraction} must be in (0, 1]")
-    if not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"--dropout={config.dropout} must be in [0, 1)")
+    if not config.methods or not config.seeds or not config.sae_k:
+        raise ValueError("--methods, --seeds and --sae_k need at least one value each")
+    for method in METHODS.values():
+        method.check(config)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device=cuda was asked for, but no CUDA device is available; use --device=cpu or auto")
 
 
 def parse_args(argv):
-    """Config from ['--key=value', ...]: unknown keys and bad values stop with a message that names them."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    hints = typing.get_type_hints(Config)
-    overrides = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"arguments look like --key=value, got {arg!r}")
-        key, text = arg[2:].split("=", 1)
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
-            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
-            raise ValueError(f"unknown config key --{key}{hint}; valid keys: {', '.join(fields)}")
-        overrides[key] = parse_value(key, text, hints[key])
-    config = dataclasses.replace(Config(), **overrides)
+    """Config from ['--key=value', ...]; deprecated names are accepted with a warning."""
+    config = cfg.parse_args(Config, argv, renamed=RENAMED_KEYS)
+    if any(m in RENAMED_METHODS for m in config.methods):
+        for old, new in RENAMED_METHODS.items():
+            if old in config.methods:
+                print(f"warning: the method '{old}' is now called '{new}'; running {new}", file=sys.stderr)
+        config = dataclasses.replace(config, methods=tuple(RENAMED_METHODS.get(m, m) for m in config.methods))
     validate(config)
     return config
 
@@ -234,50 +207,24 @@ def resolve_device(config):
     return config.device
 
 
-def stage_config(config, stage):
-    """The part of the config a stage's result depends on: its own keys and those of the stages before it."""
-    keys = []
-    for name, stage_keys in STAGE_KEYS.items():
-        keys += stage_keys
-        if name == stage:
-            break
-    return {key: getattr(config, key) for key in keys}
+def stage_config(config, *stages):
+    """The config fields the given stages' results depend on."""
+    return {key: getattr(config, key) for stage in stages for key in STAGE_KEYS[stage]}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# checkpoints: written atomically, reused when the config that made them is unchanged
-
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then rename: an interrupted write never leaves a corrupt checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
+@functools.lru_cache(maxsize=4)
+def corpus(path, n_lines, seed, block_size):
+    """(train_ids, val_ids) of the corpus, made once per process (the generated corpus takes a few seconds)."""
+    return load_corpus(path or None, n_lines=n_lines, seed=seed, block_size=block_size)
 
 
-def load_checkpoint(path, expected_config=None):
-    """The checkpoint at path, or None if absent or made by a different config (the differing keys are printed)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a file we cannot read is redone, not trusted
-        print(f"cannot read checkpoint {path} ({error}); redoing it")
-        return None
-    if expected_config is not None and checkpoint.get("config") != expected_config:
-        old = checkpoint.get("config") or {}
-        changed = sorted(k for k in set(old) | set(expected_config) if old.get(k) != expected_config.get(k))
-        print(f"{path} was made with a different config ({', '.join(changed)}); redoing it")
-        return None
-    return checkpoint
+def corpus_of(config):
+    return corpus(config.corpus, config.corpus_lines, config.seed, config.block_size)
 
 
-def save_json(obj, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def task_suite(config):
+    return build_task_suite(config.tasks, config.n_train, config.n_val, config.n_test, seed=0,
+                            block_size=config.block_size)
 
 
 def model_from_checkpoint(checkpoint, device):
@@ -286,15 +233,27 @@ def model_from_checkpoint(checkpoint, device):
     return model.to(device)
 
 
+def clip_gradients(parameters, grad_clip):
+    """Clip the global gradient norm to grad_clip; 0 means no clipping (in every stage)."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+
+
+def check_finite(loss, where, advice):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()} {where}; {advice}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # stage 1: pretraining on the base corpus
+
 
 def get_lr(it, config):
     """Linear warmup to lr over warmup_iters, then cosine decay to min_lr at max_iters."""
     if it < config.warmup_iters:
         return config.lr * (it + 1) / config.warmup_iters
-    progress = min(1.0, (it - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters))
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+    progress_ = min(1.0, (it - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters))
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (config.lr - config.min_lr)
 
 
 @torch.no_grad()
@@ -327,21 +286,26 @@ SAMPLE_PROMPTS = ("mia has", "what colour is tom's", "3 + 4 =", "lemon backwards
 
 
 def pretrain(config, device):
-    """Train the GPT on the base corpus; returns the checkpoint dict (cached at out/<run>/base.pt)."""
-    path = os.path.join(config.out_dir, config.run, "base.pt")
-    expected = stage_config(config, "pretrain")
-    checkpoint = load_checkpoint(path, expected)
+    """Train the GPT on the base corpus; returns the checkpoint dict (cached at out/<run>/base.pt, with its
+    summary in pretrain.json: the stage is reused only when both are there and made by this key)."""
+    run_dir = os.path.join(config.out_dir, config.run)
+    path, summary_path = os.path.join(run_dir, "base.pt"), os.path.join(run_dir, "pretrain.json")
+    key = cfg.result_key(stage_config(config, "pretrain"), device, config.corpus)
+    checkpoint = cfg.load_checkpoint(path, key)
     if checkpoint is not None and checkpoint["done"]:
-        print(f"pretrain: reusing {path} (val loss {checkpoint['val_loss']:.4f})")
-        return checkpoint
+        if cfg.load_json_result(summary_path, key) is not None:
+            print(f"pretrain: reusing {path} (val loss {checkpoint['val_loss']:.4f})")
+            return checkpoint
+        print(f"pretrain: {summary_path} is missing or stale; redoing the stage")
+        checkpoint = None
 
     torch.manual_seed(config.seed)
-    train_ids, val_ids = load_corpus(config.corpus or None, n_lines=config.corpus_lines, seed=config.seed)
+    train_ids, val_ids = corpus_of(config)
     model_args = dict(vocab_size=VOCAB_SIZE, block_size=config.block_size, n_layer=config.n_layer,
                       n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
     model = GPT(GPTConfig(**model_args)).to(device)
     optimizer = model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2), device)
-    joint_saes = {}  # idea 2: an SAE at every residual point, trained with the model, without weight decay
+    joint_saes = {}  # SAE-regularized pretraining: an SAE at every point, trained with the model, no weight decay
     if config.sae_reg_lambda > 0:
         sae_config = SAEConfig(d_in=config.n_embd, d_sae=config.sae_reg_expansion * config.n_embd,
                                k=config.sae_reg_k, auxk_coef=0.0)
@@ -350,7 +314,7 @@ def pretrain(config, device):
                                    "weight_decay": 0.0})
     generator = torch.Generator().manual_seed(config.seed)
     start_iter, history = 0, []
-    if checkpoint is not None:  # an interrupted run with the same config: resume where it stopped
+    if checkpoint is not None:  # an interrupted run with the same key: resume where it stopped
         model.load_state_dict(checkpoint["model"])
         for p, state in checkpoint["joint_saes"].items():
             joint_saes[p].load_state_dict(state)
@@ -361,43 +325,42 @@ def pretrain(config, device):
     print(f"pretrain: {model.num_params():,} parameters, {len(train_ids):,} train tokens, device {device}")
 
     def snapshot(it, done, val_loss=None):
-        return {"config": expected, "model_args": model_args, "model": model.state_dict(),
+        return {"key": key, "model_args": model_args, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "iter": it,
-                "history": history, "done": done, "val_loss": val_loss,
+                "history": history, "done": done, "val_loss": val_loss, "sha": cfg.tensor_hash(model.state_dict()),
                 "joint_saes": {p: s.state_dict() for p, s in joint_saes.items()}}
 
     model.train()
     t0 = time.time()
     step_seconds = 0.0  # time in training steps only, without evaluation and checkpoints
-    bar = tqdm(range(start_iter, config.max_iters), desc="pretrain", initial=start_iter, total=config.max_iters)
-    for it in bar:
-        t_step = time.time()
-        for group in optimizer.param_groups:
-            group["lr"] = get_lr(it, config)
-        x, y = get_batch(train_ids, config.batch_size, config.block_size, generator, device)
-        _, loss, residuals = model(x, y, read=tuple(joint_saes))
-        if joint_saes:
-            loss = loss + reg.sae_training_penalty(residuals, joint_saes, config.sae_reg_lambda, config.sae_reg_l1)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain: loss is {loss.item()} at iteration {it}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        for sae in joint_saes.values():
-            sae.remove_parallel_decoder_grad()
-        optimizer.step()
-        for sae in joint_saes.values():
-            sae.normalize_decoder()
-        step_seconds += time.time() - t_step
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters:
-            train_loss = estimate_lm_loss(model, train_ids, config, device, config.eval_iters)
-            val_loss = estimate_lm_loss(model, val_ids, config, device, config.eval_iters)
-            history.append({"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss})
-            bar.write(f"iter {it + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-            save_checkpoint(snapshot(it + 1, done=False), path)
-    bar.close()
+    with progress(range(start_iter, config.max_iters), desc="pretrain", initial=start_iter,
+                  total=config.max_iters) as bar:
+        for it in bar:
+            t_step = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(it, config)
+            x, y = get_batch(train_ids, config.batch_size, config.block_size, generator, device)
+            _, loss, residuals = model(x, y, read=tuple(joint_saes))
+            if joint_saes:
+                loss = loss + sae_training_penalty(residuals, joint_saes, config.sae_reg_lambda, config.sae_reg_l1)
+            check_finite(loss, f"in pretraining at iteration {it}", "lower --lr (or --sae_reg_lambda)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_gradients(model.parameters(), config.grad_clip)
+            for sae in joint_saes.values():
+                sae.remove_parallel_decoder_grad()
+            optimizer.step()
+            for sae in joint_saes.values():
+                sae.normalize_decoder()
+            step_seconds += time.time() - t_step
+            if it % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if (it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters:
+                train_loss = estimate_lm_loss(model, train_ids, config, device, config.eval_iters)
+                val_loss = estimate_lm_loss(model, val_ids, config, device, config.eval_iters)
+                history.append({"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss})
+                bar.write(f"iter {it + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                cfg.save_checkpoint(snapshot(it + 1, done=False), path)
     seconds = time.time() - t0
     val_loss = history[-1]["val_loss"]
     if config.corpus:  # a user corpus: one long continuation of a newline
@@ -405,11 +368,11 @@ def pretrain(config, device):
     else:
         samples = greedy_samples(model, SAMPLE_PROMPTS, device)
     checkpoint = snapshot(config.max_iters, done=True, val_loss=val_loss)
-    save_checkpoint(checkpoint, path)
-    summary = {"val_loss": val_loss, "train_loss": history[-1]["train_loss"], "seconds": seconds,
+    cfg.save_checkpoint(checkpoint, path)
+    summary = {"key": key, "val_loss": val_loss, "train_loss": history[-1]["train_loss"], "seconds": seconds,
                "ms_per_iter": 1000 * step_seconds / max(1, config.max_iters - start_iter), "history": history,
-               "samples": samples, "params": model.num_params(), "config": expected}
-    save_json(summary, os.path.join(config.out_dir, config.run, "pretrain.json"))
+               "samples": samples, "params": model.num_params(), "sha": checkpoint["sha"]}
+    cfg.save_json(summary, summary_path)
     print(f"pretrain: val loss {val_loss:.4f} in {seconds:.1f}s; greedy samples:")
     for sample in samples:
         print("   ", sample.strip("\n").replace("\n", "\n    "))
@@ -419,6 +382,7 @@ def pretrain(config, device):
 # ----------------------------------------------------------------------------------------------------------------
 # stage 2: TopK SAEs on the frozen base model's residual stream
 
+
 def sae_points(config):
     return config.sae_points or tuple(range(1, config.n_layer + 1))
 
@@ -426,7 +390,15 @@ def sae_points(config):
 def sae_kwargs(config, k):
     """The SAEConfig fields (all but d_in) that the config sets, for one k."""
     return dict(d_sae=config.sae_expansion * config.n_embd, k=k, aux_k=config.sae_aux_k,
-                dead_tokens=config.sae_dead_tokens, auxk_coef=1 / 32 if config.sae_auxk else 0.0)
+                dead_firings=config.sae_dead_firings, auxk_coef=1 / 32 if config.sae_auxk else 0.0)
+
+
+def fresh_saes(model, ids, points, config, k):
+    """Train an SAE at each point of the frozen model on the config's SAE settings (one k)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return train_saes(model, ids, points, sae_kwargs(config, k), n_tokens=config.sae_tokens, steps=config.sae_steps,
+                      batch_size=config.sae_batch_size, block_size=config.block_size, seed=config.seed)
 
 
 def load_saes(checkpoint, model, device, k=None):
@@ -440,26 +412,24 @@ def load_saes(checkpoint, model, device, k=None):
 
 
 def train_sae_stage(config, device, base):
-    """Train an SAE per point and per k on base-corpus text; cached at out/<run>/sae.pt."""
+    """Train an SAE per point and per k on base-corpus text; cached at out/<run>/sae.pt with sae.json."""
     run_dir = os.path.join(config.out_dir, config.run)
-    path = os.path.join(run_dir, "sae.pt")
-    expected = stage_config(config, "sae")
-    checkpoint = load_checkpoint(path, expected)
+    path, metrics_path = os.path.join(run_dir, "sae.pt"), os.path.join(run_dir, "sae.json")
+    key = cfg.result_key(stage_config(config, "pretrain", "sae"), device, config.corpus, {"base": base["sha"]})
+    checkpoint = cfg.load_checkpoint(path, key)
     if checkpoint is not None:
-        print(f"sae: reusing {path}")
-        return checkpoint
+        if cfg.load_json_result(metrics_path, key) is not None:
+            print(f"sae: reusing {path}")
+            return checkpoint
+        print(f"sae: {metrics_path} is missing or stale; redoing the stage")
     model = model_from_checkpoint(base, device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    train_ids, val_ids = load_corpus(config.corpus or None, n_lines=config.corpus_lines, seed=config.seed)
+    train_ids, val_ids = corpus_of(config)
     points = sae_points(config)
     t0 = time.time()
-    checkpoint = {"config": expected, "ks": list(config.sae_k), "saes": {}}
-    results = {"points": list(points), "by_k": {}}
+    checkpoint = {"key": key, "ks": list(config.sae_k), "saes": {}}
+    results = {"key": key, "points": list(points), "by_k": {}}
     for k in config.sae_k:
-        saes, histories = train_saes(model, train_ids, points, sae_kwargs(config, k), config.sae_tokens,
-                                     config.sae_steps, config.sae_batch_size, config.block_size, device,
-                                     seed=config.seed)
+        saes, histories = fresh_saes(model, train_ids, points, config, k)
         checkpoint["saes"][k] = {p: sae_to_dict(sae) for p, sae in saes.items()}
         metrics = sae_metrics(model, saes, val_ids, config.block_size, device)
         metrics["train_dead_fraction"] = {p: (sae.tokens_since_fired >= sae.config.dead_tokens).float().mean().item()
@@ -472,10 +442,11 @@ def train_sae_stage(config, device, base):
         print(f"sae k={k}: compound CE increase {metrics['compound_ce_increase']:.4f} nats "
               f"(clean CE {metrics['clean_ce']:.4f})")
     results["seconds"] = time.time() - t0
-    save_checkpoint(checkpoint, path)
-    save_json(results, os.path.join(run_dir, "sae.json"))
+    checkpoint["sha"] = results["sha"] = cfg.tensor_hash(checkpoint["saes"])
+    cfg.save_checkpoint(checkpoint, path)
+    cfg.save_json(results, metrics_path)
     plot_sae_metrics(results, run_dir)
-    print(f"sae: trained in {results['seconds']:.1f}s; metrics in {run_dir}/sae.json, plots sae_*.png")
+    print(f"sae: trained in {results['seconds']:.1f}s; metrics in {metrics_path}, plots sae_*.png")
     return checkpoint
 
 
@@ -488,238 +459,146 @@ def evaluate_tasks(model, suite, config, device):
     return [task_accuracy(model, suite[name][config.eval_split], device) for name in config.tasks]
 
 
-def concat_splits(splits, name="mixed"):
-    """One TaskSplit holding the examples of several (same padded length)."""
-    return TaskSplit(name, [e for s in splits for e in s.examples], *(
-        torch.cat([getattr(s, key) for s in splits]) for key in ("x", "y", "answer_mask", "content_mask")))
-
-
-def subset(split, idx):
-    return TaskSplit(split.name, [split.examples[i] for i in idx.tolist()], split.x[idx], split.y[idx],
-                     split.answer_mask[idx], split.content_mask[idx])
-
-
-def train_steps(model, split, n_steps, config, device, generator, bar, penalty_fn=None, replay=None):
-    """n_steps of AdamW on the answer-token cross-entropy of split, plus penalty_fn(batch, residuals) if given.
-
+def train_steps(model, split, n_steps, method, *, config, device, generator, bar):
+    """n_steps of AdamW (a fresh optimizer) on the answer-token cross-entropy of split plus the method's penalty.
     Returns the seconds spent in the steps (for the step-time comparison)."""
     optimizer = model.configure_optimizer(config.cl_lr, 0.0, (config.beta1, config.beta2), device)
     model.train()
-    read = penalty_fn.points if penalty_fn is not None else ()
     seconds = 0.0
     for step in range(n_steps):
         t0 = time.time()
-        x, y, answer_mask, content_mask = split.batch(config.cl_batch_size, generator, device)
-        if replay is not None:  # append a batch from the replay buffer
-            old = replay.batch(config.replay_batch_size, generator, device)
-            new = (x, y, answer_mask, content_mask)
-            x, y, answer_mask, content_mask = (torch.cat([a, b]) for a, b in zip(new, old))
-        x, y, answer_mask, content_mask = trim_padding(x, y, answer_mask, content_mask)
-        _, ce, residuals = model(x, y, answer_mask, read=read)
-        loss = ce
-        logs = {}
-        if penalty_fn is not None:
-            penalty, logs = penalty_fn(x, content_mask, residuals)
-            loss = ce + penalty
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} on task {split.name} step {step}; lower --cl_lr or the "
-                                     "penalty weights")
+        batch = trim_padding(method.extend_batch(split.batch(config.cl_batch_size, generator, device), generator,
+                                                 device))
+        logits, ce, residuals = model(batch.x, batch.y, batch.answer_mask, read=method.reads)
+        penalty, logs = method.penalty(model, batch, {"logits": logits, "residuals": residuals})
+        loss = ce if penalty is None else ce + penalty
+        check_finite(loss, f"on task {split.name}, step {step}, method {method.name}",
+                     "lower --cl_lr or the method's penalty weight")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        clip_gradients(model.parameters(), config.grad_clip)
         optimizer.step()
+        method.after_step(model)
         if device == "cuda":  # CUDA runs asynchronously: wait for the step before reading the clock
             torch.cuda.synchronize()
         seconds += time.time() - t0
         bar.update(1)
         if step % 20 == 0:
-            bar.set_postfix(task=split.name, ce=f"{ce.item():.3f}", **{k: f"{v:.3f}" for k, v in logs.items()})
+            bar.set_postfix(task=split.name, ce=f"{ce.item():.3f}", **{k: f"{v:.3f}" for k, v in logs.items()},
+                            refresh=False)
     return seconds
 
 
-def make_sae_penalty(reference, saes, masks, config):
-    """The SAE-guided penalty for one task, as a function of (batch, content mask, residuals), given the frozen
-    reference model theta_ref."""
-
-    def penalty_fn(x, content_mask, residuals):
-        with torch.no_grad():
-            _, _, ref_residuals = reference(x, read=tuple(saes))
-        return reg.sae_guided_penalty(residuals, ref_residuals, saes, masks, content_mask, config.sae_lambda_p,
-                                      config.sae_lambda_g, config.sae_eps, config.sae_delta, config.sae_codes)
-
-    penalty_fn.points = tuple(saes)
-    return penalty_fn
-
-
-def make_ewc_penalty(model, state, config):
-    def penalty_fn(x, content_mask, residuals):
-        return reg.ewc_penalty(model, state, config.ewc_lambda), {}
-
-    penalty_fn.points = ()
-    return penalty_fn
-
-
-def run_method(method, seed, config, device, base, sae_checkpoint, suite, lm_val_ids):
+def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
     """Learn the tasks in order with one method; returns the results dict (accuracy matrix R and timings)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = model_from_checkpoint(base, device)
-    names = config.tasks
     lm_loss_before = estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters)
     R = [evaluate_tasks(model, suite, config, device)]
-    state = {"anchors": []}  # EWC
-    masks, replay_idx = [], {}  # SAE-guided: one {point: mask} per task; replay: kept example indices per task
-    saes = load_saes(sae_checkpoint, model, device) if method == "sae" else None
-    base_model = reg.frozen_copy(model) if method == "sae" and config.sae_reference == "base" else None
-    step_seconds, n_steps, t_start = 0.0, 0, time.time()
-    total_steps = config.steps_per_task * len(names)
-    bar = tqdm(total=total_steps, desc=f"cl {method} seed {seed}")
-    if method == "multitask":  # the upper bound: every task at once, as many steps as the whole sequence
-        mixed = concat_splits([suite[name]["train"] for name in names])
-        step_seconds = train_steps(model, mixed, total_steps, config, device, generator, bar)
-        n_steps = total_steps
-        R.append(evaluate_tasks(model, suite, config, device))
-    else:
-        for t, name in enumerate(names):
-            train_split = suite[name]["train"]
-            penalty_fn, replay = None, None
-            if method == "ewc" and state["anchors"]:
-                penalty_fn = make_ewc_penalty(model, state, config)
-            elif method == "sae":
-                reference = base_model if base_model is not None else reg.frozen_copy(model)
-                mask = reg.build_feature_masks(reference, saes, train_split, config.mask_examples, config.mask_knn,
-                                               config.mask_alpha, config.sae_codes,
-                                               config.mask_threshold if config.mask_binary else None)
-                masks.append(mask)
-                if config.sae_protect_past:
-                    mask = {p: reg.merge_past_masks(m, [old[p] for old in masks[:-1]]) for p, m in mask.items()}
-                penalty_fn = make_sae_penalty(reference, saes, mask, config)
-            elif method == "replay" and replay_idx:
-                replay = concat_splits([subset(suite[old]["train"], idx) for old, idx in replay_idx.items()])
-            step_seconds += train_steps(model, train_split, config.steps_per_task, config, device, generator, bar,
-                                        penalty_fn, replay)
-            n_steps += config.steps_per_task
-            if method == "ewc":
-                fisher = reg.fisher_diagonal(model, train_split, config.ewc_fisher_examples,
-                                             config.ewc_fisher_labels, seed=seed + t)
-                reg.ewc_consolidate(state, model, fisher, config.ewc_mode, config.ewc_gamma)
-            elif method == "replay":
-                replay_idx[name] = reg.replay_sample(train_split, config.replay_fraction, seed=seed + t)
+    method = METHODS[name](config, model, saes, seed)
+    step_seconds, t_start = 0.0, time.time()
+    total_steps = config.steps_per_task * len(config.tasks)
+    with progress(total=total_steps, desc=f"cl {name} seed {seed}") as bar:
+        if method.joint:  # every task at once, as many steps as the whole sequence
+            mixed = concat_splits([suite[task]["train"] for task in config.tasks])
+            step_seconds = train_steps(model, mixed, total_steps, method, config=config, device=device,
+                                       generator=generator, bar=bar)
             R.append(evaluate_tasks(model, suite, config, device))
-            bar.write(f"{method} seed {seed} after {name}: " + " ".join(f"{n}={a:.2f}" for n, a in zip(names, R[-1])))
-    bar.close()
-    retained = {  # what the method keeps between tasks, in bytes
-        "seqft": 0, "multitask": 0,
-        "ewc": reg.tensor_bytes(state["anchors"]),
-        "sae": reg.tensor_bytes(masks),
-        "replay": sum(reg.tensor_bytes([suite[n]["train"].x[i], suite[n]["train"].y[i]])
-                      for n, i in replay_idx.items()),
-    }[method]
-    return {"method": method, "seed": seed, "tasks": list(names), "eval_split": config.eval_split, "R": R,
+        else:
+            for t, task in enumerate(config.tasks):
+                split = suite[task]["train"]
+                method.before_task(model, split, t)
+                step_seconds += train_steps(model, split, config.steps_per_task, method, config=config, device=device,
+                                            generator=generator, bar=bar)
+                method.after_task(model, split, t)
+                R.append(evaluate_tasks(model, suite, config, device))
+                bar.write(f"{name} seed {seed} after {task}: " + " ".join(
+                    f"{n}={a:.2f}" for n, a in zip(config.tasks, R[-1])))
+    return {"method": name, "seed": seed, "tasks": list(config.tasks), "eval_split": config.eval_split, "R": R,
             "lm_loss_before": lm_loss_before,
             "lm_loss_after": estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters),
-            "retained_bytes": retained, "step_seconds": step_seconds / n_steps,
+            "retained_bytes": tensor_bytes(method.retained()), "step_seconds": step_seconds / total_steps,
             "wall_seconds": time.time() - t_start}
 
 
+def method_key(config, name, seed, device, base, sae_checkpoint):
+    """(key, shared, method settings) of one continual-learning result: the shared part is what every method of a
+    comparison must have in common (evaluate.check_comparable)."""
+    method = METHODS[name]
+    stages = ("pretrain", "cl") + (("sae",) if method.uses_saes else ())
+    settings = {k: getattr(config, k) for k in method.config_keys(config)}
+    built_from = {"base": base["sha"], **({"sae": sae_checkpoint["sha"]} if method.uses_saes else {})}
+    key = cfg.result_key({**stage_config(config, *stages), **settings, "method": name, "seed": seed}, device,
+                         config.corpus, built_from)
+    shared = cfg.result_key(stage_config(config, "pretrain", "cl"), device, config.corpus, {"base": base["sha"]})
+    return key, shared, json.loads(json.dumps(settings))
+
+
+def run_and_save(name, seed, path, key, shared, settings, config, device, base, sae_checkpoint, threads=None):
+    """run_method for one (method, seed), written to path with its key; in a worker process, threads=1."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = model_from_checkpoint(base, device)
+    saes = load_saes(sae_checkpoint, model, device) if METHODS[name].uses_saes else None
+    result = run_method(name, seed, config=config, device=device, base=base, saes=saes, suite=task_suite(config),
+                        lm_val_ids=corpus_of(config)[1])
+    cfg.save_json({**result, "key": key, "shared": shared, "method_settings": settings}, path)
+
+
 def continual_learning(config, device, base, sae_checkpoint):
-    """Run every method and seed (each cached as out/<run>/cl/<method>_seed<seed>.json) and write the report."""
+    """Run every method and seed (each cached as out/<run>/<cl_dir>/<method>_seed<seed>.json), then the report."""
     run_dir = os.path.join(config.out_dir, config.run)
-    expected = stage_config(config, "cl")
-    suite = build_task_suite(config.tasks, config.n_train, config.n_val, config.n_test, seed=0)
-    _, lm_val_ids = load_corpus(config.corpus or None, n_lines=config.corpus_lines, seed=config.seed)
-    for method in config.methods:
+    jobs = []
+    for name in config.methods:
         for seed in config.seeds:
-            path = os.path.join(run_dir, config.cl_dir, f"{method}_seed{seed}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    cached = json.load(f)
-                if cached.get("config") == json.loads(json.dumps(expected)):
-                    print(f"cl: reusing {path}")
-                    continue
-            result = run_method(method, seed, config, device, base, sae_checkpoint, suite, lm_val_ids)
-            result["config"] = expected
-            save_json(result, path)
+            path = os.path.join(run_dir, config.cl_dir, f"{name}_seed{seed}.json")
+            key, shared, settings = method_key(config, name, seed, device, base, sae_checkpoint)
+            if cfg.load_json_result(path, key) is not None:
+                print(f"cl: reusing {path}")
+            else:
+                jobs.append((name, seed, path, key, shared, settings, config, device, base, sae_checkpoint))
+    if config.jobs > 1 and len(jobs) > 1:  # separate processes of one thread each (spawned: safe after torch ran)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(config.jobs, len(jobs)), mp_context=context) as pool:
+            for future in [pool.submit(run_and_save, *job, threads=1) for job in jobs]:
+                future.result()
+    else:
+        for job in jobs:
+            run_and_save(*job)
     return summarize_run(run_dir, config.methods, config.seeds, config.cl_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the study of idea 2: does SAE-regularized pretraining make the activations easier to decompose?
 
 
-def fresh_saes_on_frozen_model(model, train_ids, val_ids, config, k, device):
-    """Train new TopK SAEs at every residual point of a frozen model and measure them on held-out text."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    points = tuple(range(config.n_layer + 1))
-    saes, _ = train_saes(model, train_ids, points, sae_kwargs(config, k), config.sae_tokens, config.sae_steps,
-                         config.sae_batch_size, config.block_size, device, seed=config.seed)
-    return sae_metrics(model, saes, val_ids, config.block_size, device)
+def check_inputs(config, tasks=True):
+    """The checks that need files or data, made before any compute: the output folder, the corpus and, if the
+    run goes as far as continual learning, the tasks."""
+    cfg.check_out_dir(config.out_dir)
+    corpus_of(config)
+    if tasks and config.stage in ("all", "cl"):
+        task_suite(config)
 
-
-def study(config, device):
-    """For each seed: a normal and an SAE-regularized model (same steps and learning rate), then fresh SAEs at
-    every point over the k sweep. Writes out/<run>/study/study.json and the plots study_*.png."""
-    from evaluate import plot_study, study_table
-
-    study_dir = os.path.join(config.out_dir, config.run, "study")
-    train_ids, val_ids = load_corpus(config.corpus or None, n_lines=config.corpus_lines, seed=config.seed)
-    results = {"normal": {}, "regularized": {}, "study_k": list(config.study_k), "lambda": config.study_lambda}
-    for seed in config.study_seeds:
-        for variant, lam in (("normal", 0.0), ("regularized", config.study_lambda)):
-            variant_config = dataclasses.replace(config, seed=seed, sae_reg_lambda=lam,
-                                                 run=os.path.join(config.run, "study", f"{variant}_seed{seed}"))
-            path = os.path.join(config.out_dir, variant_config.run, "fresh_saes.json")
-            expected = {**stage_config(variant_config, "sae"), "study_k": list(config.study_k)}
-            if os.path.exists(path):
-                with open(path) as f:
-                    cached = json.load(f)
-                if cached.get("config") == json.loads(json.dumps(expected)):
-                    print(f"study: reusing {path}")
-                    results[variant][seed] = cached
-                    continue
-            checkpoint = pretrain(variant_config, device)
-            with open(os.path.join(config.out_dir, variant_config.run, "pretrain.json")) as f:
-                pretrain_summary = json.load(f)
-            model = model_from_checkpoint(checkpoint, device)
-            by_k = {}
-            for k in config.study_k:
-                by_k[k] = fresh_saes_on_frozen_model(model, train_ids, val_ids, variant_config, k, device)
-                print(f"study {variant} seed {seed} k={k}: total L0 {by_k[k]['total_l0']:.1f}, compound CE "
-                      f"increase {by_k[k]['compound_ce_increase']:.4f}")
-            result = {"config": expected, "val_ce": checkpoint["val_loss"],
-                      "ms_per_iter": pretrain_summary["ms_per_iter"], "by_k": by_k}
-            save_json(result, path)
-            results[variant][seed] = json.loads(json.dumps(result))
-    save_json(results, os.path.join(study_dir, "study.json"))
-    results = json.loads(json.dumps(results))  # one form for the plots: JSON's string keys
-    plot_study(results, study_dir)
-    table = study_table(results)
-    with open(os.path.join(study_dir, "study.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv):
+    if "--help" in argv or "-h" in argv:
+        print(cfg.help_text(Config))
+        return 0
     try:
         config = parse_args(argv)
-    except ValueError as error:
+        check_inputs(config)
+        device = resolve_device(config)
+        base = pretrain(config, device)
+        if config.stage == "pretrain":
+            return 0
+        sae_checkpoint = train_sae_stage(config, device, base)
+        if config.stage == "sae":
+            return 0
+        continual_learning(config, device, base, sae_checkpoint)
+    except (ValueError, FloatingPointError) as error:  # bad input, or a loss that is not finite: one line
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device = resolve_device(config)
-    if config.stage == "study":
-        study(config, device)
-        return 0
-    base = pretrain(config, device)
-    if config.stage == "pretrain":
-        return 0
-    sae_checkpoint = train_sae_stage(config, device, base)
-    if config.stage == "sae":
-        return 0
-    continual_learning(config, device, base, sae_checkpoint)
     return 0
 
 

@@ -12,6 +12,7 @@ never share a prompt. `val` is carved from training data, for tuning hyperparame
 
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -103,6 +104,15 @@ def make_splits(name, n_train=2000, n_val=100, n_test=200, seed=0):
             for split, qs in (("train", train_q), ("val", val_q), ("test", test_q))}
 
 
+class Batch(NamedTuple):
+    """A batch of examples; every field is (B, T)."""
+
+    x: torch.Tensor  # input tokens
+    y: torch.Tensor  # next-token targets
+    answer_mask: torch.Tensor  # 1 where the target is a completion token (the loss is taken there)
+    content_mask: torch.Tensor  # 1 where the input is a real token (prompt and answer), 0 on padding
+
+
 @dataclass
 class TaskSplit:
     """One split of one task as padded tensors, ready for batching.
@@ -112,7 +122,7 @@ class TaskSplit:
     input positions that hold real tokens (prompt and answer, no padding)."""
 
     name: str
-    examples: list  # (question, answer) strings, kept for evaluation by greedy decoding
+    examples: list  # (question, answer) strings, for reading and for checks
     x: torch.Tensor  # (N, length) int64
     y: torch.Tensor  # (N, length) int64
     answer_mask: torch.Tensor  # (N, length) float
@@ -121,16 +131,31 @@ class TaskSplit:
     def __len__(self):
         return len(self.examples)
 
+    def rows(self, idx):
+        """The Batch of the examples at idx (a slice or an index tensor), on the CPU."""
+        return Batch(self.x[idx], self.y[idx], self.answer_mask[idx], self.content_mask[idx])
+
     def batch(self, batch_size, generator, device):
+        """batch_size examples drawn uniformly with replacement."""
         idx = torch.randint(len(self), (batch_size,), generator=generator)
-        return tuple(t[idx].to(device) for t in (self.x, self.y, self.answer_mask, self.content_mask))
+        return Batch(*(t.to(device) for t in self.rows(idx)))
+
+    def subset(self, idx):
+        """A TaskSplit of the examples at the index tensor idx."""
+        return TaskSplit(self.name, [self.examples[i] for i in idx.tolist()], *self.rows(idx))
 
 
-def trim_padding(x, y, answer_mask, content_mask):
+def concat_splits(splits, name="mixed"):
+    """One TaskSplit holding the examples of several (all padded to the same length)."""
+    return TaskSplit(name, [e for s in splits for e in s.examples],
+                     *(torch.cat(tensors) for tensors in zip(*(s.rows(slice(None)) for s in splits))))
+
+
+def trim_padding(batch):
     """Cut the columns that are padding in every row. Exact for a causal model: padding comes after the content,
     so no real position ever attends to it. Saves the compute of short tasks padded to the longest one."""
-    length = int(content_mask.sum(1).max())
-    return x[:, :length], y[:, :length], answer_mask[:, :length], content_mask[:, :length]
+    length = int(batch.content_mask.sum(1).max())
+    return Batch(*(t[:, :length] for t in batch))
 
 
 def to_tensors(name, examples, length):
@@ -152,10 +177,16 @@ def to_tensors(name, examples, length):
     return TaskSplit(name, examples, x, y, answer_mask, content_mask)
 
 
-def build_task_suite(names, n_train=2000, n_val=100, n_test=200, seed=0, length=None):
-    """{task: {'train'|'val'|'test': TaskSplit}}, all padded to one length so batches of different tasks mix."""
+def build_task_suite(names, n_train=2000, n_val=100, n_test=200, seed=0, length=None, block_size=None):
+    """{task: {'train'|'val'|'test': TaskSplit}}, all padded to one length so batches of different tasks mix.
+    With block_size, an example longer than the model can read is an error that names its task."""
     splits = {name: make_splits(name, n_train, n_val, n_test, seed) for name in names}
     if length is None:
         length = max(len("".join(format_example(q, a))) - 1
                      for s in splits.values() for exs in s.values() for q, a in exs)
+    if block_size is not None and length > block_size:
+        name, (q, a) = max(((name, e) for name, s in splits.items() for exs in s.values() for e in exs),
+                           key=lambda item: len("".join(format_example(*item[1]))))
+        raise ValueError(f"task {name}: the example {''.join(format_example(q, a))!r} needs {length} positions, "
+                         f"more than --block_size={block_size}; raise --block_size or leave out --tasks={name}")
     return {name: {split: to_tensors(name, exs, length) for split, exs in s.items()} for name, s in splits.items()}

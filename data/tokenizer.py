@@ -12,13 +12,21 @@ NEWLINE = STOI["\n"]
 
 
 def check_text(text, where="text"):
-    """Raise ValueError naming every character of `text` that is not in the vocabulary."""
+    """Raise ValueError naming every character of `text` that is not in the vocabulary, each with the line and
+    column where it first occurs."""
     bad = sorted(set(text) - STOI.keys())
     if bad:
-        shown = ", ".join(repr(ch) for ch in bad[:20]) + (", ..." if len(bad) > 20 else "")
+        shown = ", ".join(f"{ch!r} (line {line}, column {column})" for ch, (line, column) in
+                          ((ch, first_position(text, ch)) for ch in bad[:10])) + (", ..." if len(bad) > 10 else "")
         raise ValueError(
             f"{where} has {len(bad)} character(s) outside the vocabulary (newline + printable ASCII): {shown}"
         )
+
+
+def first_position(text, ch):
+    """(line, column), both from 1, of the first occurrence of ch in text."""
+    i = text.index(ch)
+    return text.count("\n", 0, i) + 1, i - (text.rfind("\n", 0, i) + 1) + 1
 
 
 def encode(text):

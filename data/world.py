@@ -76,18 +76,6 @@ def random_brackets(rng, max_open=3):
     return text, closers
 
 
-def closing_brackets(expr):
-    """Independent check: the closers an unfinished expression needs (a stack scan)."""
-    stack = []
-    for ch in expr:
-        if ch in BRACKETS:
-            stack.append(ch)
-        elif ch in BRACKETS.values():
-            assert stack and BRACKETS[stack[-1]] == ch, f"unbalanced {expr!r}"
-            stack.pop()
-    return "".join(BRACKETS[o] for o in reversed(stack))
-
-
 def random_letters(rng, n=3):
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
 

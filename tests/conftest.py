@@ -1,4 +1,4 @@
-"""Shared test fixtures: the project root on sys.path and a tiny seeded model."""
+"""Shared test settings: the project root on sys.path, a tiny seeded model, and tiny configs of the pipeline."""
 
 import os
 import sys
@@ -9,6 +9,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import GPT, GPTConfig  # noqa: E402
+
+# a pretraining run of a few seconds on one CPU core
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=60",
+        "--eval_interval=20", "--eval_iters=2", "--warmup_iters=5", "--corpus_lines=3000", "--lr=3e-3"]
+# the whole pipeline, every method, on two short tasks
+TINY_PIPELINE = TINY + ["--sae_steps=40", "--sae_tokens=4000", "--sae_batch_size=256", "--sae_expansion=4",
+                        "--tasks=add,reverse", "--steps_per_task=8", "--n_train=64", "--n_val=8", "--n_test=16",
+                        "--ewc_fisher_examples=8", "--mas_examples=8", "--sae_guided_mask_examples=16",
+                        "--replay_batch_size=4", "--methods=seqft,ewc,si,mas,lwf,sae_guided,replay,multitask"]
 
 
 @pytest.fixture

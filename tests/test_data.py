@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data.corpus import get_batch, load_corpus
-from data.tasks import DEFAULT_ORDER, TASKS, build_task_suite, format_example, make_splits, trim_padding
+from data.tasks import DEFAULT_ORDER, TASKS, Batch, build_task_suite, format_example, make_splits, trim_padding
 from data.tokenizer import VOCAB_SIZE, decode, encode
 from data.world import LEXICON, WORLD, generate_corpus, generate_lines
 
@@ -117,16 +117,35 @@ def test_user_corpus_file(tmp_path):
     good.write_text("to be or not to be.\n" * 100)
     train, val = load_corpus(str(good))
     assert len(train) == int(0.9 * 2000) and len(train) + len(val) == 2000
-    bad = tmp_path / "bad.txt"
-    bad.write_text("na\u00efve caf\u00e9\n" * 200)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        load_corpus(str(bad))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="at least 1000"):
-        load_corpus(str(empty))
-    with pytest.raises(FileNotFoundError):
-        load_corpus(str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("folder", "is a folder"),
+    (b"", "is empty"),
+    (b"abc\0def" * 300, "is binary"),
+    (b"caf\xe9 au lait\n" * 200, "is not UTF-8 text \\(byte 3"),
+    ("na\u00efve\nok caf\u00e9\n" * 200, "'\u00e9' \\(line 2, column 7\\).*'\u00ef' \\(line 1, column 3\\)"),
+    ("abc\n" * 100, "has 400 characters; at least 1000"),
+    ("abcdefghi\n" * 110, "validation split is too short for --block_size=256"),
+])
+def test_a_corpus_that_cannot_serve_is_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    if content == "folder":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_corpus(str(path), block_size=256)
+
+
+def test_a_task_longer_than_the_block_size_is_named():
+    with pytest.raises(ValueError, match="task stance: the example 'mood: .*' needs \\d+ positions, more than "
+                                         "--block_size=20"):
+        build_task_suite(["add", "stance"], n_train=10, n_val=2, n_test=2, block_size=20)
+    build_task_suite(["add", "stance"], n_train=10, n_val=2, n_test=2, block_size=64)  # fits: no error
 
 
 def test_get_batch_windows():
@@ -141,7 +160,7 @@ def test_trim_padding_keeps_the_longest_example_and_changes_no_logit(tiny_model)
     short, long = suite["add"]["train"], suite["stance"]["train"]
     fields = ("x", "y", "answer_mask", "content_mask")
     batch = [torch.cat([getattr(short, f)[:3], getattr(long, f)[:1]]) for f in fields]
-    x, y, answer_mask, content_mask = trim_padding(*batch)
+    x, y, answer_mask, content_mask = trim_padding(Batch(*batch))
     assert x.size(1) == int(batch[3].sum(1).max()) < batch[0].size(1)  # cut to the one stance example's length
     assert answer_mask.sum() == batch[2].sum() and content_mask.sum() == batch[3].sum()  # no real token lost
     with torch.no_grad():  # causal: the cut-off padding never reached a real position

@@ -6,13 +6,10 @@ import os
 import pytest
 
 import train
+from conftest import TINY_PIPELINE
 from evaluate import summarize_run
-from test_train import TINY
 
-TINY_PIPELINE = TINY + ["--sae_steps=40", "--sae_tokens=4000", "--sae_batch_size=256", "--sae_expansion=4",
-                        "--tasks=add,reverse", "--steps_per_task=8", "--n_train=64", "--n_val=8", "--n_test=16",
-                        "--ewc_fisher_examples=8", "--mask_examples=16", "--replay_batch_size=4",
-                        "--methods=seqft,ewc,sae,replay,multitask"]
+METHODS = ("seqft", "ewc", "si", "mas", "lwf", "sae_guided", "replay", "multitask")
 
 
 def test_pipeline_runs_every_method_and_reuses_its_stages(tmp_path, capsys):
@@ -22,21 +19,24 @@ def test_pipeline_runs_every_method_and_reuses_its_stages(tmp_path, capsys):
     for name in ("base.pt", "sae.pt", "pretrain.json", "sae.json", "summary.json", "report.md", "cl_matrix.png",
                  "cl_curves.png", "cl_bars.png", "sae_metrics.png"):
         assert (run_dir / name).exists(), name
-    for method in ("seqft", "ewc", "sae", "replay", "multitask"):
+    for method in METHODS:
         result = json.loads((run_dir / "cl" / f"{method}_seed0.json").read_text())
         rows = 2 if method == "multitask" else 3
         assert len(result["R"]) == rows and all(len(r) == 2 for r in result["R"])
         assert all(0.0 <= a <= 1.0 for r in result["R"] for a in r)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["seqft"]["retained_bytes"] == 0
-    assert summary["ewc"]["retained_bytes"] > 0 and summary["sae"]["retained_bytes"] > 0
-    assert summary["sae"]["retained_bytes"] == 2 * 4 * 32 * 4  # 2 tasks x 1 point x d_sae floats
+    assert list(summary) == list(METHODS)  # every method, in the registry's order
+    n_params = 16_864  # the TINY model
+    assert summary["seqft"]["retained_bytes"] == summary["lwf"]["retained_bytes"] == 0
+    assert summary["ewc"]["retained_bytes"] == 2 * 2 * n_params * 4  # (F, theta*) per task
+    assert summary["si"]["retained_bytes"] == summary["mas"]["retained_bytes"] == 2 * n_params * 4  # one anchor
+    assert summary["sae_guided"]["retained_bytes"] == 2 * 4 * 32 * 4  # 2 tasks x 1 point x d_sae floats
     assert summary["replay"]["retained_bytes"] > 0
     assert "| seqft |" in capsys.readouterr().out
 
     assert train.main(argv) == 0  # everything cached: nothing is retrained
     out = capsys.readouterr().out
-    assert "pretrain: reusing" in out and "sae: reusing" in out and out.count("cl: reusing") == 5
+    assert "pretrain: reusing" in out and "sae: reusing" in out and out.count("cl: reusing") == len(METHODS)
 
     os.remove(run_dir / "report.md")  # `python evaluate.py out/<run>` rebuilds the report from JSON
     summarize_run(str(run_dir))
@@ -44,7 +44,7 @@ def test_pipeline_runs_every_method_and_reuses_its_stages(tmp_path, capsys):
 
 
 def test_sae_checkpoint_for_another_model_is_refused(tmp_path):
-    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--sae_steps=5", "--methods=sae"]
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--sae_steps=5", "--methods=sae_guided"]
     config = train.parse_args(argv)
     base = train.pretrain(config, "cpu")
     sae_checkpoint = train.train_sae_stage(config, "cpu", base)
@@ -54,13 +54,45 @@ def test_sae_checkpoint_for_another_model_is_refused(tmp_path):
         train.load_saes(sae_checkpoint, wide_model, "cpu")
 
 
-@pytest.mark.parametrize("option", ["--sae_protect_past=true", "--mask_binary=true", "--sae_codes=dense",
-                                    "--sae_reference=base"])
+@pytest.mark.parametrize("option", ["--sae_guided_protect_past=true", "--sae_guided_mask_binary=true",
+                                    "--sae_guided_codes=dense", "--sae_guided_reference=base"])
 def test_sae_guided_ablation_options_run_end_to_end(tmp_path, option):
-    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=sae", "--sae_lambda_p=100", option]
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=sae_guided", "--sae_guided_lambda_p=100", option]
     assert train.main(argv) == 0
-    result = json.loads((tmp_path / "default" / "cl" / "sae_seed0.json").read_text())
+    result = json.loads((tmp_path / "default" / "cl" / "sae_guided_seed0.json").read_text())
     key, value = option[2:].split("=")
-    assert str(result["config"][key]).lower() == value  # the option reached the run and is recorded with it
+    assert str(result["method_settings"][key]).lower() == value  # the option reached the run and is recorded
     assert len(result["R"]) == 3 and all(0.0 <= a <= 1.0 for r in result["R"] for a in r)
-    assert result["retained_bytes"] == 2 * 4 * 32 * 4  # whatever the option, only the masks are kept
+    masks = 2 * 4 * 32 * 4  # the masks: 2 tasks x 1 point x d_sae floats
+    base_copy = 16_864 * 4 if key == "sae_guided_reference" else 0  # the frozen base is kept between tasks too
+    assert result["retained_bytes"] == masks + base_copy
+
+
+def test_seqft_results_do_not_depend_on_the_saes(tmp_path, capsys):
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft,sae_guided"]
+    assert train.main(argv) == 0
+    capsys.readouterr()
+    assert train.main(argv + ["--sae_steps=20"]) == 0  # other SAEs: SAE-guided is redone, seqft is not
+    out = capsys.readouterr().out
+    assert "seqft_seed0.json" in out.split("cl: reusing")[1] and "sae_guided_seed0.json was made with a different" in out
+
+
+def test_a_damaged_result_file_is_named_and_redone(tmp_path, capsys):
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft"]
+    assert train.main(argv) == 0
+    path = tmp_path / "default" / "cl" / "seqft_seed0.json"
+    path.write_text('{"method": "seqft", "R": [[0.1')
+    capsys.readouterr()
+    assert train.main(argv) == 0
+    assert f"{path} is damaged" in capsys.readouterr().out
+    assert json.loads(path.read_text())["R"]  # redone and whole again
+
+
+def test_parallel_jobs_give_the_same_results_as_one_process(tmp_path):
+    argv = TINY_PIPELINE + ["--methods=seqft,ewc", "--seeds=0,1"]
+    assert train.main(argv + [f"--out_dir={tmp_path / 'one'}"]) == 0
+    assert train.main(argv + [f"--out_dir={tmp_path / 'two'}", "--jobs=2"]) == 0
+    for name in ("seqft_seed0", "seqft_seed1", "ewc_seed0", "ewc_seed1"):
+        one = json.loads((tmp_path / "one" / "default" / "cl" / f"{name}.json").read_text())
+        two = json.loads((tmp_path / "two" / "default" / "cl" / f"{name}.json").read_text())
+        assert one["R"] == two["R"] and one["retained_bytes"] == two["retained_bytes"]

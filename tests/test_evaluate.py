@@ -1,10 +1,13 @@
+import json
+import os
+
 import pytest
 import torch
 
 from data.tasks import build_task_suite, format_example, to_tensors
 from data.tokenizer import NEWLINE, decode, encode
 from model import GPT
-from evaluate import cl_metrics, task_accuracy
+from evaluate import cl_metrics, load_cl_results, summarize_run, task_accuracy
 
 
 def test_cl_metrics_from_a_hand_written_matrix():
@@ -86,10 +89,64 @@ def test_long_answers_are_scored_in_full():
     assert task_accuracy(Oracle(split, {"tr: white banana": "platano blancos\n"}), split, "cpu") == 0.0
 
 
-def test_load_cl_results_reads_result_files_only(tmp_path):
-    from evaluate import load_cl_results
+def fake_result(method, seed, cl_lr=3e-4, settings=None, step_seconds=0.01):
+    shared = {"config": {"cl_lr": cl_lr, "tasks": ["add", "sort"]}, "code": "abc", "torch": "2", "device": "cpu",
+              "corpus": "generated", "built_from": {"base": "b1"}}
+    return {"method": method, "seed": seed, "tasks": ["add", "sort"], "eval_split": "test",
+            "R": [[0, 0], [1, 0], [0.5, 1]], "lm_loss_before": 1.0, "lm_loss_after": 2.0, "retained_bytes": 0,
+            "step_seconds": step_seconds, "shared": shared, "method_settings": settings or {}}
 
-    (tmp_path / "cl").mkdir()
-    (tmp_path / "cl" / "seqft_seed0.json").write_text('{"method": "seqft", "seed": 0}')
+
+def write_results(folder, *results):
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        (folder / f"{r['method']}_seed{r['seed']}.json").write_text(json.dumps(r))
+
+
+def test_load_cl_results_reads_result_files_only(tmp_path):
+    write_results(tmp_path / "cl", fake_result("seqft", 0))
     (tmp_path / "cl" / "summary.json").write_text('{"seqft": {"op": 0.5}}')  # written beside results by a rerun
-    assert dict(load_cl_results(str(tmp_path))) == {"seqft": [{"method": "seqft", "seed": 0}]}
+    results = load_cl_results(str(tmp_path))
+    assert list(results) == ["seqft"] and results["seqft"][0]["seed"] == 0
+
+
+def test_results_of_different_settings_are_refused_not_averaged(tmp_path):
+    write_results(tmp_path / "cl", fake_result("seqft", 0, cl_lr=3e-4), fake_result("seqft", 1, cl_lr=1e-3))
+    with pytest.raises(ValueError, match="different settings \\(cl_lr\\).*seqft_seed0.json, seqft_seed1.json"):
+        summarize_run(str(tmp_path))
+    # a method compared with seqft made at another learning rate: refused too (no step-time ratio across settings)
+    write_results(tmp_path / "b" / "cl", fake_result("seqft", 0), fake_result("ewc", 0, cl_lr=1e-3))
+    with pytest.raises(ValueError, match="different settings \\(cl_lr\\)"):
+        summarize_run(str(tmp_path / "b"))
+    write_results(tmp_path / "c" / "cl", fake_result("ewc", 0, settings={"ewc_lambda": 1.0}),
+                  fake_result("ewc", 1, settings={"ewc_lambda": 10.0}))
+    with pytest.raises(ValueError, match="the ewc results of seeds \\[0, 1\\] .* \\(ewc_lambda\\)"):
+        summarize_run(str(tmp_path / "c"))
+
+
+def test_results_of_one_setting_are_averaged_with_the_step_time_ratio(tmp_path):
+    write_results(tmp_path / "cl", fake_result("seqft", 0), fake_result("seqft", 1, step_seconds=0.03),
+                  fake_result("ewc", 0, settings={"ewc_lambda": 1.0}, step_seconds=0.02),
+                  fake_result("ewc", 1, settings={"ewc_lambda": 1.0}, step_seconds=0.03))
+    summary = summarize_run(str(tmp_path))
+    assert summary["ewc"]["step_time_ratio"] == pytest.approx((2.0 + 1.0) / 2)  # seed by seed
+    assert summary["seqft"]["op"] == pytest.approx(0.75) and summary["seqft"]["bwt"] == pytest.approx(-0.5)
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "damaged"])
+def test_evaluate_on_a_missing_empty_or_damaged_folder_is_one_line(tmp_path, state):
+    import subprocess
+    import sys
+
+    if state != "missing":
+        (tmp_path / "run" / "cl").mkdir(parents=True)
+    if state == "damaged":
+        (tmp_path / "run" / "cl" / "seqft_seed0.json").write_text("{not json")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    expected = {"missing": "does not exist", "empty": "holds no continual-learning results",
+                "damaged": "seqft_seed0.json is damaged"}[state]
+    assert expected in done.stderr

@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 
 import regularizers as reg
+import train
 from data.tasks import build_task_suite
 
 
@@ -22,39 +25,22 @@ def test_hinge_forms_by_hand():
     assert reg.hinge_penalty(drift, weight, 0.2, per_coordinate=True).item() == pytest.approx(0.03)
 
 
-def test_ewc_identity_and_zero_at_anchor(tiny_model):
-    """EWC = per-coordinate hinge with Fisher weights and bound 0 = (lambda/2) sum F (theta - theta*)^2."""
-    torch.manual_seed(1)
-    fisher = {n: torch.rand_like(p) for n, p in tiny_model.named_parameters()}
-    theta_star = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
-    state = reg.ewc_consolidate({"anchors": []}, tiny_model, fisher)
-    assert reg.ewc_penalty(tiny_model, state, lam=7.0).item() == 0.0  # exactly zero at theta*
-    with torch.no_grad():
-        for p in tiny_model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    penalty = reg.ewc_penalty(tiny_model, state, lam=7.0)
-    by_hand = sum(3.5 * (fisher[n] * (p - theta_star[n]) ** 2).sum()
-                  for n, p in tiny_model.named_parameters())
-    assert penalty.item() > 0
-    assert penalty.item() == pytest.approx(by_hand.item(), rel=1e-5)
-    penalty.backward()  # the penalty pulls the weights back: its gradient is F (theta - theta*) * lambda
-    for name, p in tiny_model.named_parameters():  # every parameter gets its own F and theta* back
-        expected = 7.0 * fisher[name] * (p.detach() - theta_star[name])
-        assert torch.allclose(p.grad, expected, atol=1e-6), name
+def flat(model, by_name):
+    return torch.cat([by_name[name].reshape(-1) for name, _ in model.named_parameters()])
 
 
 def test_ewc_modes(tiny_model):
-    f1 = {n: torch.ones_like(p) for n, p in tiny_model.named_parameters()}
-    f2 = {n: 2 * torch.ones_like(p) for n, p in tiny_model.named_parameters()}
-    separate = reg.ewc_consolidate(reg.ewc_consolidate({"anchors": []}, tiny_model, f1), tiny_model, f2)
-    assert len(separate["anchors"]) == 2
-    online = {"anchors": []}
-    reg.ewc_consolidate(online, tiny_model, f1, mode="online", gamma=0.5)
-    reg.ewc_consolidate(online, tiny_model, f2, mode="online", gamma=0.5)
-    assert len(online["anchors"]) == 1
-    n_params = sum(p.numel() for p in tiny_model.parameters())
-    assert online["anchors"][0]["fisher"].shape == (n_params,)
-    assert torch.allclose(online["anchors"][0]["fisher"], torch.full((n_params,), 2.5))
+    n = sum(p.numel() for p in tiny_model.parameters())
+    theta = reg.flat_parameters(tiny_model).detach()
+    separate = []
+    reg.consolidate(separate, torch.ones(n), theta)
+    reg.consolidate(separate, 2 * torch.ones(n), theta)
+    assert len(separate) == 2
+    online = []
+    reg.consolidate(online, torch.ones(n), theta, mode="online", gamma=0.5)
+    reg.consolidate(online, 2 * torch.ones(n), theta + 1, mode="online", gamma=0.5)
+    assert len(online) == 1 and torch.allclose(online[0]["importance"], torch.full((n,), 2.5))
+    assert torch.equal(online[0]["theta"], theta + 1)  # one anchor: the latest weights
 
 
 @pytest.mark.parametrize("labels", ["empirical", "true"])
@@ -73,10 +59,123 @@ def test_fisher_matches_a_brute_force_loop(tiny_model, add_split, labels):
         reg.answer_log_likelihood(logits, y[i], mask[i]).backward()
         for name, p in tiny_model.named_parameters():
             brute[name] += p.grad.pow(2) / n
-    for name in brute:
-        assert torch.allclose(fisher[name], brute[name], rtol=1e-4, atol=1e-9), name
-    # not the square of the mean gradient: that would be much smaller
-    assert sum(f.sum() for f in fisher.values()) > 0
+    assert torch.allclose(fisher, flat(tiny_model, brute), rtol=1e-4, atol=1e-9)
+    assert fisher.sum() > 0
+
+
+def test_mas_importance_matches_a_brute_force_loop(tiny_model, add_split):
+    n = 10
+    importance = reg.mas_importance(tiny_model, add_split, n, seed=5)
+    idx = torch.randperm(len(add_split), generator=torch.Generator().manual_seed(5))[:n]
+    brute = {name: torch.zeros_like(p) for name, p in tiny_model.named_parameters()}
+    for i in idx.tolist():  # |d ||f(x)||^2 / d theta| per example, averaged; no labels anywhere
+        tiny_model.zero_grad()
+        logits = tiny_model(add_split.x[i : i + 1])[0][0]
+        mask = add_split.answer_mask[i]
+        ((logits.pow(2).sum(-1) * mask).sum() / mask.sum()).backward()
+        for name, p in tiny_model.named_parameters():
+            brute[name] += p.grad.abs() / n
+    assert torch.allclose(importance, flat(tiny_model, brute), rtol=1e-4, atol=1e-7)
+    # a mean of absolute values: larger than the absolute value of the mean gradient somewhere
+    assert importance.min() >= 0 and importance.sum() > 0
+
+
+def test_si_importance_on_a_hand_made_two_step_trajectory():
+    model = torch.nn.Linear(2, 1, bias=False)
+    config = dataclasses.replace(train.Config(), si_lambda=1.0, si_xi=0.5)
+    si = reg.SI(config, model)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    si.before_task(model, None, 0)
+    # step 1: g = (1, -2), the weights move by (-0.5, 0.5); step 2: g = (2, 1), they move by (-0.5, 0.0)
+    for g, theta in (((1.0, -2.0), (0.5, 2.5)), ((2.0, 1.0), (0.0, 2.5))):
+        model.weight.grad = torch.tensor([g])
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([theta]))
+        si.after_step(model)
+    si.after_task(model, None, 0)
+    # path: -(1 * -0.5) - (2 * -0.5) = 1.5 and -(-2 * 0.5) - (1 * 0) = 1.0; total change (-1, 0.5)
+    expected = torch.tensor([1.5 / (1.0 + 0.5), 1.0 / (0.25 + 0.5)])
+    assert torch.allclose(si.anchors[0]["importance"], expected)
+    assert torch.equal(si.anchors[0]["theta"], torch.tensor([0.0, 2.5]))
+    assert si.path is None  # the running sums are not kept between tasks
+
+
+def test_si_importance_is_never_negative():
+    model = torch.nn.Linear(1, 1, bias=False)
+    si = reg.SI(train.Config(), model)
+    si.before_task(model, None, 0)
+    model.weight.grad = torch.tensor([[1.0]])
+    with torch.no_grad():
+        model.weight.add_(1.0)  # a step up the gradient: -g * delta < 0
+    si.after_step(model)
+    si.after_task(model, None, 0)
+    assert si.anchors[0]["importance"].item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["ewc", "si", "mas"])
+def test_each_weight_space_method_is_lambda_half_w_squared_distance(tiny_model, add_split, name):
+    """EWC, SI and MAS: penalty = (lambda/2) sum_i w_i (theta_i - theta*_i)^2 with each method's own w; zero at
+    theta*; its gradient lambda w (theta - theta*)."""
+    config = dataclasses.replace(train.Config(), ewc_lambda=7.0, si_lambda=7.0, mas_lambda=7.0,
+                                 ewc_fisher_examples=8, mas_examples=8)
+    method = reg.METHODS[name](config, tiny_model)
+    method.before_task(tiny_model, add_split, 0)
+    if name == "si":  # one real step, so that SI has a path to integrate
+        tiny_model(add_split.x[:4], add_split.y[:4])[1].backward()
+        with torch.no_grad():
+            for p in tiny_model.parameters():
+                p.sub_(0.01 * p.grad)
+        method.after_step(tiny_model)
+    method.after_task(tiny_model, add_split, 0)
+    anchor = method.anchors[0]
+    assert anchor["importance"].sum() > 0
+    assert method.penalty(tiny_model, None, None)[0].item() == 0.0  # exactly zero at theta*
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    penalty, _ = method.penalty(tiny_model, None, None)
+    theta = reg.flat_parameters(tiny_model)
+    by_hand = 3.5 * (anchor["importance"] * (theta - anchor["theta"]) ** 2).sum()
+    assert penalty.item() > 0 and penalty.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    tiny_model.zero_grad()
+    penalty.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in tiny_model.parameters()])
+    assert torch.allclose(grads, 7.0 * anchor["importance"] * (theta.detach() - anchor["theta"]), atol=1e-6)
+    assert reg.tensor_bytes(method.retained()) == 2 * theta.numel() * 4  # w and theta*, float32
+
+
+def test_lwf_is_zero_at_task_start_and_positive_after_a_change(tiny_model, add_split):
+    config = dataclasses.replace(train.Config(), lwf_lambda=2.0, lwf_temperature=2.0)
+    lwf = reg.LwF(config, tiny_model)
+    lwf.before_task(tiny_model, add_split, 0)
+    batch = add_split.rows(slice(0, 6))
+    outputs = {"logits": tiny_model(batch.x)[0]}
+    assert lwf.penalty(tiny_model, batch, outputs)[0].item() == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        tiny_model.lm_head.weight.add_(0.1 * torch.randn_like(tiny_model.lm_head.weight))
+    logits = tiny_model(batch.x)[0]
+    penalty, logs = lwf.penalty(tiny_model, batch, {"logits": logits})
+    assert penalty.item() > 0 and logs["kl"] > 0
+    # by hand at one content position: 2 * T^2 * KL(softmax(ref / T) || softmax(logits / T)), padding ignored
+    ref = lwf.reference(batch.x)[0]
+    p = torch.softmax(ref / 2, -1)
+    kl = (p * (torch.log_softmax(ref / 2, -1) - torch.log_softmax(logits / 2, -1))).sum(-1)
+    mask = batch.content_mask
+    assert penalty.item() == pytest.approx((2 * 4 * (kl * mask).sum() / mask.sum()).item(), rel=1e-5)
+    lwf.after_task(tiny_model, add_split, 0)
+    assert reg.tensor_bytes(lwf.retained()) == 0 and lwf.reference is None  # nothing outlives the task
+
+
+def test_every_method_has_a_unique_name_and_its_config_keys_exist():
+    config = train.Config()
+    fields = {f.name for f in dataclasses.fields(config)}
+    assert list(reg.METHODS) == ["seqft", "ewc", "si", "mas", "lwf", "sae_guided", "replay", "multitask"]
+    assert reg.EWC.config_keys(config) == ("ewc_lambda", "ewc_mode", "ewc_gamma", "ewc_fisher_examples",
+                                           "ewc_fisher_labels")
+    assert "sae_guided_lambda_p" in reg.SAEGuided.config_keys(config) and reg.SeqFT.config_keys(config) == ()
+    for method in reg.METHODS.values():
+        assert set(method.config_keys(config)) <= fields
 
 
 def test_mask_propagation_on_a_hand_made_dictionary():
@@ -136,13 +235,14 @@ def test_feature_masks_keep_no_task_data(tiny_model, add_split):
 
     torch.manual_seed(0)
     saes = {1: TopKSAE(SAEConfig(32, 64, 4)), 2: TopKSAE(SAEConfig(32, 64, 4))}
-    masks = reg.build_feature_masks(tiny_model, saes, add_split, 32, knn=3, alpha=0.5)
+    masks = reg.build_feature_masks(tiny_model, saes, add_split, n_examples=32, knn=3, alpha=0.5)
     assert sorted(masks) == [1, 2]
     for m in masks.values():  # one vector of d_sae values in [0, 1] per layer, nothing else
         assert m.shape == (64,) and m.min() >= 0 and m.max() == pytest.approx(1.0)
         assert not m.requires_grad
     assert reg.tensor_bytes(masks) == 2 * 64 * 4
-    binary = reg.build_feature_masks(tiny_model, saes, add_split, 32, 3, 0.5, binary_threshold=0.5)
+    binary = reg.build_feature_masks(tiny_model, saes, add_split, n_examples=32, knn=3, alpha=0.5,
+                                     binary_threshold=0.5)
     assert set(torch.cat(list(binary.values())).tolist()) <= {0.0, 1.0}
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from evaluate import fvu, l0, sae_metrics
-from sae import SAEConfig, TopKSAE, check_sae_fits, sae_lr, train_sae
+from sae import SAEConfig, TopKSAE, check_sae_fits, normalized_mse, sae_lr, train_sae
 
 
 def make_sae(d_in=8, d_sae=32, k=3, **kwargs):
@@ -56,12 +56,14 @@ def test_parallel_gradient_component_is_removed():
 
 @pytest.mark.parametrize("aux_k", [4, 8])  # fewer, and more, than the 5 dead latents
 def test_auxk_uses_only_dead_latents_no_bias_and_the_detached_residual(aux_k):
-    sae = make_sae(d_in=8, d_sae=32, k=3, aux_k=aux_k, dead_tokens=10)
+    sae = make_sae(d_in=8, d_sae=32, k=3, aux_k=aux_k, dead_firings=1.0)
+    assert sae.config.dead_tokens == 11  # ceil(1 firing * 32 latents / k=3)
     with torch.no_grad():
         sae.b_dec.fill_(100.0)  # a bias that would dominate if AuxK decoded with it
     dead = torch.zeros(32, dtype=torch.bool)
     dead[[1, 5, 7, 20, 30]] = True
-    sae.tokens_since_fired[dead] = 10
+    sae.tokens_since_fired[dead] = 11
+    sae.tokens_since_fired[~dead] = 10  # one token short of dead
     x = torch.randn(16, 8)
     pre = sae.pre_activations(x)
     residual = torch.randn(16, 8)
@@ -72,7 +74,8 @@ def test_auxk_uses_only_dead_latents_no_bias_and_the_detached_residual(aux_k):
     values, indices = dead_pre.topk(min(aux_k, 5), dim=-1)
     z_aux = torch.zeros_like(pre).scatter(-1, indices, values)
     assert ((z_aux != 0) & ~dead).sum() == 0  # live latents never take part
-    expected = (residual - z_aux @ sae.W_dec).pow(2).sum(-1).mean()
+    # normalised by the residual's own variance around its batch mean
+    expected = (residual - z_aux @ sae.W_dec).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
     assert torch.allclose(loss, expected)
 
     # inside sae.loss the residual is x_n - xhat (sign!) and detached: AuxK's gradient reaches no live latent
@@ -96,6 +99,42 @@ def test_auxk_uses_only_dead_latents_no_bias_and_the_detached_residual(aux_k):
     assert right.item() < 1e-8 < wrong.item()
 
 
+def test_both_loss_terms_are_normalised_by_their_targets_variance():
+    sae = make_sae()
+    x = torch.randn(64, 8)
+    total, main, auxk, z = sae.loss(x)
+    x_n = x * sae.input_scale
+    xhat = sae.decode(sae.encode(x))
+    assert torch.allclose(main, (x_n - xhat).pow(2).sum() / (x_n - x_n.mean(0)).pow(2).sum())  # the batch's FVU
+    assert main.item() == pytest.approx(fvu(x_n, xhat), rel=1e-5)
+    assert torch.allclose(total, main + auxk / 32)
+    assert normalized_mse(torch.zeros(4, 2), torch.ones(4, 2)).item() == 0.0  # constant target: no signal, not inf
+    scaled = make_sae()
+    scaled.input_scale.fill_(10.0)  # the loss does not depend on the units of x
+    assert scaled.loss(x)[1].item() == pytest.approx(make_sae().loss(x * 10.0)[1].item(), rel=1e-4)
+
+
+def test_dead_threshold_is_in_expected_firings():
+    assert SAEConfig(d_in=8, d_sae=768, k=8, dead_firings=1000).dead_tokens == 96_000
+    assert SAEConfig(d_in=8, d_sae=768, k=4, dead_firings=1000).dead_tokens == 192_000  # rarer firing, longer wait
+
+
+def test_loss_uses_encode():
+    """A change to the encoder (here: ReLU without TopK) reaches training through encode."""
+
+    class DenseSAE(TopKSAE):
+        def encode(self, x):
+            return self.pre_activations(x)
+
+    torch.manual_seed(0)
+    sae = DenseSAE(SAEConfig(d_in=8, d_sae=32, k=3))
+    x = torch.randn(16, 8)
+    _, _, _, z = sae.loss(x)
+    assert torch.equal(z, sae.pre_activations(x)) and (z != 0).sum(-1).max() > 3
+    xhat, code = sae.reconstruct(x)
+    assert torch.equal(code, z) and torch.allclose(xhat, (z @ sae.W_dec + sae.b_dec) / sae.input_scale)
+
+
 def test_no_dead_latents_means_no_auxk():
     sae = make_sae()
     assert sae.auxk_loss(sae.pre_activations(torch.randn(4, 8)), torch.randn(4, 8)).item() == 0.0
@@ -116,7 +155,7 @@ def test_training_reduces_the_loss():
     codes = torch.relu(torch.randn(2000, 16)) * (torch.rand(2000, 16) < 0.15)
     x = codes @ directions
     sae, history = train_sae(x, SAEConfig(8, 32, 4), steps=300, batch_size=128)
-    assert history[-1]["mse"] < 0.5 * history[0]["mse"]
+    assert history[-1]["fvu"] < 0.5 * history[0]["fvu"]
 
 
 def test_fvu_and_l0_by_hand():
@@ -147,6 +186,9 @@ def test_splicing_x_itself_gives_zero_ce_increase(tiny_model):
         def decode(self, z):
             return z
 
+        def reconstruct(self, x):
+            return x, x
+
         def forward(self, x):
             return x
 
@@ -161,9 +203,13 @@ def test_splicing_x_itself_gives_zero_ce_increase(tiny_model):
 def test_a_real_sae_increases_ce(tiny_model):
     ids = torch.randint(0, 96, (5000,))
     sae = make_sae(d_in=32, d_sae=64, k=2)
+    with torch.no_grad():
+        sae.init_from_data(tiny_model(ids[:400].view(4, 100)[:, :48], read=(1,))[2][1].reshape(-1, 32))
     metrics = sae_metrics(tiny_model, {1: sae}, ids, 32, "cpu", n_batches=2, batch_size=4)
-    assert metrics["points"][1]["fvu"] > 0.01
-    assert metrics["points"][1]["l0"] <= 2.0
+    point = metrics["points"][1]
+    assert point["fvu"] > 0.01 and point["l0"] <= 2.0
+    assert point["ce_increase"] > 1e-3  # an imperfect reconstruction spliced in costs cross-entropy
+    assert metrics["compound_ce_increase"] == pytest.approx(point["ce_increase"])  # one point: the same splice
 
 
 def test_sae_that_does_not_fit_the_model_is_refused(tiny_model):

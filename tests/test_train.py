@@ -1,50 +1,18 @@
+import json
 import math
 import os
 
 import pytest
 import torch
 
+import configurator as cfg
 import train
+from conftest import TINY, TINY_PIPELINE
 from train import main, parse_args
-
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=60",
-        "--eval_interval=20", "--eval_iters=2", "--warmup_iters=5", "--corpus_lines=3000", "--lr=3e-3"]
 
 
 def tiny_config(tmp_path, *extra):
     return parse_args(TINY + [f"--out_dir={tmp_path}", *extra])
-
-
-def test_defaults_parse_and_overrides_apply():
-    config = parse_args(["--n_layer=3", "--lr=1", "--tasks=add,sort", "--sae_auxk=false", "--seeds=0,1"])
-    assert config.n_layer == 3 and config.lr == 1.0 and isinstance(config.lr, float)  # int accepted for float
-    assert config.tasks == ("add", "sort") and config.sae_auxk is False and config.seeds == (0, 1)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--n_layers=3"], "unknown config key --n_layers.*did you mean --n_layer"),
-    (["--n_layer=three"], "--n_layer='three': expected a int"),
-    (["--lr=fast"], "--lr='fast': expected a float"),
-    (["--sae_auxk=maybe"], "--sae_auxk='maybe': expected a bool"),
-    (["--device=tpu"], "--device='tpu' is not valid; choose from: auto, cpu, cuda"),
-    (["--methods=seqft,magic"], "--methods='magic' is not valid; choose from: seqft, ewc, sae, replay, multitask"),
-    (["--tasks=add,juggle"], "--tasks='juggle' is not valid; choose from: stance, facts"),
-    (["--tasks=add,add"], "name each task once"),
-    (["--n_embd=30", "--n_head=4"], "must be divisible"),
-    (["--sae_points=7"], "--sae_points: 7 is not a residual point"),
-    (["--sae_k=0"], "each k must be in 1..d_sae"),
-    (["--steps_per_task=0"], "--steps_per_task=0 must be at least 1"),
-    (["--ewc_lambda=-1"], "must be non-negative"),
-    (["lr=3"], "arguments look like --key=value"),
-])
-def test_bad_config_is_an_error_that_names_the_key(argv, message):
-    with pytest.raises(ValueError, match=message):
-        parse_args(argv)
-
-
-def test_main_reports_config_errors_without_a_traceback(capsys):
-    assert main(["--bogus=1"]) == 2
-    assert "error: unknown config key --bogus" in capsys.readouterr().err
 
 
 def test_lr_schedule():
@@ -57,7 +25,7 @@ def test_lr_schedule():
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ck.pt")
-    train.save_checkpoint({"value": 1}, path)
+    cfg.save_checkpoint({"value": 1}, path)
 
     def broken_save(obj, f):  # writes half a file, then dies
         with open(f, "wb") as handle:
@@ -66,7 +34,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"value": 2}, path)
+        cfg.save_checkpoint({"value": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False)["value"] == 1  # the old checkpoint is intact
 
@@ -74,8 +42,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_unreadable_checkpoint_is_redone(tmp_path, capsys):
     path = tmp_path / "bad.pt"
     path.write_bytes(b"not a checkpoint")
-    assert train.load_checkpoint(str(path), {"a": 1}) is None
-    assert "cannot read checkpoint" in capsys.readouterr().out
+    assert cfg.load_checkpoint(str(path), {"a": 1}) is None
+    assert "cannot read" in capsys.readouterr().out
 
 
 def test_pretrain_loss_falls_then_is_reused_and_redone_on_change(tmp_path, capsys):
@@ -87,18 +55,65 @@ def test_pretrain_loss_falls_then_is_reused_and_redone_on_change(tmp_path, capsy
     assert history[-1]["train_loss"] < 0.75 * math.log(96)
     capsys.readouterr()
 
-    again = train.pretrain(config, "cpu")  # same config: reused, not retrained
+    again = train.pretrain(config, "cpu")  # same key: reused, not retrained
     assert "reusing" in capsys.readouterr().out
     assert all(torch.equal(again["model"][k], checkpoint["model"][k]) for k in checkpoint["model"])
 
     train.pretrain(tiny_config(tmp_path, "--max_iters=40"), "cpu")  # different config: redone
-    assert "made with a different config (max_iters)" in capsys.readouterr().out
+    assert "different config (max_iters)" in capsys.readouterr().out
+
+
+def test_a_change_of_code_corpus_or_device_redoes_the_stage(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("to be or not to be, that is the question.\n" * 60)
+    config = tiny_config(tmp_path, f"--corpus={corpus}")
+    train.pretrain(config, "cpu")
+    capsys.readouterr()
+    monkeypatch.setattr(cfg, "source_hash", lambda: "edited")  # as after an edit of any source file
+    train.pretrain(config, "cpu")
+    assert "different source code; redoing" in capsys.readouterr().out
+    corpus.write_text("all the world's a stage, and all the men and women merely players.\n" * 40)
+    train.corpus.cache_clear()
+    train.pretrain(config, "cpu")  # same path, other content
+    assert "different corpus file; redoing" in capsys.readouterr().out
+    key = cfg.result_key(train.stage_config(config, "pretrain"), "cuda", config.corpus)
+    assert cfg.load_checkpoint(str(tmp_path / "default" / "base.pt"), key) is None  # made on cpu, not cuda
+    assert "different device" in capsys.readouterr().out
+
+
+def test_a_redone_pretraining_invalidates_the_saes_built_on_it(tmp_path, capsys):
+    config = tiny_config(tmp_path, "--sae_steps=5", "--sae_tokens=1000", "--sae_batch_size=64")
+    base = train.pretrain(config, "cpu")
+    train.train_sae_stage(config, "cpu", base)
+    capsys.readouterr()
+    other = dict(base, sha="another-base")  # a pretraining redone with another result
+    train.train_sae_stage(config, "cpu", other)
+    assert "different the checkpoint it was built from; redoing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["garble", "delete"])
+@pytest.mark.parametrize("stage_file", ["pretrain.json", "sae.json"])
+def test_a_damaged_or_deleted_stage_summary_is_redone_and_rewritten(tmp_path, capsys, damage, stage_file):
+    config = tiny_config(tmp_path, "--sae_steps=5", "--sae_tokens=1000", "--sae_batch_size=64")
+    train.train_sae_stage(config, "cpu", train.pretrain(config, "cpu"))
+    path = tmp_path / "default" / stage_file
+    if damage == "garble":
+        path.write_text('{"val_loss": 0.5, "sam')
+    else:
+        path.unlink()
+    capsys.readouterr()
+    base = train.pretrain(config, "cpu")
+    train.train_sae_stage(config, "cpu", base)
+    out = capsys.readouterr().out
+    assert f"{stage_file} is missing or stale; redoing" in out
+    assert ("is damaged" in out) == (damage == "garble")
+    assert json.loads(path.read_text())["key"]["config"]  # written again, whole
 
 
 def test_pretrain_is_repeatable_under_a_seed(tmp_path):
     a = train.pretrain(tiny_config(tmp_path / "a"), "cpu")
     b = train.pretrain(tiny_config(tmp_path / "b"), "cpu")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and a["sha"] == b["sha"]
 
 
 def test_interrupted_pretraining_resumes(tmp_path, monkeypatch, capsys):
@@ -138,17 +153,59 @@ def test_pretraining_with_the_sae_regularizer(tmp_path):
     assert not torch.allclose(plain["model"]["wte.weight"], checkpoint["model"]["wte.weight"])  # it shaped the model
 
 
-def test_fresh_saes_leave_the_frozen_model_unchanged(tmp_path):
-    from data.corpus import load_corpus
+def test_grad_clip_zero_means_no_clipping_in_every_stage(tmp_path, monkeypatch):
+    """0 turns clipping off in pretraining and in continual learning alike (it used to clip every fine-tuning
+    gradient to norm 0 there, so that nothing was learned)."""
+    clipped = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, c: clipped.append(c) or real_clip(p, c))
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft", "--grad_clip=0", "--stage=cl",
+                            "--steps_per_task=30", "--cl_lr=3e-3"]
+    assert main(argv) == 0
+    assert clipped == []
+    result = json.loads((tmp_path / "default" / "cl" / "seqft_seed0.json").read_text())
+    assert result["R"][1][0] > result["R"][0][0] or result["R"][2][1] > result["R"][0][1]  # something was learned
+    assert main(argv[:-4] + ["--grad_clip=-1"]) == 2  # negative: refused
 
-    config = tiny_config(tmp_path, "--sae_steps=20", "--sae_tokens=2000", "--sae_batch_size=128")
-    model = train.model_from_checkpoint(train.pretrain(config, "cpu"), "cpu")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_ids, val_ids = load_corpus(None, n_lines=config.corpus_lines)
-    metrics = train.fresh_saes_on_frozen_model(model, train_ids, val_ids, config, k=4, device="cpu")
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not any(p.requires_grad for p in model.parameters())
-    assert sorted(metrics["points"]) == [0, 1] and metrics["total_l0"] <= 8.0
+
+def test_a_nan_loss_is_one_line_naming_where(tmp_path, capsys):
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft", "--cl_lr=1e30", "--steps_per_task=3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err and err.rstrip().endswith(errors[0])  # the last line
+    assert "the loss is" in errors[0] and "task add, step" in errors[0] and "lower --cl_lr" in errors[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tasks=add,stance", "--block_size=24"], "task stance: the example .* more than --block_size=24"),
+    (["--corpus=/no/such/file.txt"], "corpus file '/no/such/file.txt' does not exist"),
+    (["--sae_guided_mask_knn=128"], "--sae_guided_mask_knn=128: must be below the SAE width d_sae=128"),
+])
+def test_bad_input_stops_before_any_compute(tmp_path, capsys, extra, message):
+    assert main(TINY_PIPELINE + [f"--out_dir={tmp_path}", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    import re
+
+    assert re.search(message, err), err
+    assert not (tmp_path / "default" / "base.pt").exists()  # nothing was trained
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    file = tmp_path / "results"
+    file.write_text("")
+    assert main(TINY + [f"--out_dir={file}"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_bias_flag_builds_a_model_without_biases(tmp_path):
+    checkpoint = train.pretrain(tiny_config(tmp_path, "--bias=false", "--max_iters=5", "--eval_interval=5"), "cpu")
+    model = train.model_from_checkpoint(checkpoint, "cpu")
+    assert all(m.bias is None for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)))
+    with_bias = train.model_from_checkpoint(train.pretrain(tiny_config(tmp_path / "b", "--max_iters=5",
+                                                                       "--eval_interval=5"), "cpu"), "cpu")
+    assert with_bias.num_params() > model.num_params()
 
 
 def test_compound_splicing_feeds_each_sae_the_patched_stream(tiny_model):
@@ -169,27 +226,22 @@ def test_compound_splicing_feeds_each_sae_the_patched_stream(tiny_model):
     assert not torch.allclose(seen[2], clean[2])
 
 
-def test_study_stage(tmp_path):
-    argv = TINY + [f"--out_dir={tmp_path}", "--stage=study", "--study_seeds=0", "--study_k=2,4", "--sae_steps=20",
-                   "--sae_tokens=2000", "--sae_batch_size=128", "--sae_expansion=2", "--sae_reg_expansion=2",
-                   "--sae_reg_k=4"]
-    assert main(argv) == 0
-    study_dir = tmp_path / "default" / "study"
-    import json
+def test_a_log_file_gets_lines_not_redraws(tmp_path):
+    """With stderr going to a file, the progress bars write a few lines, not a redraw per iteration, and what a
+    stage prints at its end starts on a line of its own."""
+    import subprocess
+    import sys
 
-    results = json.loads((study_dir / "study.json").read_text())
-    for variant in ("normal", "regularized"):
-        run = results[variant]["0"]
-        assert run["val_ce"] > 0 and sorted(run["by_k"]) == ["2", "4"]
-        assert run["by_k"]["4"]["total_l0"] > run["by_k"]["2"]["total_l0"]
-    for name in ("study_per_point.png", "study_compound.png", "study.md"):
-        assert (study_dir / name).exists()
-
-
-def test_bias_flag_builds_a_model_without_biases(tmp_path):
-    checkpoint = train.pretrain(tiny_config(tmp_path, "--bias=false", "--max_iters=5", "--eval_interval=5"), "cpu")
-    model = train.model_from_checkpoint(checkpoint, "cpu")
-    assert all(m.bias is None for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)))
-    with_bias = train.model_from_checkpoint(train.pretrain(tiny_config(tmp_path / "b", "--max_iters=5",
-                                                                       "--eval_interval=5"), "cpu"), "cpu")
-    assert with_bias.num_params() > model.num_params()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = TINY + [f"--out_dir={tmp_path}", "--max_iters=200", "--stage=sae", "--sae_steps=300",
+                   "--sae_tokens=2000", "--sae_batch_size=64"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, os.path.join(root, "train.py"), *argv], stdout=f, stderr=f)
+    assert done.returncode == 0
+    text = log.read_text()
+    assert len(text) < 5000, f"{len(text)} bytes for 200 iterations"  # a redraw per iteration was ~95 bytes each
+    lines = text.split("\n")
+    assert any(line.startswith("pretrain: val loss") for line in lines)
+    assert any(line.startswith("sae k=8 point 1: L0") for line in lines)
+    assert "\r" not in text

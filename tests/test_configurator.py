@@ -1,0 +1,121 @@
+import dataclasses
+import json
+
+import pytest
+
+import configurator as cfg
+import regularizers as reg
+import train
+from conftest import TINY_PIPELINE
+from train import main, parse_args
+
+
+def test_defaults_parse_and_overrides_apply():
+    config = parse_args(["--n_layer=3", "--lr=1", "--tasks=add,sort", "--sae_auxk=false", "--seeds=0,1"])
+    assert config.n_layer == 3 and config.lr == 1.0 and isinstance(config.lr, float)  # int accepted for float
+    assert config.tasks == ("add", "sort") and config.sae_auxk is False and config.seeds == (0, 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layers=3"], "unknown config key --n_layers.*did you mean --n_layer"),
+    (["--n_layer=three"], "--n_layer='three': expected a int"),
+    (["--lr=fast"], "--lr='fast': expected a float"),
+    (["--sae_auxk=maybe"], "--sae_auxk='maybe': expected a bool"),
+    (["--device=tpu"], "--device='tpu' is not valid; choose from: auto, cpu, cuda"),
+    (["--methods=seqft,magic"], "--methods='magic' is not valid; choose from: seqft, ewc, si, mas, lwf, sae_guided"),
+    (["--tasks=add,juggle"], "--tasks='juggle' is not valid; choose from: stance, facts"),
+    (["--tasks=add,add"], "name each task once"),
+    (["--n_embd=30", "--n_head=4"], "must be divisible"),
+    (["--n_head=0"], "--n_head=0: must be at least 1"),
+    (["--sae_points=7"], "--sae_points: 7 is not a residual point"),
+    (["--sae_k=0"], "--sae_k=0: must be at least 1"),
+    (["--sae_k=2000"], "each k must be in 1..d_sae=768"),
+    (["--steps_per_task=0"], "--steps_per_task=0: must be at least 1"),
+    (["--ewc_lambda=-1"], "--ewc_lambda=-1.0: must be a finite number, at least 0"),
+    (["--lr=-3e-4"], "--lr=-0.0003: must be a finite number"),
+    (["--cl_lr=inf"], "--cl_lr=inf: must be a finite number"),
+    (["--lr=0"], "--lr=0.0 and --cl_lr=0.0003 must be above 0"),
+    (["--grad_clip=-1"], "--grad_clip=-1.0: must be a finite number, at least 0"),
+    (["--sae_guided_mask_knn=768"], "must be below the SAE width d_sae=768"),
+    (["--si_xi=0"], "--si_xi=0.0: must be above 0"),
+    (["--lwf_temperature=0"], "--lwf_temperature=0.0: must be above 0"),
+    (["--replay_fraction=2"], "--replay_fraction=2.0: must be in \\(0, 1\\]"),
+    (["lr=3"], "arguments look like --key=value"),
+])
+def test_bad_config_is_an_error_that_names_the_key(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)
+
+
+def test_main_reports_config_errors_without_a_traceback(capsys):
+    assert main(["--bogus=1"]) == 2
+    assert "error: unknown config key --bogus" in capsys.readouterr().err
+
+
+def test_help_lists_every_key_with_its_default_and_meaning_by_stage(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for field in dataclasses.fields(train.Config):
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"--{field.name}="))
+        assert len(line.split(None, 1)) == 2, f"--{field.name} has no meaning in --help"  # the comment beside it
+    assert "--cl_lr=0.0003" in text and "\npretraining (AdamW" in text and "\nEWC: w = diagonal Fisher:" in text
+
+
+def test_every_config_field_is_in_a_cache_key_or_listed_as_not_affecting_results():
+    config = train.Config()
+    in_keys = {k for keys in train.STAGE_KEYS.values() for k in keys} | set(train.NOT_RESULT_KEYS)
+    in_keys |= {k for method in reg.METHODS.values() for k in method.config_keys(config)}
+    missing = [f.name for f in dataclasses.fields(config) if f.name not in in_keys]
+    assert missing == [], f"fields in no stage's cache key: {missing}"
+
+
+def test_the_old_method_and_key_names_still_work_with_a_message(capsys):
+    config = parse_args(["--methods=seqft,sae", "--sae_lambda_p=5", "--mask_knn=3"])
+    assert config.methods == ("seqft", "sae_guided")
+    assert config.sae_guided_lambda_p == 5.0 and config.sae_guided_mask_knn == 3
+    err = capsys.readouterr().err
+    assert "the method 'sae' is now called 'sae_guided'" in err and "--sae_lambda_p is deprecated" in err
+
+
+def test_a_method_is_one_class_and_its_config_fields(tmp_path, monkeypatch):
+    """Adding a method touches its class and its Config fields only: the loop, the cache key, the retained bytes
+    and the report all follow."""
+
+    class Anchor(reg.Method):  # L2 to the weights at task start, the simplest data-free penalty
+        name = "anchor"
+
+        def before_task(self, model, split, t):
+            self.theta0 = reg.flat_parameters(model).detach().clone()
+
+        def penalty(self, model, batch, outputs):
+            return self.config.anchor_strength * (reg.flat_parameters(model) - self.theta0).pow(2).sum(), {}
+
+        def retained(self):
+            return [self.theta0]
+
+    @dataclasses.dataclass
+    class ConfigWithAnchor(train.Config):
+        anchor_strength: float = 10.0  # weight of the L2 penalty
+
+    monkeypatch.setitem(reg.METHODS, "anchor", Anchor)
+    monkeypatch.setitem(train.CHOICES, "methods", tuple(reg.METHODS))
+    monkeypatch.setattr(train, "Config", ConfigWithAnchor)
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft,anchor", "--anchor_strength=1000"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "default" / "cl" / "anchor_seed0.json").read_text())
+    assert result["method_settings"] == {"anchor_strength": 1000.0}  # its field is in its cache key
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    n_params = sum(p.numel() for p in train.model_from_checkpoint(
+        train.pretrain(parse_args(argv), "cpu"), "cpu").parameters())
+    assert summary["anchor"]["retained_bytes"] == 4 * n_params  # from its retained()
+    assert summary["anchor"]["step_time_ratio"] > 0  # compared with seqft of the same settings
+    main(argv[:-1] + ["--anchor_strength=1"])
+    assert json.loads((tmp_path / "default" / "cl" / "anchor_seed0.json").read_text())["method_settings"] == {
+        "anchor_strength": 1.0}  # a change of its field redoes it
+
+
+def test_key_difference_names_what_changed():
+    a = cfg.result_key({"lr": 1, "n": 2}, "cpu", "")
+    b = dict(a, config={"lr": 2, "n": 2}, device="cuda")
+    assert cfg.key_difference(a, b) == "config (lr), device"
+    assert cfg.key_difference({"config": {}}, b) == "an older format"
