@@ -31,6 +31,7 @@ with s = +1 for an upper bound ("drift at most bound") and s = -1 for a lower bo
 - Replay keeps a small buffer of earlier tasks' examples; multitask trains on all tasks at once.
 """
 
+import contextlib
 import copy
 import dataclasses
 import warnings
@@ -116,9 +117,21 @@ def answer_log_likelihood(logits, targets, answer_mask):
     return (log_probs * answer_mask).sum(-1)
 
 
-def sample_examples(split, n_examples, seed, device):
-    """A seeded random Batch of n_examples of the split, on device."""
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) for the duration, then the mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def sample_examples(split, n_examples, seed, model):
+    """A seeded random Batch of n_examples of the split, on the model's device."""
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n_examples]
+    device = next(model.parameters()).device
     return Batch(*(t.to(device) for t in split.rows(idx)))
 
 
@@ -127,43 +140,35 @@ def fisher_diagonal(model, split, n_examples, labels="true", seed=0):
 
     labels="true" samples each answer token y_t from the model's own distribution given the ground-truth prefix
     (the true Fisher); labels="empirical" uses the ground-truth tokens."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    batch = sample_examples(split, n_examples, seed, device)
-    y = batch.y
-    if labels == "true":
-        with torch.no_grad():
-            probs = F.softmax(model(batch.x)[0], dim=-1)  # (N, T, V)
-            sample_gen = torch.Generator(device=device).manual_seed(seed)
-            y = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=sample_gen).view_as(y)
-    elif labels != "empirical":
+    if labels not in ("true", "empirical"):
         raise ValueError(f"fisher labels {labels!r}: choose 'true' or 'empirical'")
 
     def log_likelihood(params, x1, y1, m1):
         logits = functional_call(model, params, (x1.unsqueeze(0),))[0][0]  # (T, V)
         return answer_log_likelihood(logits, y1, m1)
 
-    fisher = per_example_mean(model, log_likelihood, (batch.x, y, batch.answer_mask), torch.square)
-    model.train(was_training)
-    return fisher
+    with evaluating(model):
+        batch = sample_examples(split, n_examples, seed, model)
+        y = batch.y
+        if labels == "true":
+            with torch.no_grad():
+                probs = F.softmax(model(batch.x)[0], dim=-1)  # (N, T, V)
+                sample_gen = torch.Generator(device=probs.device).manual_seed(seed)
+                y = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=sample_gen).view_as(y)
+        return per_example_mean(model, log_likelihood, (batch.x, y, batch.answer_mask), torch.square)
 
 
 def mas_importance(model, split, n_examples, seed=0):
     """MAS's importance: w_i = E_x | d ||f(x)||^2 / d theta_i |, with ||f(x)||^2 the squared L2 norm of the
     logits, averaged over the answer positions (where the model writes its output). No labels are used."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    batch = sample_examples(split, n_examples, seed, device)
 
     def output_norm(params, x1, m1):
         logits = functional_call(model, params, (x1.unsqueeze(0),))[0][0]  # (T, V)
         return (logits.pow(2).sum(-1) * m1).sum() / m1.sum().clamp(min=1.0)
 
-    importance = per_example_mean(model, output_norm, (batch.x, batch.answer_mask), torch.abs)
-    model.train(was_training)
-    return importance
+    with evaluating(model):
+        batch = sample_examples(split, n_examples, seed, model)
+        return per_example_mean(model, output_norm, (batch.x, batch.answer_mask), torch.abs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,6 +292,7 @@ class Method:
     joint = False  # True: the loop trains on every task at once, for as many steps as the whole sequence
     uses_saes = False  # True: the method gets the SAEs, and its results depend on the SAE stage
     reads = ()  # residual points the penalty needs in outputs["residuals"]
+    positive = ()  # config keys that must be above 0 (not only at least 0, which holds for every float)
 
     def __init__(self, config, model, saes=None, seed=0):
         self.config, self.seed = config, seed
@@ -314,6 +320,9 @@ class Method:
     @classmethod
     def check(cls, config):
         """Raise ValueError for config values this method cannot use (called before any compute)."""
+        for key in cls.positive:
+            if not getattr(config, key) > 0:
+                raise ValueError(f"--{key}={getattr(config, key)}: must be above 0")
 
     @classmethod
     def config_keys(cls, config):
@@ -328,13 +337,14 @@ class SeqFT(Method):
 
 
 class WeightSpaceMethod(Method):
-    """(lambda/2) sum_anchors sum_i w_i (theta_i - theta*_i)^2; a subclass says what w is (`importance`), its
-    lambda, and how anchors combine (`mode`, `gamma`: see consolidate)."""
+    """(lambda/2) sum_anchors sum_i w_i (theta_i - theta*_i)^2, lambda = config.<name>_lambda; a subclass says what
+    w is (`importance`) and may change how anchors combine (`mode`, `gamma`: see consolidate)."""
 
-    lam, mode, gamma = 0.0, "online", 1.0
+    mode, gamma = "online", 1.0
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)
+        self.lam = getattr(config, f"{self.name}_lambda")
         self.anchors = []
 
     def importance(self, model, split, t):
@@ -358,7 +368,7 @@ class EWC(WeightSpaceMethod):
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)
-        self.lam, self.mode, self.gamma = config.ewc_lambda, config.ewc_mode, config.ewc_gamma
+        self.mode, self.gamma = config.ewc_mode, config.ewc_gamma
 
     def importance(self, model, split, t):
         return fisher_diagonal(model, split, self.config.ewc_fisher_examples, self.config.ewc_fisher_labels,
@@ -371,11 +381,8 @@ class SI(WeightSpaceMethod):
     with one anchor at the end of the last task. (The clamp at 0 is ours: a negative w would push a weight away.)"""
 
     name = "si"
-
-    def __init__(self, config, model, saes=None, seed=0):
-        super().__init__(config, model, saes, seed)
-        self.lam = config.si_lambda
-        self.start = self.previous = self.path = None  # held during a task only
+    positive = ("si_xi",)  # it keeps the division finite
+    start = previous = path = None  # held during a task only
 
     def before_task(self, model, split, t):
         self.start = flat_parameters(model).detach().clone()
@@ -394,20 +401,11 @@ class SI(WeightSpaceMethod):
         self.start = self.previous = self.path = None
         return w
 
-    @classmethod
-    def check(cls, config):
-        if config.si_xi <= 0:
-            raise ValueError(f"--si_xi={config.si_xi}: must be above 0 (it keeps the division finite)")
-
 
 class MAS(WeightSpaceMethod):
     """Memory-aware synapses: w_i = E_x |d ||f(x)||^2 / d theta_i| on the task's inputs, no labels."""
 
     name = "mas"
-
-    def __init__(self, config, model, saes=None, seed=0):
-        super().__init__(config, model, saes, seed)
-        self.lam = config.mas_lambda
 
     def importance(self, model, split, t):
         return mas_importance(model, split, self.config.mas_examples, seed=self.seed + t)
@@ -418,6 +416,7 @@ class LwF(Method):
     tokens, p_ref the model at task start (a frozen copy held during the task only)."""
 
     name = "lwf"
+    positive = ("lwf_temperature",)
 
     def before_task(self, model, split, t):
         self.reference = frozen_copy(model)
@@ -430,11 +429,6 @@ class LwF(Method):
 
     def after_task(self, model, split, t):
         self.reference = None
-
-    @classmethod
-    def check(cls, config):
-        if config.lwf_temperature <= 0:
-            raise ValueError(f"--lwf_temperature={config.lwf_temperature}: must be above 0")
 
 
 class SAEGuided(Method):
@@ -554,7 +548,7 @@ def tensor_bytes(obj):
 def sae_training_penalty(residuals, saes, lam, l1_coef=0.0):
     """(1/(L+1)) sum_i [ lam * ||x_i - xhat_i||^2 / ||x_i||  +  l1_coef * ||z_i||_1 ]
 
-    over the residual points i that have an SAE (all L+1 of them in the study). Squared error and L1 are means over
+    over the residual points i that have an SAE (all L+1 of them in pretraining). Squared error and L1 are means over
     tokens; ||x_i|| is the mean L2 norm of the activations at point i. The inputs are *not* detached, so the
     gradient shapes the model towards activations the SAEs reconstruct well; dividing by ||x_i|| (also not
     detached) takes away the easy way out of shrinking the activations. With TopK SAEs, k fixes L0 and the

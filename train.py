@@ -233,6 +233,16 @@ def model_from_checkpoint(checkpoint, device):
     return model.to(device)
 
 
+def summary_is_there(stage, path, summary_path, key):
+    """A finished stage is reused only with its summary JSON, made with the same key, beside it; else it is redone
+    (and the summary written again)."""
+    if cfg.load_json_result(summary_path, key) is not None:
+        print(f"{stage}: reusing {path}")
+        return True
+    print(f"{stage}: {summary_path} is missing or stale; redoing the stage")
+    return False
+
+
 def clip_gradients(parameters, grad_clip):
     """Clip the global gradient norm to grad_clip; 0 means no clipping (in every stage)."""
     if grad_clip > 0:
@@ -293,10 +303,8 @@ def pretrain(config, device):
     key = cfg.result_key(stage_config(config, "pretrain"), device, config.corpus)
     checkpoint = cfg.load_checkpoint(path, key)
     if checkpoint is not None and checkpoint["done"]:
-        if cfg.load_json_result(summary_path, key) is not None:
-            print(f"pretrain: reusing {path} (val loss {checkpoint['val_loss']:.4f})")
+        if summary_is_there("pretrain", path, summary_path, key):
             return checkpoint
-        print(f"pretrain: {summary_path} is missing or stale; redoing the stage")
         checkpoint = None
 
     torch.manual_seed(config.seed)
@@ -417,11 +425,8 @@ def train_sae_stage(config, device, base):
     path, metrics_path = os.path.join(run_dir, "sae.pt"), os.path.join(run_dir, "sae.json")
     key = cfg.result_key(stage_config(config, "pretrain", "sae"), device, config.corpus, {"base": base["sha"]})
     checkpoint = cfg.load_checkpoint(path, key)
-    if checkpoint is not None:
-        if cfg.load_json_result(metrics_path, key) is not None:
-            print(f"sae: reusing {path}")
-            return checkpoint
-        print(f"sae: {metrics_path} is missing or stale; redoing the stage")
+    if checkpoint is not None and summary_is_there("sae", path, metrics_path, key):
+        return checkpoint
     model = model_from_checkpoint(base, device)
     train_ids, val_ids = corpus_of(config)
     points = sae_points(config)
@@ -546,27 +551,33 @@ def run_and_save(name, seed, path, key, shared, settings, config, device, base, 
     cfg.save_json({**result, "key": key, "shared": shared, "method_settings": settings}, path)
 
 
-def continual_learning(config, device, base, sae_checkpoint):
-    """Run every method and seed (each cached as out/<run>/<cl_dir>/<method>_seed<seed>.json), then the report."""
-    run_dir = os.path.join(config.out_dir, config.run)
-    jobs = []
-    for name in config.methods:
-        for seed in config.seeds:
-            path = os.path.join(run_dir, config.cl_dir, f"{name}_seed{seed}.json")
-            key, shared, settings = method_key(config, name, seed, device, base, sae_checkpoint)
-            if cfg.load_json_result(path, key) is not None:
-                print(f"cl: reusing {path}")
-            else:
-                jobs.append((name, seed, path, key, shared, settings, config, device, base, sae_checkpoint))
-    if config.jobs > 1 and len(jobs) > 1:  # separate processes of one thread each (spawned: safe after torch ran)
+def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
+    """For each config, run its methods and seeds (each cached as out/<run>/<cl_dir>/<method>_seed<seed>.json) and
+    write its report; returns the summaries. The runs not cached go to one list, `jobs` at a time."""
+    todo = []
+    for config in configs:
+        for name in config.methods:
+            for seed in config.seeds:
+                path = os.path.join(config.out_dir, config.run, config.cl_dir, f"{name}_seed{seed}.json")
+                key, shared, settings = method_key(config, name, seed, device, base, sae_checkpoint)
+                if cfg.load_json_result(path, key) is not None:
+                    print(f"cl: reusing {path}")
+                else:
+                    todo.append((name, seed, path, key, shared, settings, config, device, base, sae_checkpoint))
+    if jobs > 1 and len(todo) > 1:  # processes of one thread each, spawned (a fork is unsafe once torch has run)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(config.jobs, len(jobs)), mp_context=context) as pool:
-            for future in [pool.submit(run_and_save, *job, threads=1) for job in jobs]:
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context) as pool:
+            for future in [pool.submit(run_and_save, *job, threads=1) for job in todo]:
                 future.result()
     else:
-        for job in jobs:
+        for job in todo:
             run_and_save(*job)
-    return summarize_run(run_dir, config.methods, config.seeds, config.cl_dir)
+    return [summarize_run(os.path.join(c.out_dir, c.run), c.methods, c.seeds, c.cl_dir) for c in configs]
+
+
+def continual_learning(config, device, base, sae_checkpoint):
+    """The continual-learning stage of one config: its methods x seeds, then the report."""
+    return continual_learning_many([config], device, base, sae_checkpoint, jobs=config.jobs)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

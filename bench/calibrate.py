@@ -1,6 +1,7 @@
 """
 Calibrating the benchmark itself: which model width and fine-tuning learning rate make the tiny-world task
-sequence show the phenomenon the methods are compared on (DESIGN section 6)?
+sequence show the phenomenon the methods are compared on: multitask learns every task, seqft learns each and
+forgets the earlier ones?
 
 For every (n_embd, cl_lr, steps_per_task) in the grid it runs seqft and multitask on the `val` split and reports the
 three criteria (mean over `--seeds`): multitask average accuracy (want >= 0.9), the smallest R[t][t] under seqft

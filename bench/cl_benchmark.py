@@ -1,11 +1,11 @@
 """
-The continual-learning benchmark of the README: seqft, EWC, SAE-guided, replay and multitask over 3 seeds on the
-tiny-world task sequence, with the hyperparameters chosen on the validation split by bench/tune.py (the
-defaults of train.Config). Seeds change the fine-tuning (batch order, Fisher samples, replay buffer); the base
-model and its SAEs are the default run's. Writes out/<run>/benchmark.md (command, wall time, the table) and the
-plots cl_matrix.png, cl_curves.png, cl_bars.png beside it.
+The continual-learning benchmark of the README: every method (seqft, EWC, SI, MAS, LwF, SAE-guided, replay,
+multitask) over 3 seeds on the tiny-world task sequence, with the hyperparameters chosen on the validation split
+by bench/tune.py (the defaults of train.Config). Seeds change the fine-tuning (batch order, importance samples,
+replay buffer); the base model and its SAEs are the default run's. Writes out/<run>/benchmark.md (command, wall
+time, the table) and the plots cl_matrix.png, cl_curves.png, cl_bars.png beside it.
 
-    python bench/cl_benchmark.py            # any train.py override may follow
+    python bench/cl_benchmark.py            # any train.py override may follow, e.g. --jobs=2
 """
 
 import json
@@ -17,8 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
 from evaluate import results_table  # noqa: E402
+from regularizers import METHODS  # noqa: E402
 
-ARGS = ["--methods=seqft,ewc,sae,replay,multitask", "--seeds=0,1,2"]
+ARGS = ["--methods=" + ",".join(METHODS), "--seeds=0,1,2"]
 
 
 def main():
@@ -34,7 +35,8 @@ def main():
     command = f"python bench/cl_benchmark.py {' '.join(sys.argv[1:])}"
     text = (f"Command: `{command}` (= `python train.py {' '.join(argv)}`), {seconds:.0f} s on this machine"
             " (cached stages reused).\n\n"
-            f"Accuracy on the test split; mean ± std over seeds {list(config.seeds)}.\n\n{results_table(summary)}\n")
+            f"Accuracy on the test split; mean ± std over seeds {list(config.seeds)}; {config.jobs} run(s) at a time"
+            f"{' (one thread each)' if config.jobs > 1 else ''}.\n\n{results_table(summary)}\n")
     with open(os.path.join(run_dir, "benchmark.md"), "w") as f:
         f.write(text)
     print(text)

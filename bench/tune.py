@@ -1,12 +1,14 @@
 """
 Fair hyperparameter selection for the continual-learning methods, on the validation split only.
 
-Each method gets the same number of trials (6). A trial is a full run of the task sequence with one seed, scored by
-OP on the `val` split (carved from the training data); the test split is never looked at. The chosen values and
-every trial's score are written to out/<run>/tune/tuning.md and tuning.json.
+Each method gets the same number of trials (6): its penalty weight over a log grid (SAE-guided: three weights,
+with and without the guide term). A trial is a full run of the task sequence with one seed, scored by OP on the
+`val` split (carved from the training data); the test split is never looked at. Ties keep the first trial in grid
+order. Writes out/<run>/tune/tuning.md and tuning.json.
 
-    python bench/tune.py                 # the default tiny-world benchmark
-    python bench/tune.py --run=default   # any train.py override is passed through
+    python bench/tune.py                         # every method's grid, one trial at a time
+    python bench/tune.py --jobs=2                # two trials at once (processes of one thread each)
+    python bench/tune.py --methods=si,mas        # some methods only; any train.py override is passed through
 """
 
 import json
@@ -18,10 +20,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
 
-GRIDS = {  # method -> list of trials, each a dict of config overrides; the same number of trials per method
+# The importances live on very different scales (mean w after one task on the default base: Fisher 3e-9, SI 4e-3,
+# MAS 10), so each weight-space grid spans the same range of lambda * mean(w), about 1e-9 to 1e-3: from no effect
+# to learning frozen.
+GRIDS = {  # method -> trials, each a dict of config overrides; the same number of trials per method
     "ewc": [{"ewc_lambda": lam} for lam in (1, 10, 1e2, 1e3, 1e4, 1e5)],
-    "sae": [
-        {"sae_lambda_p": lp, "sae_lambda_g": lg, "sae_eps": eps, "sae_delta": delta}
+    "si": [{"si_lambda": lam} for lam in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1)],
+    "mas": [{"mas_lambda": lam} for lam in (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)],
+    "lwf": [{"lwf_lambda": lam} for lam in (1e-2, 1e-1, 1, 10, 1e2, 1e3)],
+    "sae_guided": [
+        {"sae_guided_lambda_p": lp, "sae_guided_lambda_g": lg, "sae_guided_eps": eps, "sae_guided_delta": delta}
         for lp in (1e2, 1e4, 1e6)
         for lg, eps, delta in ((0.0, 0.0, 0.0), (1.0, 0.02, 0.2))
     ],
@@ -29,28 +37,37 @@ GRIDS = {  # method -> list of trials, each a dict of config overrides; the same
 
 
 def main(argv):
-    base_config = train.parse_args(argv + ["--eval_split=val"])
+    methods = list(GRIDS)
+    passthrough = []
+    for arg in argv:
+        if arg.startswith("--methods="):
+            methods = arg.split("=", 1)[1].split(",")
+            unknown = [m for m in methods if m not in GRIDS]
+            if unknown:
+                sys.exit(f"error: no tuning grid for {unknown}; grids: {', '.join(GRIDS)}")
+        else:
+            passthrough.append(arg)
+    base_config = train.parse_args(passthrough + ["--eval_split=val"])
     device = train.resolve_device(base_config)
-    trials = {}
     t0 = time.time()
-    for method, grid in GRIDS.items():
-        trials[method] = []
-        for i, overrides in enumerate(grid):
-            args = argv + ["--eval_split=val", f"--methods={method}", f"--cl_dir=tune/{method}{i}"]
-            args += [f"--{k}={v}" for k, v in overrides.items()]
-            config = train.parse_args(args)
-            base = train.pretrain(config, device)
-            sae_checkpoint = train.train_sae_stage(config, device, base)
-            summary = train.continual_learning(config, device, base, sae_checkpoint)
-            trials[method].append({"overrides": overrides, "val_op": summary[method]["op"],
-                                   "val_bwt": summary[method]["bwt"]})
-    chosen = {m: max(ts, key=lambda t: t["val_op"]) for m, ts in trials.items()}  # ties: the first in grid order
+    # every trial is its own results folder; all of them go to the continual-learning stage as one list of jobs
+    trials = [(method, i, overrides) for method in methods for i, overrides in enumerate(GRIDS[method])]
+    configs = [train.parse_args(passthrough + ["--eval_split=val", f"--methods={method}", f"--cl_dir=tune/{method}{i}"]
+                                + [f"--{k}={v}" for k, v in overrides.items()]) for method, i, overrides in trials]
+    base = train.pretrain(base_config, device)
+    sae_checkpoint = train.train_sae_stage(base_config, device, base)
+    summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=base_config.jobs)
+    results = {m: [] for m in methods}
+    for (method, _, overrides), summary in zip(trials, summaries):
+        results[method].append({"overrides": overrides, "val_op": summary[method]["op"],
+                                "val_bwt": summary[method]["bwt"]})
+    chosen = {m: max(ts, key=lambda t: t["val_op"]) for m, ts in results.items()}  # ties: the first in grid order
     out_dir = os.path.join(base_config.out_dir, base_config.run, "tune")
     with open(os.path.join(out_dir, "tuning.json"), "w") as f:
-        json.dump({"trials": trials, "chosen": chosen, "seconds": time.time() - t0, "argv": argv}, f, indent=2)
+        json.dump({"trials": results, "chosen": chosen, "seconds": time.time() - t0, "argv": argv}, f, indent=2)
     lines = [f"Command: `python bench/tune.py {' '.join(argv)}` ({time.time() - t0:.0f} s)", "",
              "| method | trial | val OP | val BWT |", "|---|---|---|---|"]
-    for method, ts in trials.items():
+    for method, ts in results.items():
         for t in ts:
             mark = " **(chosen)**" if t is chosen[method] else ""
             setting = ", ".join(f"{k}={v:g}" for k, v in t["overrides"].items())

@@ -74,7 +74,8 @@ def test_seqft_results_do_not_depend_on_the_saes(tmp_path, capsys):
     capsys.readouterr()
     assert train.main(argv + ["--sae_steps=20"]) == 0  # other SAEs: SAE-guided is redone, seqft is not
     out = capsys.readouterr().out
-    assert "seqft_seed0.json" in out.split("cl: reusing")[1] and "sae_guided_seed0.json was made with a different" in out
+    assert "seqft_seed0.json" in out.split("cl: reusing")[1]
+    assert "sae_guided_seed0.json was made with a different" in out
 
 
 def test_a_damaged_result_file_is_named_and_redone(tmp_path, capsys):
