@@ -16,6 +16,7 @@ import sys
 from collections import defaultdict
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt
@@ -130,7 +131,10 @@ def plot_sae_metrics(results, run_dir):
         ax1.plot(l0s, ce, "o-", label=f"point {p}")
         ax2.plot([int(k) for k in ks], [results["by_k"][k]["points"][p]["fvu"] for k in ks], "o-", label=f"point {p}")
     ax1.set(xscale="log", xlabel="L0", ylabel="CE increase (nats)", title="CE increase vs L0")
-    ax2.set(xscale="log", yscale="log", xlabel="k", ylabel="FVU", title="FVU vs k")
+    ax2.set(xscale="log", xlabel="k", ylabel="FVU", title="FVU vs k")
+    for ax in (ax1, ax2):  # ticks at the k of the sweep (L0 = k for TopK), written as plain numbers
+        ax.set_xticks([int(k) for k in ks], [str(k) for k in ks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax1.legend()
     ax2.legend()
     fig.tight_layout()

@@ -94,13 +94,13 @@ class Config:
     cl_dir: str = "cl"  # results go to out/<run>/<cl_dir>/<method>_seed<seed>.json
     jobs: int = 1  # (method, seed) runs at once, in processes of one thread each
     # EWC: w = diagonal Fisher
-    ewc_lambda: float = 1e4  # penalty weight (chosen on val by bench/tune.py)
+    ewc_lambda: float = 1e5  # penalty weight (chosen on val by bench/tune.py, docs/tuning.md)
     ewc_mode: str = "separate"  # one (F, theta*) per task, or 'online': F <- gamma F_old + F_new
     ewc_gamma: float = 1.0  # online mode's decay of the old Fisher
     ewc_fisher_examples: int = 256  # examples the Fisher is estimated on
     ewc_fisher_labels: str = "true"  # true: y sampled from the model; empirical: ground truth
     # SI: w = path integral of -g * delta_theta over the task
-    si_lambda: float = 1.0  # penalty weight (chosen on val by bench/tune.py)
+    si_lambda: float = 1e3  # penalty weight (chosen on val by bench/tune.py)
     si_xi: float = 1e-3  # damping of the division by the squared total change
     # MAS: w = mean |gradient of the squared output norm|
     mas_lambda: float = 1.0  # penalty weight (chosen on val by bench/tune.py)
@@ -109,10 +109,10 @@ class Config:
     lwf_lambda: float = 1.0  # weight of the KL term (chosen on val by bench/tune.py)
     lwf_temperature: float = 2.0  # softmax temperature T of both distributions
     # SAE-guided activation regularization
-    sae_guided_lambda_p: float = 1e2  # weight of the protect hinge (chosen on val by bench/tune.py)
-    sae_guided_lambda_g: float = 1.0  # weight of the guide hinge; 0 turns it off
-    sae_guided_eps: float = 0.02  # protected features may drift this much for free
-    sae_guided_delta: float = 0.2  # relevant features should drift at least this much
+    sae_guided_lambda_p: float = 1e4  # weight of the protect hinge (these four chosen on val by bench/tune.py)
+    sae_guided_lambda_g: float = 0.0  # weight of the guide hinge; 0 turns it off
+    sae_guided_eps: float = 0.0  # protected features may drift this much for free
+    sae_guided_delta: float = 0.0  # relevant features should drift at least this much
     sae_guided_mask_examples: int = 256  # examples of the current task the mask is built from
     sae_guided_mask_knn: int = 4  # decoder neighbours a feature's relevance spreads to
     sae_guided_mask_alpha: float = 0.5  # how much relevance spreads to a neighbour
