@@ -284,13 +284,23 @@ def results_table(summary):
     return "\n".join(lines)
 
 
+def panel_grid(n, width, height, columns=4, **kwargs):
+    """A figure with n panels, at most `columns` a row; the panels left over are hidden."""
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, min(n, columns), figsize=(width * min(n, columns), height * rows),
+                             squeeze=False, **kwargs)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
 def plot_cl(summary, run_dir):
     """cl_matrix.png (accuracy-matrix heatmaps, mean over seeds), cl_curves.png (each task's accuracy along the
     sequence), cl_bars.png (OP and BWT with the seed spread)."""
     methods = list(summary)
     tasks = summary[methods[0]]["tasks"]
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    fig, axes = panel_grid(len(methods), 4.2, 4)
+    for ax, method in zip(axes, methods):
         R = summary[method]["R_mean"]
         ax.imshow(R, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for t, row in enumerate(R):
@@ -307,27 +317,28 @@ def plot_cl(summary, run_dir):
 
     sequential = [m for m in methods if len(summary[m]["R_mean"]) == len(tasks) + 1]
     if sequential:
-        fig, axes = plt.subplots(1, len(sequential), figsize=(4.2 * len(sequential), 3.5), squeeze=False,
-                                 sharey=True)
-        for ax, method in zip(axes[0], sequential):
+        fig, axes = panel_grid(len(sequential), 4.2, 3.3, sharey=True)
+        for ax, method in zip(axes, sequential):
             R = torch.tensor(summary[method]["R_mean"])
             for i, task in enumerate(tasks):
                 ax.plot(range(len(R)), R[:, i], marker=".", label=task)
             ax.set_xticks(range(len(R)), ["base"] + [f"+{t[:4]}" for t in tasks], rotation=60, fontsize=7)
             ax.set_title(method)
             ax.set_ylim(-0.05, 1.05)
-        axes[0][0].set_ylabel("accuracy")
-        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+            ax.yaxis.set_tick_params(labelleft=True)
+        axes[0].legend(fontsize=7, loc="upper right", ncol=2)
+        fig.supylabel("accuracy on each task, mean over seeds")
         fig.tight_layout()
         fig.savefig(os.path.join(run_dir, "cl_curves.png"), dpi=120)
         plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for ax, key in zip(axes, ("op", "bwt")):
         values = [summary[m][key] if summary[m][key] is not None else 0.0 for m in methods]
         errors = [summary[m][key + "_std"] or 0.0 for m in methods]
         ax.bar(methods, values, yerr=errors, capsize=4, color="tab:blue")
         ax.axhline(0, color="k", lw=0.5)
+        ax.tick_params(axis="x", rotation=30)
         ax.set_title(key.upper() + f" (mean ± std over {len(summary[methods[0]]['seeds'])} seed(s))")
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "cl_bars.png"), dpi=120)

@@ -33,8 +33,8 @@ def main():
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     command = f"python bench/cl_benchmark.py {' '.join(sys.argv[1:])}"
-    text = (f"Command: `{command}` (= `python train.py {' '.join(argv)}`), {seconds:.0f} s on this machine"
-            " (cached stages reused).\n\n"
+    text = (f"Command: `{command}` (= `python train.py {' '.join(argv)}`), {seconds:.0f} s on this machine, "
+            "with any stage that was not cached.\n\n"
             f"Accuracy on the test split; mean ± std over seeds {list(config.seeds)}; {config.jobs} run(s) at a time"
             f"{' (one thread each)' if config.jobs > 1 else ''}.\n\n{results_table(summary)}\n")
     with open(os.path.join(run_dir, "benchmark.md"), "w") as f:

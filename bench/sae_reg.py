@@ -25,8 +25,11 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import torch  # noqa: E402
+
 import configurator as cfg  # noqa: E402
 import train  # noqa: E402
+from data.corpus import get_batch  # noqa: E402
 from evaluate import fmt, mean_std, sae_metrics  # noqa: E402
 
 
@@ -80,6 +83,23 @@ def fresh_sae_sweep(config, ks, device):
     return cfg.read_json(path)  # one form for every caller: JSON's string keys
 
 
+@torch.no_grad()
+def activation_norms(config, device, n_batches=10, seed=1234):
+    """{point: mean ||x||} of the (cached) model of config on fixed held-out windows: does the regularizer,
+    whose reconstruction term ||x - xhat||^2 / ||x|| grows with the scale of x, shrink the activations?"""
+    model = train.model_from_checkpoint(train.pretrain(config, device), device).eval()
+    val_ids = train.corpus_of(config)[1]
+    generator = torch.Generator().manual_seed(seed)
+    points = tuple(range(config.n_layer + 1))
+    totals = {p: 0.0 for p in points}
+    for _ in range(n_batches):
+        x, _ = get_batch(val_ids, config.batch_size, config.block_size, generator, device)
+        residuals = model(x, read=points)[2]
+        for p in points:
+            totals[p] += residuals[p].norm(dim=-1).mean().item() / n_batches
+    return {str(p): v for p, v in totals.items()}
+
+
 def main(argv):
     try:
         options, config = parse(argv)
@@ -94,6 +114,7 @@ def main(argv):
             variant_config = dataclasses.replace(config, seed=seed, sae_reg_lambda=lam,
                                                  run=os.path.join(config.run, "sae_reg", f"{variant}_seed{seed}"))
             results[variant][str(seed)] = fresh_sae_sweep(variant_config, options.k, device)
+            results[variant][str(seed)]["norms"] = activation_norms(variant_config, device)
     cfg.save_json(results, os.path.join(out, "sae_reg.json"))
     plot(results, out)
     text = table(results)
@@ -150,7 +171,8 @@ def plot(results, out):
 
 
 def table(results):
-    """Markdown: val CE and, per k, total L0 and compound CE increase, normal vs regularized (mean ± std)."""
+    """Markdown: val CE and, per k, total L0 and compound CE increase, normal vs regularized (mean ± std); then
+    the mean activation norm at each point."""
     lines = ["| model | val CE | ms/iter | k | total L0 | compound CE increase |", "|---|---|---|---|---|---|"]
     for variant in ("normal", "regularized"):
         runs = list(results[variant].values())
@@ -160,6 +182,13 @@ def table(results):
             l0 = mean_std([r["by_k"][str(k)]["total_l0"] for r in runs])
             ce = mean_std([r["by_k"][str(k)]["compound_ce_increase"] for r in runs])
             lines.append(f"| {variant} | {fmt(*val)} | {ms[0]:.1f} | {k} | {l0[0]:.1f} | {fmt(*ce)} |")
+    points = list(next(iter(results["normal"].values()))["norms"])
+    lines += ["", "| model | " + " | ".join(f"mean norm at point {p}" for p in points) + " |",
+              "|---|" + "---|" * len(points)]
+    for variant in ("normal", "regularized"):
+        runs = list(results[variant].values())
+        lines.append(f"| {variant} | " + " | ".join(fmt(*mean_std([r["norms"][p] for r in runs]), digits=2)
+                                                    for p in points) + " |")
     return "\n".join(lines)
 
 
