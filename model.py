@@ -12,8 +12,13 @@ regularizers constrain. Residual points are numbered 0..n_layer:
 `forward(idx, read=(...))` returns the activations at the requested points, and `forward(idx, patch={point: f})`
 replaces the activation at a point by `f(x)` (or by a given tensor) before the rest of the network sees it; this is
 how SAE reconstructions are spliced in. Shapes are commented as (B, T, C) = (batch, time, channels).
+
+For fine-tuning, `add_lora` freezes every weight and wraps chosen projections with LoRA adapters (Hu et al. 2021);
+`adapters_off()` runs the frozen base without a copy of the model.
 """
 
+import contextlib
+import copy
 import math
 from dataclasses import dataclass
 
@@ -87,6 +92,45 @@ class Block(nn.Module):
         return x
 
 
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (LoRA):
+
+        y = base(x) + (alpha / r) (x A^T) B^T,     A (r, in) random, B (out, r) zero at the start
+
+    so that the wrapped layer starts as the base layer exactly, and only A and B learn."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.empty(rank, base.in_features))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's own initialisation
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+        self.enabled = True
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled:
+            y = y + self.scale * (x @ self.A.t()) @ self.B.t()
+        return y
+
+    def merged(self):
+        """A plain nn.Linear with the update folded in: W + (alpha / r) B A."""
+        linear = copy.deepcopy(self.base)
+        with torch.no_grad():
+            linear.weight += self.scale * self.B @ self.A
+        return linear
+
+
+LORA_TARGETS = ("attn_qkv", "attn_out", "mlp_in", "mlp_out")  # the projections of a block LoRA can wrap
+
+
+def projection(block, target):
+    """(module, attribute) of a block's projection: attn_qkv, attn_out, mlp_in or mlp_out."""
+    return {"attn_qkv": (block.attn, "c_attn"), "attn_out": (block.attn, "c_proj"),
+            "mlp_in": (block.mlp, "c_fc"), "mlp_out": (block.mlp, "c_proj")}[target]
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -115,6 +159,44 @@ class GPT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied head is counted once
+
+    # -- LoRA ---------------------------------------------------------------------------------------------------
+
+    def add_lora(self, rank, alpha, targets=LORA_TARGETS):
+        """Freeze every weight and wrap the target projections of every block with LoRA adapters (one set, trained
+        across the whole task sequence). Returns the model."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for block in self.blocks:
+            for target in targets:
+                module, name = projection(block, target)
+                setattr(module, name, LoRALinear(getattr(module, name), rank, alpha))
+        return self
+
+    @contextlib.contextmanager
+    def adapters_off(self):
+        """Within the block, the model is its frozen base: every LoRA update is switched off (no copy is made)."""
+        adapters = [m for m in self.modules() if isinstance(m, LoRALinear)]
+        for m in adapters:
+            m.enabled = False
+        try:
+            yield self
+        finally:
+            for m in adapters:
+                m.enabled = True
+
+    def has_adapters(self):
+        return any(isinstance(m, LoRALinear) for m in self.modules())
+
+    def merged(self):
+        """A copy of the model with every adapter folded into its weights: the same function, plain Linears."""
+        model = copy.deepcopy(self)
+        for block in model.blocks:
+            for target in LORA_TARGETS:
+                module, name = projection(block, target)
+                if isinstance(getattr(module, name), LoRALinear):
+                    setattr(module, name, getattr(module, name).merged())
+        return model
 
     def forward(self, idx, targets=None, loss_mask=None, read=(), patch=None):
         """

@@ -269,6 +269,19 @@ def frozen_copy(model):
     return reference
 
 
+class AdaptersOff(torch.nn.Module):
+    """The frozen base of a model with LoRA adapters, as a module of its own: the same model, run with its adapters
+    switched off. A reference that costs no copy."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with self.model.adapters_off():
+            return self.model(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # LwF
 
@@ -441,7 +454,9 @@ class SAEGuided(Method):
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)
         self.saes, self.reads, self.masks = saes, tuple(sorted(saes or ())), []
-        self.base = frozen_copy(model) if config.sae_guided_reference == "base" else None
+        self.base = None  # the 'base' reference: with LoRA the model with adapters off, else a frozen copy
+        if config.sae_guided_reference == "base":
+            self.base = AdaptersOff(model) if model.has_adapters() else frozen_copy(model)
 
     def before_task(self, model, split, t):
         c = self.config
@@ -466,8 +481,9 @@ class SAEGuided(Method):
     def after_task(self, model, split, t):
         self.reference = None  # the task-start copy is not kept
 
-    def retained(self):  # the masks, and the frozen base if it is the reference (a full copy of the model)
-        return [self.masks, [p for p in self.base.parameters()] if self.base is not None else []]
+    def retained(self):  # the masks, and the frozen base if it is the reference and a copy of the model
+        copied = self.base is not None and not isinstance(self.base, AdaptersOff)
+        return [self.masks, list(self.base.parameters()) if copied else []]
 
     @classmethod
     def check(cls, config):

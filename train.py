@@ -31,7 +31,7 @@ from data.corpus import get_batch, load_corpus
 from data.tasks import DEFAULT_ORDER, TASKS, build_task_suite, concat_splits, trim_padding
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
 from evaluate import plot_sae_metrics, sae_metrics, summarize_run, task_accuracy
-from model import GPT, GPTConfig
+from model import GPT, LORA_TARGETS, GPTConfig
 from regularizers import METHODS, RENAMED_METHODS, sae_training_penalty, tensor_bytes
 from sae import SAEConfig, TopKSAE, check_sae_fits, sae_from_dict, sae_to_dict, train_saes
 
@@ -87,6 +87,11 @@ class Config:
     steps_per_task: int = 200  # AdamW steps per task
     cl_batch_size: int = 32  # examples per step
     cl_lr: float = 3e-4  # AdamW, constant, a fresh optimizer per task, no weight decay
+    finetune: str = "full"  # 'full': every weight learns; 'lora': adapters on frozen weights (model.add_lora)
+    lora_rank: int = 8  # rank r of each adapter
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # projections of every block that get an adapter
+    content_tokens: str = "all"  # where SAE-guided and LwF look: 'all' real tokens, or 'no_template' (no tag, no ' > ')
     n_train: int = 2000  # training examples per task
     n_val: int = 100  # validation examples per task (at most; carved from training questions)
     n_test: int = 200  # test examples per task (at most)
@@ -136,6 +141,9 @@ CHOICES = {  # fields whose value must be one of a fixed set
     "ewc_fisher_labels": ("true", "empirical"),
     "sae_guided_codes": ("topk", "dense"),
     "sae_guided_reference": ("task_start", "base"),
+    "finetune": ("full", "lora"),
+    "content_tokens": ("all", "no_template"),
+    "lora_targets": LORA_TARGETS,
 }
 STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those of the stages it is built from
     "pretrain": ("seed", "corpus", "corpus_lines", "n_layer", "n_head", "n_embd", "block_size", "dropout",
@@ -144,7 +152,8 @@ STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those
                  "sae_reg_expansion"),
     "sae": ("sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "sae_tokens", "sae_auxk",
             "sae_aux_k", "sae_dead_firings"),
-    "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "n_train", "n_val", "n_test", "eval_split"),
+    "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "finetune", "lora_rank", "lora_alpha", "lora_targets",
+           "content_tokens", "n_train", "n_val", "n_test", "eval_split"),
 }  # and each method's own fields, '<method>_*' (regularizers.Method.config_keys)
 NOT_RESULT_KEYS = ("run", "out_dir", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device: see keys
 RENAMED_KEYS = {old: "sae_guided_" + new for old, new in (
@@ -224,7 +233,7 @@ def corpus_of(config):
 
 def task_suite(config):
     return build_task_suite(config.tasks, config.n_train, config.n_val, config.n_test, seed=0,
-                            block_size=config.block_size)
+                            block_size=config.block_size, template_is_content=config.content_tokens == "all")
 
 
 def model_from_checkpoint(checkpoint, device):
@@ -499,6 +508,8 @@ def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = model_from_checkpoint(base, device)
+    if config.finetune == "lora":  # the base weights are frozen; one adapter set learns the whole sequence
+        model.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
     lm_loss_before = estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters)
     R = [evaluate_tasks(model, suite, config, device)]
     method = METHODS[name](config, model, saes, seed)

@@ -152,14 +152,17 @@ def concat_splits(splits, name="mixed"):
 
 
 def trim_padding(batch):
-    """Cut the columns that are padding in every row. Exact for a causal model: padding comes after the content,
-    so no real position ever attends to it. Saves the compute of short tasks padded to the longest one."""
-    length = int(batch.content_mask.sum(1).max())
+    """Cut the columns that are padding in every row. Exact for a causal model: padding comes after the answer,
+    which ends every example, so no real position ever attends to it. Saves the compute of short tasks padded to
+    the longest one."""
+    positions = torch.arange(1, batch.x.size(1) + 1, device=batch.x.device)
+    length = int((batch.answer_mask * positions).max())  # one past the last answer position of any row
     return Batch(*(t[:, :length] for t in batch))
 
 
-def to_tensors(name, examples, length):
-    """Encode (question, answer) pairs into a TaskSplit padded to `length` positions."""
+def to_tensors(name, examples, length, template_is_content=True):
+    """Encode (question, answer) pairs into a TaskSplit padded to `length` positions. With template_is_content
+    False, content_mask leaves out the task's template: the tag ('add: ') and the separator (' > ')."""
     n = len(examples)
     x = torch.full((n, length), NEWLINE, dtype=torch.long)
     y = torch.full((n, length), NEWLINE, dtype=torch.long)
@@ -174,10 +177,15 @@ def to_tensors(name, examples, length):
         y[i, : len(ids) - 1] = torch.tensor(ids[1:])
         answer_mask[i, len(prompt) - 1 : len(ids) - 1] = 1.0  # targets that are completion tokens
         content_mask[i, : len(ids) - 1] = 1.0
+        if not template_is_content:
+            tag = question.index(": ") + 2
+            content_mask[i, :tag] = 0.0  # the tag
+            content_mask[i, len(question) : len(prompt)] = 0.0  # the separator
     return TaskSplit(name, examples, x, y, answer_mask, content_mask)
 
 
-def build_task_suite(names, n_train=2000, n_val=100, n_test=200, seed=0, length=None, block_size=None):
+def build_task_suite(names, n_train=2000, n_val=100, n_test=200, seed=0, length=None, block_size=None,
+                     template_is_content=True):
     """{task: {'train'|'val'|'test': TaskSplit}}, all padded to one length so batches of different tasks mix.
     With block_size, an example longer than the model can read is an error that names its task."""
     splits = {name: make_splits(name, n_train, n_val, n_test, seed) for name in names}
@@ -189,4 +197,5 @@ def build_task_suite(names, n_train=2000, n_val=100, n_test=200, seed=0, length=
                            key=lambda item: len("".join(format_example(*item[1]))))
         raise ValueError(f"task {name}: the example {''.join(format_example(q, a))!r} needs {length} positions, "
                          f"more than --block_size={block_size}; raise --block_size or leave out --tasks={name}")
-    return {name: {split: to_tensors(name, exs, length) for split, exs in s.items()} for name, s in splits.items()}
+    return {name: {split: to_tensors(name, exs, length, template_is_content) for split, exs in s.items()}
+            for name, s in splits.items()}

@@ -165,3 +165,17 @@ def test_trim_padding_keeps_the_longest_example_and_changes_no_logit(tiny_model)
     assert answer_mask.sum() == batch[2].sum() and content_mask.sum() == batch[3].sum()  # no real token lost
     with torch.no_grad():  # causal: the cut-off padding never reached a real position
         assert torch.allclose(tiny_model(x)[0], tiny_model(batch[0])[0][:, : x.size(1)], atol=1e-5)
+
+
+def test_content_tokens_without_the_template_on_a_hand_made_example():
+    from data.tasks import to_tensors
+
+    with_template = to_tensors("add", [("add: 23+48", "71")], length=20)
+    without = to_tensors("add", [("add: 23+48", "71")], length=20, template_is_content=False)
+    # x holds "add: 23+48 > 71" (the newline that ends the answer is only a target)
+    assert decode(with_template.x[0, :15]) == "add: 23+48 > 71"
+    assert decode(with_template.x[0][with_template.content_mask[0].bool()]) == "add: 23+48 > 71"
+    assert decode(without.x[0][without.content_mask[0].bool()]) == "23+4871"  # question and answer, no tag, no ' > '
+    assert torch.equal(without.answer_mask, with_template.answer_mask)  # the loss is the same either way
+    batch = trim_padding(without.rows(slice(None)))
+    assert batch.x.size(1) == 15  # trimming still keeps every real token

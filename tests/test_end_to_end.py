@@ -97,3 +97,25 @@ def test_parallel_jobs_give_the_same_results_as_one_process(tmp_path):
         one = json.loads((tmp_path / "one" / "default" / "cl" / f"{name}.json").read_text())
         two = json.loads((tmp_path / "two" / "default" / "cl" / f"{name}.json").read_text())
         assert one["R"] == two["R"] and one["retained_bytes"] == two["retained_bytes"]
+
+
+def test_lora_fine_tuning_runs_every_method_on_the_adapters_only(tmp_path):
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--finetune=lora", "--lora_rank=2",
+                            "--methods=seqft,ewc,si,sae_guided", "--sae_guided_reference=base"]
+    assert train.main(argv) == 0
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    n_adapter = 2 * (2 * 32 + 96 * 2) + 2 * (2 * 32 + 32 * 2) + 2 * (2 * 32 + 128 * 2) + 2 * (2 * 128 + 32 * 2)
+    n_adapter //= 2  # one block in the TINY model: qkv, attn out, mlp in, mlp out
+    assert summary["ewc"]["retained_bytes"] == 2 * 2 * n_adapter * 4  # (F, theta*) per task, adapters only
+    assert summary["si"]["retained_bytes"] == 2 * n_adapter * 4
+    assert summary["sae_guided"]["retained_bytes"] == 2 * 4 * 32 * 4  # the masks; the base costs no copy
+    result = json.loads((tmp_path / "default" / "cl" / "seqft_seed0.json").read_text())
+    assert result["shared"]["config"]["finetune"] == "lora" and len(result["R"]) == 3
+
+
+def test_content_tokens_without_the_template_reach_the_penalties(tmp_path):
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=lwf,sae_guided", "--content_tokens=no_template"]
+    assert train.main(argv) == 0
+    for method in ("lwf", "sae_guided"):
+        result = json.loads((tmp_path / "default" / "cl" / f"{method}_seed0.json").read_text())
+        assert result["shared"]["config"]["content_tokens"] == "no_template" and len(result["R"]) == 3

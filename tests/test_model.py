@@ -93,3 +93,48 @@ def test_residual_projections_get_scaled_init():
     std_fc = m.blocks[0].mlp.c_fc.weight.std().item()
     assert abs(std_fc - 0.02) < 0.003
     assert abs(std_proj - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
+
+
+def lora_model(tiny_model, rank=4, targets=None):
+    from model import LORA_TARGETS
+
+    return tiny_model.add_lora(rank, alpha=8.0, targets=targets or LORA_TARGETS)
+
+
+def test_lora_with_b_zero_is_the_base_exactly(tiny_model):
+    x = torch.randint(0, 96, (2, 16))
+    before = tiny_model(x)[0]
+    after = lora_model(tiny_model)(x)[0]
+    assert torch.equal(before, after)
+
+
+def test_only_adapter_parameters_get_gradients(tiny_model):
+    model = lora_model(tiny_model, targets=("attn_qkv", "mlp_out"))
+    x = torch.randint(0, 96, (2, 16))
+    model(x, x)[1].backward()
+    named = dict(model.named_parameters())
+    learning = {name for name, p in named.items() if p.grad is not None}
+    assert learning == {f"blocks.{b}.{m}.{w}" for b in (0, 1) for m in ("attn.c_attn", "mlp.c_proj") for w in "AB"}
+    assert all(not p.requires_grad for name, p in named.items() if name not in learning)
+    assert sum(named[n].numel() for n in learning) == 2 * (4 * 32 + 96 * 4) + 2 * (4 * 128 + 32 * 4)
+
+
+def test_adapters_off_is_the_base_after_training_and_merging_keeps_the_function(tiny_model):
+    import copy
+
+    base = copy.deepcopy(tiny_model)
+    model = lora_model(tiny_model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 96, (4, 16))
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(x, x)[1].backward()
+        optimizer.step()
+    with torch.no_grad():
+        trained = model(x)[0]
+        assert not torch.allclose(trained, base(x)[0], atol=1e-3)  # the adapters learned something
+        with model.adapters_off():
+            assert torch.equal(model(x)[0], base(x)[0])  # the frozen base, exactly, without a copy
+        assert torch.allclose(model(x)[0], trained)  # and back on afterwards
+        merged = model.merged()
+        assert not merged.has_adapters() and torch.allclose(merged(x)[0], trained, atol=1e-5)
