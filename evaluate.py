@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from data.tasks import Batch, trim_padding
+from regularizers import METHODS  # the report lists methods in the registry's order
 
 # ----------------------------------------------------------------------------------------------------------------
 # task accuracy
@@ -197,12 +198,6 @@ def load_cl_results(run_dir, cl_dir="cl"):
     return results
 
 
-def method_order():
-    from regularizers import METHODS  # the report lists methods in the order of the registry
-
-    return list(METHODS)
-
-
 def differing_keys(dicts):
     """The keys whose values are not the same in all of dicts."""
     return sorted(k for k in set().union(*dicts) if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1)
@@ -213,7 +208,9 @@ def check_comparable(results):
     continual-learning settings, code, device and base model (their 'shared' key), and the seeds of one method
     its own settings. The error names the keys that differ."""
     runs = [r for rs in results.values() for r in rs]
-    differing = differing_keys([{**r["shared"]["config"], **r["shared"], "config": None} for r in runs])
+    # the shared config fields, and beside them the code, torch, device, corpus and base-model hashes
+    shared = [{**r["shared"]["config"], **{k: v for k, v in r["shared"].items() if k != "config"}} for r in runs]
+    differing = differing_keys(shared)
     if differing:
         files = ", ".join(f"{r['method']}_seed{r['seed']}.json" for r in runs)
         raise ValueError(f"these results were made with different settings ({', '.join(differing)}), so they are "
@@ -231,7 +228,7 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
     (into out/<run>/, or out/<run>/<cl_dir>/ for another results folder)."""
     results = load_cl_results(run_dir, cl_dir)
     results = {m: [r for r in results[m] if seeds is None or r["seed"] in seeds]
-               for m in method_order() if m in results and (methods is None or m in methods)}
+               for m in METHODS if m in results and (methods is None or m in methods)}
     results = {m: rs for m, rs in results.items() if rs}
     if not results:
         raise ValueError(f"no continual-learning results for methods {methods} and seeds {seeds} in "

@@ -551,15 +551,18 @@ def method_key(config, name, seed, device, base, sae_checkpoint):
     return key, shared, json.loads(json.dumps(settings))
 
 
-def run_and_save(name, seed, path, key, shared, settings, config, device, base, sae_checkpoint, threads=None):
-    """run_method for one (method, seed), written to path with its key; in a worker process, threads=1."""
+def run_and_save(job, *, device, base, sae_checkpoint, threads=None):
+    """run_method for one job (a dict: name, seed, config, and the path, key, shared key and method settings its
+    result is saved with); in a worker process, threads=1."""
     if threads:
         torch.set_num_threads(threads)
+    config = job["config"]
     model = model_from_checkpoint(base, device)
-    saes = load_saes(sae_checkpoint, model, device) if METHODS[name].uses_saes else None
-    result = run_method(name, seed, config=config, device=device, base=base, saes=saes, suite=task_suite(config),
-                        lm_val_ids=corpus_of(config)[1])
-    cfg.save_json({**result, "key": key, "shared": shared, "method_settings": settings}, path)
+    saes = load_saes(sae_checkpoint, model, device) if METHODS[job["name"]].uses_saes else None
+    result = run_method(job["name"], job["seed"], config=config, device=device, base=base, saes=saes,
+                        suite=task_suite(config), lm_val_ids=corpus_of(config)[1])
+    cfg.save_json({**result, "key": job["key"], "shared": job["shared"], "method_settings": job["settings"]},
+                  job["path"])
 
 
 def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
@@ -574,15 +577,17 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
                 if cfg.load_json_result(path, key) is not None:
                     print(f"cl: reusing {path}")
                 else:
-                    todo.append((name, seed, path, key, shared, settings, config, device, base, sae_checkpoint))
+                    todo.append({"name": name, "seed": seed, "config": config, "path": path, "key": key,
+                                 "shared": shared, "settings": settings})
+    stages = dict(device=device, base=base, sae_checkpoint=sae_checkpoint)
     if jobs > 1 and len(todo) > 1:  # processes of one thread each, spawned (a fork is unsafe once torch has run)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context) as pool:
-            for future in [pool.submit(run_and_save, *job, threads=1) for job in todo]:
+            for future in [pool.submit(run_and_save, job, **stages, threads=1) for job in todo]:
                 future.result()
     else:
         for job in todo:
-            run_and_save(*job)
+            run_and_save(job, **stages)
     return [summarize_run(os.path.join(c.out_dir, c.run), c.methods, c.seeds, c.cl_dir) for c in configs]
 
 

@@ -104,8 +104,9 @@ def test_lora_fine_tuning_runs_every_method_on_the_adapters_only(tmp_path):
                             "--methods=seqft,ewc,si,sae_guided", "--sae_guided_reference=base"]
     assert train.main(argv) == 0
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
-    n_adapter = 2 * (2 * 32 + 96 * 2) + 2 * (2 * 32 + 32 * 2) + 2 * (2 * 32 + 128 * 2) + 2 * (2 * 128 + 32 * 2)
-    n_adapter //= 2  # one block in the TINY model: qkv, attn out, mlp in, mlp out
+    # one block of width 32, rank 2: A (2, in) and B (out, 2) for qkv (32 -> 96), attention out (32 -> 32),
+    # MLP in (32 -> 128) and MLP out (128 -> 32)
+    n_adapter = (2 * 32 + 96 * 2) + (2 * 32 + 32 * 2) + (2 * 32 + 128 * 2) + (2 * 128 + 32 * 2)
     assert summary["ewc"]["retained_bytes"] == 2 * 2 * n_adapter * 4  # (F, theta*) per task, adapters only
     assert summary["si"]["retained_bytes"] == 2 * n_adapter * 4
     assert summary["sae_guided"]["retained_bytes"] == 2 * 4 * 32 * 4  # the masks; the base costs no copy
