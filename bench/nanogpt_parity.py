@@ -23,10 +23,14 @@ BABY = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch
         "--dropout=0", "--bias=false", "--grad_clip=1.0", "--eval_interval=250", "--eval_iters=20", "--device=cpu"]
 
 
-def main():
+def default_corpus():
+    """../shared/data/tinyshakespeare.txt beside the project's folder."""
     here = os.path.dirname(os.path.abspath(__file__))
-    default = os.path.join(here, "..", "..", "shared", "data", "tinyshakespeare.txt")
-    path = sys.argv[1] if len(sys.argv) > 1 else default
+    return os.path.join(here, "..", "..", "shared", "data", "tinyshakespeare.txt")
+
+
+def main():
+    path = sys.argv[1] if len(sys.argv) > 1 else default_corpus()
     if not os.path.isfile(path):
         sys.exit(f"no corpus at {path}; pass the path of tinyshakespeare.txt")
     argv = BABY + [f"--corpus={path}", "--run=shakespeare_baby", "--stage=pretrain"]
