@@ -6,6 +6,9 @@ Metrics, plots and the report.
   task t (row 0: before any task): OP, plasticity, BWT, forgetting.
 - SAE metrics on held-out text: L0, FVU, explained variance, dead fraction, cosine(x, xhat), CE increase when a
   reconstruction is spliced into the model, compound CE increase with every point spliced at once.
+- The forgetting diagnostic: after each task, on every earlier task's evaluation inputs, where the forgetting is:
+  in the SAE features that task relied on or in the rest, in the part of the activation the SAE does not
+  reconstruct, in the output distribution, and in the answers' format. Measurement only; it never feeds training.
 - Plots (PNG) and a markdown report. `python evaluate.py out/<run>` rebuilds the report from the saved JSON.
 """
 
@@ -22,8 +25,10 @@ matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt
 import torch
 
-from data.tasks import Batch, trim_padding
-from regularizers import METHODS  # the report lists methods in the registry's order
+from data.instructions import answer_format
+from data.tasks import Batch, format_example, trim_padding
+from data.tokenizer import NEWLINE, decode, encode
+from regularizers import METHODS, propagate_mask  # the report lists methods in the registry's order
 
 # ----------------------------------------------------------------------------------------------------------------
 # task accuracy
@@ -47,6 +52,93 @@ def task_accuracy(model, split, device, batch_size=256):
         correct.append(((predicted == batch.y) | (batch.answer_mask == 0)).all(-1))
     model.train(was_training)
     return torch.cat(correct).float().mean().item()
+
+
+@torch.no_grad()
+def greedy_answers(model, split, device, n_examples=None):
+    """The greedy-decoded answers (text up to the newline) of a TaskSplit's first n_examples prompts, all decoded
+    side by side: each step runs the batch once and appends every unfinished row's argmax at its own position (a
+    causal model never looks at the padding to the right of a row). At most the longest true answer + 4 characters,
+    within the block size."""
+    was_training = model.training
+    model.eval()
+    examples = split.examples[:n_examples]
+    prompts = [encode(format_example(q, a)[0]) for q, a in examples]
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    max_new = min(max(len(a) for _, a in examples) + 5, model.config.block_size - int(lengths.max()))
+    x = torch.full((len(prompts), int(lengths.max()) + max_new), NEWLINE, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        x[i, : len(p)] = torch.tensor(p)
+    position, done = lengths.clone(), torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    rows = torch.arange(len(prompts), device=device)
+    for _ in range(max_new):
+        logits = model(x[:, : int(position.max())])[0]
+        next_token = logits[rows, position - 1].argmax(-1)
+        x[rows[~done], position[~done]] = next_token[~done]
+        done |= next_token == NEWLINE
+        position = torch.where(done, position, position + 1)
+        if done.all():
+            break
+    model.train(was_training)
+    return [decode(x[i, n : int(position[i])].tolist()) for i, n in enumerate(lengths.tolist())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the forgetting diagnostic
+
+
+@torch.no_grad()
+def forgetting_snapshot(model, saes, split, device, n_examples):
+    """What the model does on a task's first n_examples evaluation inputs, kept to compare with later: per SAE
+    point the codes z at the content tokens (sparse) and the norm of the SAE's error ||x - xhat|| there; the
+    log-probabilities at the answer positions (teacher-forced); the greedy answers; and the task's mask m, built
+    from these codes as SAE-guided builds a mask (relevance, then propagation to decoder neighbours)."""
+    was_training = model.training
+    model.eval()
+    batch = trim_padding(Batch(*(t.to(device) for t in split.rows(slice(0, n_examples)))))
+    logits, _, residuals = model(batch.x, read=tuple(sorted(saes)))
+    content, answer = batch.content_mask.bool(), batch.answer_mask.bool()
+    snapshot = {"codes": {}, "error_norm": {}, "mask": {}, "answers": greedy_answers(model, split, device, n_examples),
+                "log_probs": torch.log_softmax(logits[answer].double(), dim=-1)}
+    for p, sae in saes.items():
+        x = residuals[p][content]  # (N_content, d)
+        xhat, z = sae.reconstruct(x)
+        snapshot["codes"][p] = z.to_sparse()
+        snapshot["error_norm"][p] = (x - xhat).norm(dim=-1)
+        relevance = z.abs().mean(0)
+        relevance = relevance / relevance.max().clamp(min=1e-12)
+        snapshot["mask"][p] = propagate_mask(relevance, sae.W_dec)
+    model.train(was_training)
+    return snapshot
+
+
+def drift_split(z, z_end, mask):
+    """d_j = mean over tokens |z_j - z_end_j|, split by the mask m in [0, 1]:
+        drift = sum_j d_j = sum_j m_j d_j (the task's features) + sum_j (1 - m_j) d_j (the rest)."""
+    d = (z - z_end).abs().mean(0)
+    return {"drift": d.sum().item(), "drift_mask": (mask * d).sum().item(), "drift_rest": ((1 - mask) * d).sum().item()}
+
+
+def format_confusion(answers, own_formats, latest_formats):
+    """The share of answers whose format (answer_format: character classes and length) is one of the latest
+    task's formats and none of the task's own: an earlier task answered in the latest task's way."""
+    foreign = set(latest_formats) - set(own_formats)
+    return sum(answer_format(a) in foreign for a in answers) / max(1, len(answers))
+
+
+def forgetting_diagnostic(end, now, own_formats, latest_formats):
+    """An earlier task's forgetting since it was learned, from its snapshot at that time (end) and now:
+    per SAE point the drift of the codes split into the task's mask and the rest (drift_split), and the change of
+    the SAE error's mean norm, mean ||x - xhat||_now - mean ||x - xhat||_end (the part of the activation the SAE
+    does not reconstruct, which no SAE-space penalty sees); for the outputs the mean over answer positions of
+    KL(p_end || p_now); and the format confusion of the greedy answers."""
+    points = {}
+    for p in end["codes"]:
+        points[p] = drift_split(now["codes"][p].to_dense(), end["codes"][p].to_dense(), end["mask"][p])
+        points[p]["error_norm_change"] = (now["error_norm"][p].mean() - end["error_norm"][p].mean()).item()
+    kl = (end["log_probs"].exp() * (end["log_probs"] - now["log_probs"])).sum(-1).mean().item()
+    return {"points": points, "answer_kl": kl,
+            "format_confusion": format_confusion(now["answers"], own_formats, latest_formats)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

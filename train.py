@@ -28,9 +28,11 @@ import torch
 import configurator as cfg
 from configurator import progress
 from data.corpus import get_batch, load_corpus
+from data.instructions import AUX_TASKS, answer_format, aux_task_names
 from data.tasks import DEFAULT_ORDER, TASKS, build_task_suite, concat_splits, trim_padding
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
-from evaluate import plot_sae_metrics, sae_metrics, summarize_run, task_accuracy
+from evaluate import (forgetting_diagnostic, forgetting_snapshot, plot_sae_metrics, sae_metrics, summarize_run,
+                      task_accuracy)
 from model import GPT, LORA_TARGETS, GPTConfig
 from regularizers import METHODS, RENAMED_METHODS, sae_training_penalty, tensor_bytes
 from sae import SAEConfig, TopKSAE, check_sae_fits, sae_from_dict, sae_to_dict, train_saes
@@ -65,6 +67,12 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this in every stage; 0 = no clipping
     eval_interval: int = 200  # steps between evaluations and checkpoints
     eval_iters: int = 20  # batches per loss estimate
+    # instruction phase, the end of the base stage: tag-routed auxiliary tasks (data/instructions.py), as the
+    # paper's instruction-tuned base already follows tags; disjoint from the benchmark's tasks
+    instruct_tags: int = 0  # auxiliary tasks learned (the first n of AUX_TASKS); 0 = no instruction phase
+    instruct_iters: int = 1000  # steps of the phase: each an auxiliary batch (answer tokens) plus a corpus batch
+    instruct_lr: float = 1e-3  # its peak learning rate, cosine-decayed to min_lr
+    instruct_examples: int = 500  # training prompts per auxiliary task (32 more per task are held out)
     # SAE-regularized pretraining: TopK SAEs at every point 0..n_layer trained jointly with the model
     sae_reg_lambda: float = 0.0  # weight of the reconstruction term; 0 = off
     sae_reg_k: int = 8  # TopK of the jointly trained SAEs
@@ -129,6 +137,9 @@ class Config:
     # replay (stores data; a reference point)
     replay_fraction: float = 0.05  # share of each finished task's training examples kept
     replay_batch_size: int = 16  # replayed examples appended to each batch
+    # the forgetting diagnostic (evaluate.forgetting_diagnostic): measurement only, never fed to training
+    diagnose: bool = True  # after every task, on each earlier task: drift in its SAE features and the rest, ...
+    diagnose_examples: int = 64  # evaluation examples per task it looks at
 
 
 CHOICES = {  # fields whose value must be one of a fixed set
@@ -148,12 +159,12 @@ CHOICES = {  # fields whose value must be one of a fixed set
 STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those of the stages it is built from
     "pretrain": ("seed", "corpus", "corpus_lines", "n_layer", "n_head", "n_embd", "block_size", "dropout",
                  "bias", "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
-                 "grad_clip", "eval_interval", "eval_iters", "sae_reg_lambda", "sae_reg_k", "sae_reg_l1",
-                 "sae_reg_expansion"),
+                 "grad_clip", "eval_interval", "eval_iters", "instruct_tags", "instruct_iters", "instruct_lr",
+                 "instruct_examples", "sae_reg_lambda", "sae_reg_k", "sae_reg_l1", "sae_reg_expansion"),
     "sae": ("sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "sae_tokens", "sae_auxk",
             "sae_aux_k", "sae_dead_firings"),
     "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "finetune", "lora_rank", "lora_alpha", "lora_targets",
-           "content_tokens", "n_train", "n_val", "n_test", "eval_split"),
+           "content_tokens", "n_train", "n_val", "n_test", "eval_split", "diagnose", "diagnose_examples"),
 }  # and each method's own fields, '<method>_*' (regularizers.Method.config_keys)
 NOT_RESULT_KEYS = ("run", "out_dir", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device: see keys
 RENAMED_KEYS = {old: "sae_guided_" + new for old, new in (
@@ -169,7 +180,8 @@ RENAMED_KEYS = {old: "sae_guided_" + new for old, new in (
 
 def validate(config):
     """Everything that can be checked before compute is spent; ValueError names the key and what is allowed."""
-    cfg.validate(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "corpus_lines"))
+    cfg.validate(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "corpus_lines", "instruct_tags"))
+    aux_task_names(config.instruct_tags)
     if config.n_embd % config.n_head:
         raise ValueError(f"--n_embd={config.n_embd} must be divisible by --n_head={config.n_head}")
     if config.lr <= 0 or config.cl_lr <= 0:
@@ -236,6 +248,22 @@ def task_suite(config):
                             block_size=config.block_size, template_is_content=config.content_tokens == "all")
 
 
+AUX_HELD_OUT = 32  # held-out prompts per auxiliary task: the instruction-following accuracy is measured on them
+
+
+def aux_suite(config):
+    """{aux task: {'train', 'val' (empty), 'test' (held out)}} of the instruction phase; {} without one."""
+    if not config.instruct_tags:
+        return {}
+    return build_task_suite(aux_task_names(config.instruct_tags), config.instruct_examples, 0, AUX_HELD_OUT, seed=0,
+                            block_size=config.block_size, tasks=AUX_TASKS)
+
+
+def aux_accuracy(model, suite, device, split="test"):
+    """Mean over the auxiliary tasks of their accuracy on held-out prompts: does the tag still select the answer?"""
+    return sum(task_accuracy(model, s[split], device) for s in suite.values()) / len(suite)
+
+
 def model_from_checkpoint(checkpoint, device):
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
@@ -268,7 +296,11 @@ def check_finite(loss, where, advice):
 
 
 def get_lr(it, config):
-    """Linear warmup to lr over warmup_iters, then cosine decay to min_lr at max_iters."""
+    """Linear warmup to lr over warmup_iters, then cosine decay to min_lr at max_iters; in the instruction phase
+    that follows, a second cosine from instruct_lr to min_lr over instruct_iters."""
+    if it >= config.max_iters:
+        progress_ = (it - config.max_iters) / max(1, config.instruct_iters)
+        return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (config.instruct_lr - config.min_lr)
     if it < config.warmup_iters:
         return config.lr * (it + 1) / config.warmup_iters
     progress_ = min(1.0, (it - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters))
@@ -305,8 +337,9 @@ SAMPLE_PROMPTS = ("mia has", "what colour is tom's", "3 + 4 =", "lemon backwards
 
 
 def pretrain(config, device):
-    """Train the GPT on the base corpus; returns the checkpoint dict (cached at out/<run>/base.pt, with its
-    summary in pretrain.json: the stage is reused only when both are there and made by this key)."""
+    """Train the GPT on the base corpus, then (with --instruct_tags) on the auxiliary tasks mixed with corpus text;
+    returns the checkpoint dict (cached at out/<run>/base.pt, with its summary in pretrain.json: the stage is
+    reused only when both are there and made by this key)."""
     run_dir = os.path.join(config.out_dir, config.run)
     path, summary_path = os.path.join(run_dir, "base.pt"), os.path.join(run_dir, "pretrain.json")
     key = cfg.result_key(stage_config(config, "pretrain"), device, config.corpus)
@@ -329,6 +362,9 @@ def pretrain(config, device):
         joint_saes = {p: TopKSAE(sae_config).to(device) for p in range(config.n_layer + 1)}
         optimizer.add_param_group({"params": [q for s in joint_saes.values() for q in s.parameters()],
                                    "weight_decay": 0.0})
+    aux = aux_suite(config)  # the instruction phase runs from max_iters to total_iters
+    aux_train = concat_splits([s["train"] for s in aux.values()]) if aux else None
+    total_iters = config.max_iters + (config.instruct_iters if aux else 0)
     generator = torch.Generator().manual_seed(config.seed)
     start_iter, history = 0, []
     if checkpoint is not None:  # an interrupted run with the same key: resume where it stopped
@@ -350,8 +386,7 @@ def pretrain(config, device):
     model.train()
     t0 = time.time()
     step_seconds = 0.0  # time in training steps only, without evaluation and checkpoints
-    with progress(range(start_iter, config.max_iters), desc="pretrain", initial=start_iter,
-                  total=config.max_iters) as bar:
+    with progress(range(start_iter, total_iters), desc="pretrain", initial=start_iter, total=total_iters) as bar:
         for it in bar:
             t_step = time.time()
             for group in optimizer.param_groups:
@@ -360,6 +395,9 @@ def pretrain(config, device):
             _, loss, residuals = model(x, y, read=tuple(joint_saes))
             if joint_saes:
                 loss = loss + sae_training_penalty(residuals, joint_saes, config.sae_reg_lambda, config.sae_reg_l1)
+            if it >= config.max_iters:  # the instruction phase: plus the CE of an auxiliary batch's answers
+                batch = trim_padding(aux_train.batch(config.batch_size, generator, device))
+                loss = loss + model(batch.x, batch.y, batch.answer_mask)[1]
             check_finite(loss, f"in pretraining at iteration {it}", "lower --lr (or --sae_reg_lambda)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -372,11 +410,15 @@ def pretrain(config, device):
             step_seconds += time.time() - t_step
             if it % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if (it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters:
+            if (it + 1) % config.eval_interval == 0 or it + 1 in (config.max_iters, total_iters):
                 train_loss = estimate_lm_loss(model, train_ids, config, device, config.eval_iters)
                 val_loss = estimate_lm_loss(model, val_ids, config, device, config.eval_iters)
                 history.append({"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss})
-                bar.write(f"iter {it + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                if it >= config.max_iters:
+                    history[-1]["aux_accuracy"] = aux_accuracy(model, aux, device)
+                bar.write(f"iter {it + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}" + (
+                    f", held-out auxiliary accuracy {history[-1]['aux_accuracy']:.3f}" if it >= config.max_iters
+                    else ""))
                 cfg.save_checkpoint(snapshot(it + 1, done=False), path)
     seconds = time.time() - t0
     val_loss = history[-1]["val_loss"]
@@ -384,11 +426,19 @@ def pretrain(config, device):
         samples = greedy_samples(model, ("\n",), device, max_new_tokens=200, one_line=False)
     else:
         samples = greedy_samples(model, SAMPLE_PROMPTS, device)
-    checkpoint = snapshot(config.max_iters, done=True, val_loss=val_loss)
+    checkpoint = snapshot(total_iters, done=True, val_loss=val_loss)
     cfg.save_checkpoint(checkpoint, path)
     summary = {"key": key, "val_loss": val_loss, "train_loss": history[-1]["train_loss"], "seconds": seconds,
-               "ms_per_iter": 1000 * step_seconds / max(1, config.max_iters - start_iter), "history": history,
+               "ms_per_iter": 1000 * step_seconds / max(1, total_iters - start_iter), "history": history,
                "samples": samples, "params": model.num_params(), "sha": checkpoint["sha"]}
+    if aux:  # instruction following: held-out prompts of the auxiliary tasks, and prompts it was trained on
+        summary["aux_accuracy"] = aux_accuracy(model, aux, device)
+        summary["aux_train_accuracy"] = sum(task_accuracy(model, s["train"].subset(torch.arange(AUX_HELD_OUT)),
+                                                          device) for s in aux.values()) / len(aux)
+        summary["aux_samples"] = greedy_samples(model, [q + " > " for q, _ in (s["test"].examples[0]
+                                                                                for s in aux.values())], device)
+        print(f"pretrain: instruction phase, held-out auxiliary accuracy {summary['aux_accuracy']:.3f} "
+              f"(trained prompts {summary['aux_train_accuracy']:.3f})")
     cfg.save_json(summary, summary_path)
     print(f"pretrain: val loss {val_loss:.4f} in {seconds:.1f}s; greedy samples:")
     for sample in samples:
@@ -503,6 +553,21 @@ def train_steps(model, split, n_steps, method, *, config, device, generator, bar
     return seconds
 
 
+def diagnose_earlier_tasks(model, saes, suite, t, snapshots, *, config, device):
+    """The forgetting diagnostic after task t: a snapshot of task t as it ends (kept in `snapshots`, measurement
+    only), and for each earlier task its forgetting since its own snapshot, {task: evaluate.forgetting_diagnostic}."""
+    def snapshot(task):
+        return forgetting_snapshot(model, saes, suite[task][config.eval_split], device, config.diagnose_examples)
+
+    def formats(task):
+        return {answer_format(a) for _, a in suite[task]["train"].examples}
+
+    latest = config.tasks[t]
+    snapshots[latest] = snapshot(latest)
+    return {task: forgetting_diagnostic(snapshots[task], snapshot(task), formats(task), formats(latest))
+            for task in config.tasks[:t]}
+
+
 def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
     """Learn the tasks in order with one method; returns the results dict (accuracy matrix R and timings)."""
     torch.manual_seed(seed)
@@ -512,6 +577,9 @@ def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
         model.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
     lm_loss_before = estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters)
     R = [evaluate_tasks(model, suite, config, device)]
+    aux = aux_suite(config)  # with an instruction-following base: is the tag still followed along the sequence?
+    aux_R = [aux_accuracy(model, aux, device)] if aux else []
+    diagnostic, snapshots = [], {}
     method = METHODS[name](config, model, saes, seed)
     step_seconds, t_start = 0.0, time.time()
     total_steps = config.steps_per_task * len(config.tasks)
@@ -521,6 +589,7 @@ def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
             step_seconds = train_steps(model, mixed, total_steps, method, config=config, device=device,
                                        generator=generator, bar=bar)
             R.append(evaluate_tasks(model, suite, config, device))
+            aux_R += [aux_accuracy(model, aux, device)] if aux else []
         else:
             for t, task in enumerate(config.tasks):
                 split = suite[task]["train"]
@@ -529,22 +598,27 @@ def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
                                             generator=generator, bar=bar)
                 method.after_task(model, split, t)
                 R.append(evaluate_tasks(model, suite, config, device))
+                aux_R += [aux_accuracy(model, aux, device)] if aux else []
+                if config.diagnose:
+                    diagnostic.append(diagnose_earlier_tasks(model, saes, suite, t, snapshots, config=config,
+                                                             device=device))
                 bar.write(f"{name} seed {seed} after {task}: " + " ".join(
                     f"{n}={a:.2f}" for n, a in zip(config.tasks, R[-1])))
     return {"method": name, "seed": seed, "tasks": list(config.tasks), "eval_split": config.eval_split, "R": R,
             "lm_loss_before": lm_loss_before,
             "lm_loss_after": estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters),
             "retained_bytes": tensor_bytes(method.retained()), "step_seconds": step_seconds / total_steps,
-            "wall_seconds": time.time() - t_start}
+            "wall_seconds": time.time() - t_start, "aux_accuracy": aux_R, "diagnostic": diagnostic}
 
 
 def method_key(config, name, seed, device, base, sae_checkpoint):
     """(key, shared, method settings) of one continual-learning result: the shared part is what every method of a
     comparison must have in common (evaluate.check_comparable)."""
     method = METHODS[name]
-    stages = ("pretrain", "cl") + (("sae",) if method.uses_saes else ())
+    uses_saes = method.uses_saes or config.diagnose  # the diagnostic measures in the SAEs' features
+    stages = ("pretrain", "cl") + (("sae",) if uses_saes else ())
     settings = {k: getattr(config, k) for k in method.config_keys(config)}
-    built_from = {"base": base["sha"], **({"sae": sae_checkpoint["sha"]} if method.uses_saes else {})}
+    built_from = {"base": base["sha"], **({"sae": sae_checkpoint["sha"]} if uses_saes else {})}
     key = cfg.result_key({**stage_config(config, *stages), **settings, "method": name, "seed": seed}, device,
                          config.corpus, built_from)
     shared = cfg.result_key(stage_config(config, "pretrain", "cl"), device, config.corpus, {"base": base["sha"]})
@@ -558,7 +632,7 @@ def run_and_save(job, *, device, base, sae_checkpoint, threads=None):
         torch.set_num_threads(threads)
     config = job["config"]
     model = model_from_checkpoint(base, device)
-    saes = load_saes(sae_checkpoint, model, device) if METHODS[job["name"]].uses_saes else None
+    saes = load_saes(sae_checkpoint, model, device) if METHODS[job["name"]].uses_saes or config.diagnose else None
     result = run_method(job["name"], job["seed"], config=config, device=device, base=base, saes=saes,
                         suite=task_suite(config), lm_val_ids=corpus_of(config)[1])
     cfg.save_json({**result, "key": job["key"], "shared": job["shared"], "method_settings": job["settings"]},

@@ -1,17 +1,21 @@
 """
-Calibrating the benchmark itself: which model width and fine-tuning learning rate make the tiny-world task
-sequence show the phenomenon the methods are compared on: multitask learns every task, seqft learns each and
-forgets the earlier ones?
+Calibrating the benchmark itself, as a map: which base model and fine-tuning regime make the tiny-world task
+sequence show the phenomenon the methods are compared on, as LLMs on TRACE show it: multitask learns every task,
+seqft learns each task when trained on it, and seqft forgets the earlier ones clearly but partially?
 
-For every (n_embd, cl_lr, steps_per_task) in the grid it runs seqft and multitask on the `val` split and reports the
-three criteria (mean over `--seeds`): multitask average accuracy (want >= 0.9), the smallest R[t][t] under seqft
-(each task learned when trained, want >= 0.8) and seqft's BWT (clear forgetting, want <= -0.3). No regularization
-method is run, and the test split is never looked at. Each configuration is a `python train.py` run in its own
-process; widths share a pretrained model and SAEs (out/calib_w<width>/), trained first.
+The map's axes: the instruction phase of the base (number of auxiliary tags, 0 = none), the model (depth x width),
+full fine-tuning or LoRA (rank), the learning rate and the steps per task. For every point it runs seqft and
+multitask on the `val` split and reports the criteria (mean over `--seeds`): multitask average accuracy (want
+>= 0.9), the smallest R[t][t] under seqft (want >= 0.8) and seqft's BWT (want between -0.8 and -0.3), with the
+auxiliary (instruction-following) accuracy before the sequence and after it under seqft. No method under test is
+run, and the test split is never looked at. Each point is a `python train.py` run in its own process; a (model,
+instruction phase) pair shares one base model and its SAEs (out/calib_<model>_i<tags>/), trained first. Finished
+runs are cached by train.py, so an interrupted map resumes where it stopped.
 
-    python bench/calibrate.py                                   # the grid below, one run at a time
-    python bench/calibrate.py --jobs=8 --device=cuda            # 8 processes at once on one GPU
-    python bench/calibrate.py --widths=64,128 --lrs=3e-4 --steps=200
+    python bench/calibrate.py                                         # the map below, one run at a time
+    python bench/calibrate.py --jobs=2                                # two processes of one thread each
+    python bench/calibrate.py --models=2x96 --instruct=0,32 --lrs=3e-4 --lora_lrs= --steps=200
+    python bench/calibrate.py --jobs=8 --device=cuda --models=2x96,4x128,6x256   # a larger map on one GPU
 
 Writes out/calibrate.md and out/calibrate.json.
 """
@@ -32,12 +36,14 @@ import train  # noqa: E402
 from evaluate import cl_metrics  # noqa: E402
 
 
-def floats(text):
-    return [float(v) for v in text.split(",")]
+def listed(kind):
+    return lambda text: [kind(v) for v in text.split(",") if v]
 
 
-def ints(text):
-    return [int(v) for v in text.split(",")]
+def model_args(model):
+    """'4x128' -> the train.py arguments of a 4-block, 128-wide model."""
+    depth, width = model.split("x")
+    return [f"--n_layer={depth}", f"--n_embd={width}"]
 
 
 def run_train(job, env):
@@ -52,11 +58,36 @@ def run_train(job, env):
         raise RuntimeError(f"train.py {' '.join(args)} failed; see {log}")
 
 
+def read_point(folder, seeds):
+    """The criteria of one map point from its seqft and multitask results, mean over seeds."""
+    per_seed = []
+    for seed in seeds:
+        with open(os.path.join(folder, f"seqft_seed{seed}.json")) as f:
+            seqft = json.load(f)
+        with open(os.path.join(folder, f"multitask_seed{seed}.json")) as f:
+            multitask = json.load(f)
+        R = seqft["R"]
+        per_seed.append({"multitask": multitask["R"][-1], "bwt": cl_metrics(R)["bwt"],
+                         "diagonal": [R[t + 1][t] for t in range(len(seqft["tasks"]))],
+                         "final": R[-1], "aux": seqft["aux_accuracy"]})
+    mean = lambda key: [sum(v) / len(seeds) for v in zip(*(r[key] for r in per_seed))]  # noqa: E731
+    row = {"tasks": seqft["tasks"], "multitask_per_task": mean("multitask"), "seqft_diagonal": mean("diagonal"),
+           "seqft_final": mean("final"), "seqft_bwt": sum(r["bwt"] for r in per_seed) / len(seeds),
+           "seqft_aux": mean("aux") if per_seed[0]["aux"] else []}
+    row["multitask_avg"] = sum(row["multitask_per_task"]) / len(row["multitask_per_task"])
+    row["fits"] = (row["multitask_avg"] >= 0.9 and min(row["seqft_diagonal"]) >= 0.8
+                   and -0.8 <= row["seqft_bwt"] <= -0.3)
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--widths", type=ints, default=[64, 96, 128])
-    parser.add_argument("--lrs", type=floats, default=[1e-4, 3e-4, 1e-3])
-    parser.add_argument("--steps", type=ints, default=[200])
+    parser.add_argument("--models", type=listed(str), default=["2x96", "4x128"], help="depth x width")
+    parser.add_argument("--instruct", type=listed(int), default=[0, 8, 32], help="auxiliary tags of the base")
+    parser.add_argument("--lrs", type=listed(float), default=[1e-4, 3e-4], help="cl_lr of full fine-tuning")
+    parser.add_argument("--lora_lrs", type=listed(float), default=[1e-3], help="cl_lr of LoRA ('' = no LoRA)")
+    parser.add_argument("--lora_ranks", type=listed(int), default=[8])
+    parser.add_argument("--steps", type=listed(int), default=[200])
     parser.add_argument("--jobs", type=int, default=1, help="train.py processes at once")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out_dir", default="out")
@@ -67,53 +98,48 @@ def main():
     common = [f"--device={args.device}", f"--out_dir={args.out_dir}", "--eval_split=val", *passthrough]
     t0 = time.time()
 
-    def run_dir(width):
-        return os.path.join(args.out_dir, f"calib_w{width}")
+    bases = list(itertools.product(args.models, args.instruct))
+    run = {(m, i): f"calib_{m}_i{i}" for m, i in bases}
+    regimes = [("full", 0, lr) for lr in args.lrs] + [("lora", r, lr) for r in args.lora_ranks for lr in args.lora_lrs]
+    grid = [(m, i, f, r, lr, s) for m, i in bases for f, r, lr in regimes for s in args.steps]
 
-    # 1. a base model and SAEs per width (the cl runs below share them)
-    base_jobs = [([*common, f"--run=calib_w{w}", f"--n_embd={w}", "--stage=sae"], run_dir(w))
-                 for w in args.widths]
-    # 2. seqft and multitask for every (width, lr, steps)
-    grid = list(itertools.product(args.widths, args.lrs, args.steps))
-    cl_name = {(w, lr, s): f"calib/lr{lr:g}_steps{s}" for w, lr, s in grid}
-    cl_jobs = [([*common, f"--run=calib_w{w}", f"--n_embd={w}", f"--cl_lr={lr}", f"--steps_per_task={s}",
-                 "--methods=seqft,multitask", f"--cl_dir={cl_name[w, lr, s]}"],
-                os.path.join(run_dir(w), cl_name[w, lr, s])) for w, lr, s in grid]
+    def base_args(m, i):
+        return [*common, f"--run={run[m, i]}", *model_args(m), f"--instruct_tags={i}"]
+
+    def cl_dir(f, r, lr, s):
+        return f"calib/{f}{r or ''}_lr{lr:g}_steps{s}"
+
+    # 1. a base model and SAEs per (model, instruction phase); the cl runs below share them
+    base_jobs = [([*base_args(m, i), "--stage=sae"], os.path.join(args.out_dir, run[m, i])) for m, i in bases]
+    # 2. seqft and multitask at every point of the map
+    cl_jobs = [([*base_args(m, i), f"--finetune={f}", f"--lora_rank={r or 8}", f"--cl_lr={lr}",
+                 f"--steps_per_task={s}", "--methods=seqft,multitask", f"--cl_dir={cl_dir(f, r, lr, s)}"],
+                os.path.join(args.out_dir, run[m, i], cl_dir(f, r, lr, s))) for m, i, f, r, lr, s in grid]
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda a: run_train(a, env), base_jobs))
         list(pool.map(lambda a: run_train(a, env), cl_jobs))
 
     rows = []
-    for w, lr, s in grid:
-        folder = os.path.join(run_dir(w), cl_name[w, lr, s])
-        per_seed = []
-        for seed in seeds:
-            with open(os.path.join(folder, f"seqft_seed{seed}.json")) as f:
-                seqft = json.load(f)
-            with open(os.path.join(folder, f"multitask_seed{seed}.json")) as f:
-                multitask = json.load(f)
-            R = seqft["R"]
-            per_seed.append({"multitask": multitask["R"][-1], "bwt": cl_metrics(R)["bwt"],
-                             "diagonal": [R[t + 1][t] for t in range(len(seqft["tasks"]))]})
-        mean = lambda key: [sum(v) / len(seeds) for v in zip(*(r[key] for r in per_seed))]  # noqa: E731
-        rows.append({"n_embd": w, "cl_lr": lr, "steps_per_task": s, "tasks": seqft["tasks"], "seeds": seeds,
-                     "multitask_per_task": mean("multitask"), "seqft_diagonal": mean("diagonal"),
-                     "seqft_bwt": sum(r["bwt"] for r in per_seed) / len(seeds)})
-        rows[-1]["multitask_avg"] = sum(rows[-1]["multitask_per_task"]) / len(rows[-1]["multitask_per_task"])
+    for m, i, f, r, lr, s in grid:
+        folder = os.path.join(args.out_dir, run[m, i], cl_dir(f, r, lr, s))
+        rows.append({"model": m, "instruct_tags": i, "finetune": f"lora r{r}" if f == "lora" else f, "cl_lr": lr,
+                     "steps_per_task": s, "seeds": seeds, **read_point(folder, seeds)})
     with open(os.path.join(args.out_dir, "calibrate.json"), "w") as f:
         json.dump({"rows": rows, "seconds": time.time() - t0, "argv": sys.argv[1:]}, f, indent=2)
     tasks = rows[0]["tasks"]
     lines = [f"Command: `python bench/calibrate.py {' '.join(sys.argv[1:])}` ({time.time() - t0:.0f} s). "
-             f"Accuracy on the val split, mean over seeds {seeds}. "
-             "Targets: multitask avg >= 0.9, seqft min R[t][t] >= 0.8, "
-             "seqft BWT <= -0.3.", "",
-             "| n_embd | cl_lr | steps/task | multitask avg | seqft min R[t][t] | seqft BWT | seqft R[t][t] ("
-             + ", ".join(tasks) + ") | multitask per task |", "|---|---|---|---|---|---|---|---|"]
+             f"Accuracy on the val split, mean over seeds {seeds}. Targets: multitask avg >= 0.9, seqft min "
+             "R[t][t] >= 0.8, seqft BWT between -0.8 and -0.3 (fits: all three). Auxiliary accuracy: held-out "
+             "prompts of the instruction phase's tasks, before the sequence -> after it under seqft.", "",
+             "| model | instruct tags | fine-tuning | cl_lr | steps/task | multitask avg | seqft min R[t][t] | "
+             "seqft BWT | fits | auxiliary acc. | seqft final row (" + ", ".join(tasks) + ") |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['n_embd']} | {r['cl_lr']:g} | {r['steps_per_task']} | {r['multitask_avg']:.3f} | "
-                     f"{min(r['seqft_diagonal']):.2f} | {r['seqft_bwt']:.3f} | "
-                     + " ".join(f"{a:.2f}" for a in r["seqft_diagonal"]) + " | "
-                     + " ".join(f"{a:.2f}" for a in r["multitask_per_task"]) + " |")
+        aux = f"{r['seqft_aux'][0]:.2f} -> {r['seqft_aux'][-1]:.2f}" if r["seqft_aux"] else "-"
+        lines.append(f"| {r['model']} | {r['instruct_tags']} | {r['finetune']} | {r['cl_lr']:g} | "
+                     f"{r['steps_per_task']} | {r['multitask_avg']:.3f} | {min(r['seqft_diagonal']):.2f} | "
+                     f"{r['seqft_bwt']:.3f} | {'yes' if r['fits'] else 'no'} | {aux} | "
+                     + " ".join(f"{a:.2f}" for a in r["seqft_final"]) + " |")
     with open(os.path.join(args.out_dir, "calibrate.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -75,17 +75,18 @@ def format_example(question, answer):
     return question + SEPARATOR, answer + "\n"
 
 
-def make_splits(name, n_train=2000, n_val=100, n_test=200, seed=0):
-    """{'train', 'val', 'test'}: lists of (question, answer) with pairwise disjoint questions.
+def make_splits(name, n_train=2000, n_val=100, n_test=200, seed=0, tasks=TASKS):
+    """{'train', 'val', 'test'}: lists of (question, answer) with pairwise disjoint questions, from tasks[name]
+    (the benchmark's TASKS, or data/instructions.py's AUX_TASKS).
 
     Small tasks (facts has 90 distinct questions) keep at least half of their questions for training: test and val
     then hold out 25% and 10% of the questions, and train repeats its questions to n_train examples."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(tasks)}")
     rng = random.Random(f"{name}-{seed}")
     distinct = {}
     for _ in range(20 * (n_train + n_val + n_test)):
-        question, answer = TASKS[name](rng)
+        question, answer = tasks[name](rng)
         distinct[question] = answer
         if len(distinct) >= n_train + n_val + n_test:
             break
@@ -185,10 +186,10 @@ def to_tensors(name, examples, length, template_is_content=True):
 
 
 def build_task_suite(names, n_train=2000, n_val=100, n_test=200, seed=0, length=None, block_size=None,
-                     template_is_content=True):
+                     template_is_content=True, tasks=TASKS):
     """{task: {'train'|'val'|'test': TaskSplit}}, all padded to one length so batches of different tasks mix.
     With block_size, an example longer than the model can read is an error that names its task."""
-    splits = {name: make_splits(name, n_train, n_val, n_test, seed) for name in names}
+    splits = {name: make_splits(name, n_train, n_val, n_test, seed, tasks) for name in names}
     if length is None:
         length = max(len("".join(format_example(q, a))) - 1
                      for s in splits.values() for exs in s.values() for q, a in exs)
