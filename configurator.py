@@ -56,9 +56,10 @@ def parse_value(key, text, annotation):
     raise ValueError(f"--{key}={text!r}: expected a {type_name}")
 
 
-def parse_args(config_class, argv, renamed=None):
+def parse_args(config_class, argv, renamed=None, presets=None):
     """A config_class instance from ['--key=value', ...]. renamed = {old key: new key} for deprecated keys (a
-    warning names the new key). Checking the values is `validate`'s job."""
+    warning names the new key). presets = {name: {key: value}}: `--preset=name` sets those keys first, and any
+    key given on the command line overrides them. Checking the values is `validate`'s job."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     hints = typing.get_type_hints(config_class)
     overrides = {}
@@ -74,6 +75,10 @@ def parse_args(config_class, argv, renamed=None):
             hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
             raise ValueError(f"unknown config key --{key}{hint}; `python train.py --help` lists the keys")
         overrides[key] = parse_value(key, text, hints[key])
+    if overrides.get("preset"):
+        if overrides["preset"] not in (presets or {}):
+            raise ValueError(f"--preset={overrides['preset']!r} is not valid; choose from: {', '.join(presets or {})}")
+        overrides = {**presets[overrides["preset"]], **overrides}
     return config_class(**overrides)
 
 

@@ -119,6 +119,28 @@ def drift_split(z, z_end, mask):
     return {"drift": d.sum().item(), "drift_mask": (mask * d).sum().item(), "drift_rest": ((1 - mask) * d).sum().item()}
 
 
+DIAGNOSTIC_CURVES = {  # curve -> (panel title, what it is, from one diagnostic entry of an earlier task)
+    "drift_mask": ("drift in the task's features", lambda d: sum(p["drift_mask"] for p in d["points"].values())),
+    "drift_rest": ("drift in the other features", lambda d: sum(p["drift_rest"] for p in d["points"].values())),
+    "error_norm_change": ("change of the SAE error norm",
+                          lambda d: sum(p["error_norm_change"] for p in d["points"].values())),
+    "answer_kl": ("KL at answer positions", lambda d: d["answer_kl"]),
+    "format_confusion": ("answers in the latest task's format", lambda d: d["format_confusion"]),
+}
+
+
+def diagnostic_curves(runs):
+    """{curve: [value after task t, for t = 2..T]}: each DIAGNOSTIC_CURVES quantity (SAE quantities summed over the
+    points) averaged over the earlier tasks s < t and over the runs (seeds), plus the earlier tasks' accuracy."""
+    curves = {"accuracy": []} | {name: [] for name in DIAGNOSTIC_CURVES}
+    for t in range(1, len(runs[0]["diagnostic"])):
+        tasks = runs[0]["tasks"][:t]
+        curves["accuracy"].append(sum(r["R"][t + 1][s] for r in runs for s in range(t)) / (t * len(runs)))
+        for name, (_, value) in DIAGNOSTIC_CURVES.items():
+            curves[name].append(sum(value(r["diagnostic"][t][s]) for r in runs for s in tasks) / (t * len(runs)))
+    return curves
+
+
 def format_confusion(answers, own_formats, latest_formats):
     """The share of answers whose format (answer_format: character classes and length) is one of the latest
     task's formats and none of the task's own: an earlier task answered in the latest task's way."""
@@ -343,12 +365,17 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
         ratios = [r["step_seconds"] / seqft_step[r["seed"]] for r in runs if r["seed"] in seqft_step]
         row["step_time_ratio"], _ = mean_std(ratios)
         row["R_mean"] = torch.tensor([r["R"] for r in runs], dtype=torch.float64).mean(0).tolist()
+        if all(r.get("aux_accuracy") for r in runs):  # an instruction-following base: the tags along the sequence
+            row["aux_accuracy"] = torch.tensor([r["aux_accuracy"] for r in runs]).mean(0).tolist()
+        if all(r.get("diagnostic") for r in runs):
+            row["diagnostic"] = diagnostic_curves(runs)
         summary[method] = row
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     table = results_table(summary)
     print(table)
     plot_cl(summary, run_dir)
+    plot_forgetting(summary, run_dir)
     write_report(summary, table, run_dir)
     return summary
 
@@ -434,6 +461,37 @@ def plot_cl(summary, run_dir):
     plt.close(fig)
 
 
+def plot_forgetting(summary, run_dir):
+    """forgetting.png: the forgetting diagnostic along the sequence, one panel per quantity, a line per method;
+    each point is the mean over the tasks learned before task t (and over seeds)."""
+    methods = [m for m in summary if "diagnostic" in summary[m]]
+    if not methods:
+        return
+    tasks = summary[methods[0]]["tasks"]
+    titles = {"accuracy": "accuracy of earlier tasks"} | {k: v[0] for k, v in DIAGNOSTIC_CURVES.items()}
+    aux = [m for m in methods if "aux_accuracy" in summary[m]]
+    fig, axes = panel_grid(len(titles) + bool(aux), 4.0, 3.2, columns=4)
+    for ax, (key, title) in zip(axes, titles.items()):
+        for method in methods:
+            values = summary[method]["diagnostic"][key]
+            ax.plot(range(2, 2 + len(values)), values, marker=".", label=method)
+        ax.set_title(title, fontsize=10)
+        ax.axhline(0, color="k", lw=0.5)
+    if aux:  # the instruction-following accuracy from the base (x = 0) to the end
+        ax = axes[-1]
+        for method in aux:
+            ax.plot(range(len(summary[method]["aux_accuracy"])), summary[method]["aux_accuracy"], marker=".",
+                    label=method)
+        ax.set(title="auxiliary (instruction) accuracy", ylim=(-0.05, 1.05))
+    for ax in axes:
+        ax.set_xticks(range(0, len(tasks) + 1), ["base"] + [f"+{t[:4]}" for t in tasks], rotation=60, fontsize=7)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("forgetting diagnostic: on the tasks learned before, after each task (mean over them and seeds)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "forgetting.png"), dpi=120)
+    plt.close(fig)
+
+
 def write_report(summary, table, run_dir):
     first = next(iter(summary.values()))
     lines = [f"# Continual learning: {os.path.basename(os.path.normpath(run_dir))}", "",
@@ -441,6 +499,8 @@ def write_report(summary, table, run_dir):
              f"seeds {first['seeds']}.", "", table, "",
              "![accuracy matrices](cl_matrix.png)", "", "![accuracy along the sequence](cl_curves.png)", "",
              "![OP and BWT](cl_bars.png)", ""]
+    if os.path.exists(os.path.join(run_dir, "forgetting.png")):
+        lines += ["![the forgetting diagnostic](forgetting.png)", ""]
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write("\n".join(lines))
 

@@ -298,7 +298,7 @@ def check_finite(loss, where, advice):
 def get_lr(it, config):
     """Linear warmup to lr over warmup_iters, then cosine decay to min_lr at max_iters; in the instruction phase
     that follows, a second cosine from instruct_lr to min_lr over instruct_iters."""
-    if it >= config.max_iters:
+    if config.instruct_tags and it >= config.max_iters:
         progress_ = (it - config.max_iters) / max(1, config.instruct_iters)
         return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (config.instruct_lr - config.min_lr)
     if it < config.warmup_iters:

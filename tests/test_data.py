@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from data.corpus import get_batch, load_corpus
+from data.instructions import AUX_TASKS, answer_format, aux_task_names
 from data.tasks import DEFAULT_ORDER, TASKS, Batch, build_task_suite, format_example, make_splits, trim_padding
 from data.tokenizer import VOCAB_SIZE, decode, encode
 from data.world import LEXICON, WORLD, generate_corpus, generate_lines
@@ -179,3 +180,47 @@ def test_content_tokens_without_the_template_on_a_hand_made_example():
     assert torch.equal(without.answer_mask, with_template.answer_mask)  # the loss is the same either way
     batch = trim_padding(without.rows(slice(None)))
     assert batch.x.size(1) == 15  # trimming still keeps every real token
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the auxiliary tasks of the instruction phase
+
+
+def test_answer_format_is_character_classes():
+    assert answer_format("gato rojo") == "aaaa aaaa"
+    assert answer_format("#14") == "#99"
+    assert answer_format("A.Z.") == "A.A."
+    assert answer_format("])") == "])"
+
+
+def test_no_benchmark_tag_or_answer_format_occurs_in_the_auxiliary_tasks():
+    def tag(question):
+        return question.split(":")[0]
+
+    benchmark = {name: make_splits(name, 300, 0, 0) for name in TASKS}
+    auxiliary = {name: make_splits(name, 300, 0, 32, tasks=AUX_TASKS) for name in AUX_TASKS}
+    benchmark_tags = {tag(q) for s in benchmark.values() for q, _ in s["train"]}
+    benchmark_formats = {answer_format(a) for s in benchmark.values() for _, a in s["train"]}
+    assert {"mood", "q", "add", "close", "rev", "tr", "sort"} <= benchmark_tags  # the check sees real tags
+    for name, splits in auxiliary.items():
+        lines = [q + " > " + a for split in splits.values() for q, a in split]
+        assert {tag(q) for split in splits.values() for q, _ in split} == {name}
+        assert name not in benchmark_tags and not name.startswith("count")
+        formats = {answer_format(a) for split in splits.values() for _, a in split}
+        assert not formats & benchmark_formats, (name, formats & benchmark_formats)
+        encode("\n".join(lines))  # every line is in the vocabulary
+    assert len(AUX_TASKS) >= 24  # several dozen tags
+
+
+def test_auxiliary_held_out_prompts_are_not_trained_on():
+    splits = make_splits("upper", 500, 0, 32, tasks=AUX_TASKS)
+    assert len(splits["test"]) == 32
+    assert not {q for q, _ in splits["train"]} & {q for q, _ in splits["test"]}
+    assert all(a == q.split(": ")[1].upper() for q, a in splits["test"])
+
+
+def test_asking_for_more_auxiliary_tags_than_exist_is_an_error():
+    assert aux_task_names(0) == ()
+    assert aux_task_names(3) == tuple(AUX_TASKS)[:3]
+    with pytest.raises(ValueError, match="instruct_tags=99"):
+        aux_task_names(99)

@@ -17,13 +17,20 @@ def test_pipeline_runs_every_method_and_reuses_its_stages(tmp_path, capsys):
     assert train.main(argv) == 0
     run_dir = tmp_path / "default"
     for name in ("base.pt", "sae.pt", "pretrain.json", "sae.json", "summary.json", "report.md", "cl_matrix.png",
-                 "cl_curves.png", "cl_bars.png", "sae_metrics.png"):
+                 "cl_curves.png", "cl_bars.png", "forgetting.png", "sae_metrics.png"):
         assert (run_dir / name).exists(), name
     for method in METHODS:
         result = json.loads((run_dir / "cl" / f"{method}_seed0.json").read_text())
         rows = 2 if method == "multitask" else 3
         assert len(result["R"]) == rows and all(len(r) == 2 for r in result["R"])
         assert all(0.0 <= a <= 1.0 for r in result["R"] for a in r)
+        assert result["aux_accuracy"] == []  # no instruction phase in TINY
+        if method != "multitask":  # the forgetting diagnostic: after each task, one entry per earlier task
+            first, second = result["diagnostic"]
+            assert first == {} and list(second) == ["add"]
+            point = second["add"]["points"]["1"]
+            assert point["drift_mask"] + point["drift_rest"] == pytest.approx(point["drift"], rel=1e-5)
+            assert 0 <= second["add"]["format_confusion"] <= 1 and second["add"]["answer_kl"] >= 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary) == list(METHODS)  # every method, in the registry's order
     n_params = 16_864  # the TINY model
@@ -68,14 +75,20 @@ def test_sae_guided_ablation_options_run_end_to_end(tmp_path, option):
     assert result["retained_bytes"] == masks + base_copy
 
 
-def test_seqft_results_do_not_depend_on_the_saes(tmp_path, capsys):
-    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft,sae_guided"]
+def test_seqft_results_depend_on_the_saes_only_through_the_diagnostic(tmp_path, capsys):
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft,sae_guided", "--diagnose=false"]
     assert train.main(argv) == 0
     capsys.readouterr()
     assert train.main(argv + ["--sae_steps=20"]) == 0  # other SAEs: SAE-guided is redone, seqft is not
     out = capsys.readouterr().out
     assert "seqft_seed0.json" in out.split("cl: reusing")[1]
     assert "sae_guided_seed0.json was made with a different" in out
+    seqft = json.loads((tmp_path / "default" / "cl" / "seqft_seed0.json").read_text())
+    assert seqft["diagnostic"] == []
+    assert train.main(argv[:-1] + ["--sae_steps=20", "--cl_dir=diagnosed"]) == 0
+    capsys.readouterr()
+    assert train.main(argv[:-1] + ["--cl_dir=diagnosed"]) == 0  # the diagnostic measures in the SAEs' features
+    assert "seqft_seed0.json was made with a different" in capsys.readouterr().out
 
 
 def test_a_damaged_result_file_is_named_and_redone(tmp_path, capsys):

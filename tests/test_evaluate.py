@@ -4,10 +4,13 @@ import os
 import pytest
 import torch
 
-from data.tasks import build_task_suite, format_example, to_tensors
+from data.instructions import answer_format
+from data.tasks import build_task_suite, concat_splits, format_example, to_tensors
 from data.tokenizer import NEWLINE, decode, encode
+from evaluate import (cl_metrics, drift_split, forgetting_diagnostic, forgetting_snapshot, format_confusion,
+                      greedy_answers, load_cl_results, summarize_run, task_accuracy)
 from model import GPT
-from evaluate import cl_metrics, load_cl_results, summarize_run, task_accuracy
+from sae import SAEConfig, TopKSAE
 
 
 def test_cl_metrics_from_a_hand_written_matrix():
@@ -150,3 +153,59 @@ def test_evaluate_on_a_missing_empty_or_damaged_folder_is_one_line(tmp_path, sta
     expected = {"missing": "does not exist", "empty": "holds no continual-learning results",
                 "damaged": "seqft_seed0.json is damaged"}[state]
     assert expected in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# greedy answers and the forgetting diagnostic
+
+
+def test_greedy_answers_decoded_side_by_side_equal_one_by_one_decoding(tiny_model):
+    split = build_task_suite(["translate", "add"], n_train=10, n_val=5, n_test=12)
+    mixed = concat_splits([split["translate"]["test"], split["add"]["test"]])
+    oracle = Oracle(mixed, {mixed.examples[0][0]: "X\n", mixed.examples[13][0]: "1234567\n"})
+    answers = greedy_answers(oracle, mixed, "cpu")
+    assert answers[0] == "X" and answers[13] == "1234567"
+    assert answers[1:13] == [a for _, a in mixed.examples[1:13]]
+    # an untrained model writes anything: side by side must still equal token-by-token decoding, capped alike
+    answers = greedy_answers(tiny_model, mixed, "cpu", n_examples=10)
+    cap = max(len(a) for _, a in mixed.examples[:10]) + 5
+    for (question, answer), got in zip(mixed.examples, answers):
+        prompt, _ = format_example(question, answer)
+        out = tiny_model.generate(torch.tensor([encode(prompt)]), cap, stop_token=NEWLINE)
+        assert got == decode(out[0, len(prompt) :].tolist()).split("\n")[0]
+
+
+def test_drift_split_adds_up_on_a_hand_made_case():
+    z = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]])  # two tokens, three features
+    z_end = torch.tensor([[0.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    mask = torch.tensor([1.0, 0.0, 0.5])
+    # d = mean over tokens |z - z_end| = [0.5, 2.0, 1.0]
+    split = drift_split(z, z_end, mask)
+    assert split["drift"] == pytest.approx(3.5)
+    assert split["drift_mask"] == pytest.approx(0.5 * 1 + 2.0 * 0 + 1.0 * 0.5)
+    assert split["drift_rest"] == pytest.approx(0.5 * 0 + 2.0 * 1 + 1.0 * 0.5)
+    assert split["drift_mask"] + split["drift_rest"] == pytest.approx(split["drift"])
+
+
+def test_format_confusion_counts_answers_in_the_latest_tasks_format_only():
+    own, latest = {"aaa"}, {"999", "9999", "aaa"}  # 'aaa' is both tasks' format: not a confusion
+    assert format_confusion(["abc", "123", "1234", "12", "xyz"], own, latest) == pytest.approx(2 / 5)
+
+
+def test_the_diagnostic_is_zero_for_an_unchanged_model_and_moves_with_the_model(tiny_model):
+    torch.manual_seed(0)
+    split = build_task_suite(["add"], n_train=10, n_val=5, n_test=16)["add"]["test"]
+    saes = {p: TopKSAE(SAEConfig(d_in=32, d_sae=64, k=4)) for p in (1, 2)}
+    end = forgetting_snapshot(tiny_model, saes, split, "cpu", n_examples=8)
+    formats = {answer_format(a) for _, a in split.examples}
+    same = forgetting_diagnostic(end, forgetting_snapshot(tiny_model, saes, split, "cpu", 8), formats, {"A"})
+    for point in same["points"].values():
+        assert point["drift"] == 0 and point["error_norm_change"] == 0
+    assert same["answer_kl"] == pytest.approx(0, abs=1e-12)
+    with torch.no_grad():
+        tiny_model.blocks[0].mlp.c_proj.weight.add_(0.5 * torch.randn_like(tiny_model.blocks[0].mlp.c_proj.weight))
+    moved = forgetting_diagnostic(end, forgetting_snapshot(tiny_model, saes, split, "cpu", 8), formats, {"A"})
+    for point in moved["points"].values():
+        assert point["drift"] > 0
+        assert point["drift_mask"] + point["drift_rest"] == pytest.approx(point["drift"], rel=1e-5)
+    assert moved["answer_kl"] > 0

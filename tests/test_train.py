@@ -245,3 +245,25 @@ def test_a_log_file_gets_lines_not_redraws(tmp_path):
     assert any(line.startswith("pretrain: val loss") for line in lines)
     assert any(line.startswith("sae k=8 point 1: L0") for line in lines)
     assert "\r" not in text
+
+
+def test_lr_schedule_of_the_instruction_phase():
+    config = parse_args(["--lr=1e-3", "--min_lr=1e-4", "--max_iters=110", "--instruct_tags=4", "--instruct_lr=5e-4",
+                         "--instruct_iters=100"])
+    assert train.get_lr(110, config) == pytest.approx(5e-4)  # the phase starts at its own peak
+    assert train.get_lr(160, config) == pytest.approx(3e-4)  # half way down its cosine
+    assert train.get_lr(209, config) == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_the_instruction_phase_makes_the_base_answer_held_out_auxiliary_prompts(tmp_path):
+    extra = ["--n_embd=48", "--instruct_tags=4", "--instruct_iters=200", "--instruct_lr=3e-3",
+             "--instruct_examples=200"]
+    config = tiny_config(tmp_path, *extra)
+    with_phase = train.model_from_checkpoint(train.pretrain(config, "cpu"), "cpu")
+    summary = json.loads((tmp_path / "default" / "pretrain.json").read_text())
+    without = train.model_from_checkpoint(train.pretrain(tiny_config(tmp_path / "plain", "--n_embd=48"), "cpu"), "cpu")
+    suite = train.aux_suite(config)
+    assert train.aux_accuracy(without, suite, "cpu") < 0.05  # never saw a tagged prompt
+    assert train.aux_accuracy(with_phase, suite, "cpu") >= 0.2  # held-out prompts: the tag selects the answer
+    assert summary["aux_accuracy"] == pytest.approx(train.aux_accuracy(with_phase, suite, "cpu"))
+    assert "aux_accuracy" in summary["history"][-1] and "aux_accuracy" not in summary["history"][0]
