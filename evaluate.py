@@ -114,14 +114,19 @@ def forgetting_snapshot(model, saes, split, device, n_examples):
 
 def drift_split(z, z_end, mask):
     """d_j = mean over tokens |z_j - z_end_j|, split by the mask m in [0, 1]:
-        drift = sum_j d_j = sum_j m_j d_j (the task's features) + sum_j (1 - m_j) d_j (the rest)."""
+        drift = sum_j d_j = sum_j m_j d_j (the task's features) + sum_j (1 - m_j) d_j (the rest).
+    mask_mass = sum_j m_j: the two parts per feature are drift_mask / mask_mass and drift_rest / (d_sae - mask_mass)."""
     d = (z - z_end).abs().mean(0)
-    return {"drift": d.sum().item(), "drift_mask": (mask * d).sum().item(), "drift_rest": ((1 - mask) * d).sum().item()}
+    return {"drift": d.sum().item(), "drift_mask": (mask * d).sum().item(), "drift_rest": ((1 - mask) * d).sum().item(),
+            "mask_mass": mask.sum().item(), "features": len(mask)}
 
 
-DIAGNOSTIC_CURVES = {  # curve -> (panel title, what it is, from one diagnostic entry of an earlier task)
-    "drift_mask": ("drift in the task's features", lambda d: sum(p["drift_mask"] for p in d["points"].values())),
-    "drift_rest": ("drift in the other features", lambda d: sum(p["drift_rest"] for p in d["points"].values())),
+DIAGNOSTIC_CURVES = {  # curve -> (panel title, its value from one diagnostic entry of an earlier task); drift per
+    # feature: sum_j m_j d_j / sum_j m_j (the task's mask) and sum_j (1 - m_j) d_j / sum_j (1 - m_j), over all points
+    "drift_mask": ("drift per feature: the task's", lambda d: sum(p["drift_mask"] for p in d["points"].values())
+                   / sum(p["mask_mass"] for p in d["points"].values())),
+    "drift_rest": ("drift per feature: the others'", lambda d: sum(p["drift_rest"] for p in d["points"].values())
+                   / sum(p["features"] - p["mask_mass"] for p in d["points"].values())),
     "error_norm_change": ("change of the SAE error norm",
                           lambda d: sum(p["error_norm_change"] for p in d["points"].values())),
     "answer_kl": ("KL at answer positions", lambda d: d["answer_kl"]),

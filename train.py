@@ -42,6 +42,7 @@ from sae import SAEConfig, TopKSAE, check_sae_fits, sae_from_dict, sae_to_dict, 
 class Config:
     # where and how
     run: str = "default"  # results go to out_dir/run/
+    preset: str = ""  # a named set of the keys below (PRESETS); 'paper' = the paper's regime; given keys override it
     out_dir: str = "out"  # the folder all runs go to
     stage: str = "all"  # stop after this stage: pretrain | sae | cl (= all)
     device: str = "auto"  # auto = cuda if available, else cpu
@@ -142,7 +143,15 @@ class Config:
     diagnose_examples: int = 64  # evaluation examples per task it looks at
 
 
+PRESETS = {  # name -> the keys it sets
+    # the paper's regime as calibrated on the 2-core CPU (README, "The paper's regime"): an instruction-following
+    # base (32 auxiliary tags), one set of LoRA adapters on every projection of the frozen base, the frozen base with
+    # the adapters off as SAE-guided's reference, drift measured on content tokens without the template
+    "paper": {"instruct_tags": 32, "finetune": "lora", "lora_rank": 8, "cl_lr": 1e-3, "sae_guided_reference": "base",
+              "content_tokens": "no_template"},
+}
 CHOICES = {  # fields whose value must be one of a fixed set
+    "preset": ("",) + tuple(PRESETS),
     "stage": ("all", "pretrain", "sae", "cl"),
     "device": ("auto", "cpu", "cuda"),
     "tasks": tuple(TASKS),
@@ -166,7 +175,7 @@ STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those
     "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "finetune", "lora_rank", "lora_alpha", "lora_targets",
            "content_tokens", "n_train", "n_val", "n_test", "eval_split", "diagnose", "diagnose_examples"),
 }  # and each method's own fields, '<method>_*' (regularizers.Method.config_keys)
-NOT_RESULT_KEYS = ("run", "out_dir", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device: see keys
+NOT_RESULT_KEYS = ("run", "out_dir", "preset", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device: see keys
 RENAMED_KEYS = {old: "sae_guided_" + new for old, new in (
     ("sae_lambda_p", "lambda_p"), ("sae_lambda_g", "lambda_g"), ("sae_eps", "eps"), ("sae_delta", "delta"),
     ("mask_examples", "mask_examples"), ("mask_knn", "mask_knn"), ("mask_alpha", "mask_alpha"),
@@ -212,7 +221,7 @@ def validate(config):
 
 def parse_args(argv):
     """Config from ['--key=value', ...]; deprecated names are accepted with a warning."""
-    config = cfg.parse_args(Config, argv, renamed=RENAMED_KEYS)
+    config = cfg.parse_args(Config, argv, renamed=RENAMED_KEYS, presets=PRESETS)
     if any(m in RENAMED_METHODS for m in config.methods):
         for old, new in RENAMED_METHODS.items():
             if old in config.methods:

@@ -119,3 +119,13 @@ def test_key_difference_names_what_changed():
     b = dict(a, config={"lr": 2, "n": 2}, device="cuda")
     assert cfg.key_difference(a, b) == "config (lr), device"
     assert cfg.key_difference({"config": {}}, b) == "an older format"
+
+
+def test_a_preset_sets_its_keys_and_given_keys_override_it_in_any_order():
+    for argv in (["--preset=paper", "--cl_lr=5e-4"], ["--cl_lr=5e-4", "--preset=paper"]):
+        config = train.parse_args(argv)
+        assert config.cl_lr == 5e-4  # given on the command line
+        assert (config.finetune, config.instruct_tags, config.sae_guided_reference) == ("lora", 32, "base")
+    assert train.parse_args([]).finetune == "full"  # no preset: the defaults
+    with pytest.raises(ValueError, match="--preset='nope' is not valid; choose from: paper"):
+        train.parse_args(["--preset=nope"])

@@ -185,6 +185,7 @@ def test_drift_split_adds_up_on_a_hand_made_case():
     assert split["drift_mask"] == pytest.approx(0.5 * 1 + 2.0 * 0 + 1.0 * 0.5)
     assert split["drift_rest"] == pytest.approx(0.5 * 0 + 2.0 * 1 + 1.0 * 0.5)
     assert split["drift_mask"] + split["drift_rest"] == pytest.approx(split["drift"])
+    assert split["mask_mass"] == pytest.approx(1.5)
 
 
 def test_format_confusion_counts_answers_in_the_latest_tasks_format_only():
