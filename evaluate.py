@@ -162,7 +162,8 @@ def forgetting_diagnostic(end, now, own_formats, latest_formats):
     points = {}
     for p in end["codes"]:
         points[p] = drift_split(now["codes"][p].to_dense(), end["codes"][p].to_dense(), end["mask"][p])
-        points[p]["error_norm_change"] = (now["error_norm"][p].mean() - end["error_norm"][p].mean()).item()
+        points[p]["error_norm_end"] = end["error_norm"][p].mean().item()
+        points[p]["error_norm_change"] = now["error_norm"][p].mean().item() - points[p]["error_norm_end"]
     kl = (end["log_probs"].exp() * (end["log_probs"] - now["log_probs"])).sum(-1).mean().item()
     return {"points": points, "answer_kl": kl,
             "format_confusion": format_confusion(now["answers"], own_formats, latest_formats)}
@@ -487,7 +488,8 @@ def plot_forgetting(summary, run_dir):
         for method in aux:
             ax.plot(range(len(summary[method]["aux_accuracy"])), summary[method]["aux_accuracy"], marker=".",
                     label=method)
-        ax.set(title="auxiliary (instruction) accuracy", ylim=(-0.05, 1.05))
+        ax.set_title("auxiliary (instruction) accuracy", fontsize=10)
+        ax.set_ylim(-0.05, 1.05)
     for ax in axes:
         ax.set_xticks(range(0, len(tasks) + 1), ["base"] + [f"+{t[:4]}" for t in tasks], rotation=60, fontsize=7)
     axes[0].legend(fontsize=7)
