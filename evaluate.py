@@ -58,8 +58,8 @@ def task_accuracy(model, split, device, batch_size=256):
 def greedy_answers(model, split, device, n_examples=None):
     """The greedy-decoded answers (text up to the newline) of a TaskSplit's first n_examples prompts, all decoded
     side by side: each step runs the batch once and appends every unfinished row's argmax at its own position (a
-    causal model never looks at the padding to the right of a row). At most the longest true answer + 4 characters,
-    within the block size."""
+    causal model never looks at the padding to the right of a row). At most 4 characters more than the longest
+    true answer and its newline, within the block size."""
     was_training = model.training
     model.eval()
     examples = split.examples[:n_examples]
@@ -121,31 +121,6 @@ def drift_split(z, z_end, mask):
             "mask_mass": mask.sum().item(), "features": len(mask)}
 
 
-DIAGNOSTIC_CURVES = {  # curve -> (panel title, its value from one diagnostic entry of an earlier task); drift per
-    # feature: sum_j m_j d_j / sum_j m_j (the task's mask) and sum_j (1 - m_j) d_j / sum_j (1 - m_j), over all points
-    "drift_mask": ("drift per feature: the task's", lambda d: sum(p["drift_mask"] for p in d["points"].values())
-                   / sum(p["mask_mass"] for p in d["points"].values())),
-    "drift_rest": ("drift per feature: the others'", lambda d: sum(p["drift_rest"] for p in d["points"].values())
-                   / sum(p["features"] - p["mask_mass"] for p in d["points"].values())),
-    "error_norm_change": ("change of the SAE error norm",
-                          lambda d: sum(p["error_norm_change"] for p in d["points"].values())),
-    "answer_kl": ("KL at answer positions", lambda d: d["answer_kl"]),
-    "format_confusion": ("answers in the latest task's format", lambda d: d["format_confusion"]),
-}
-
-
-def diagnostic_curves(runs):
-    """{curve: [value after task t, for t = 2..T]}: each DIAGNOSTIC_CURVES quantity (SAE quantities summed over the
-    points) averaged over the earlier tasks s < t and over the runs (seeds), plus the earlier tasks' accuracy."""
-    curves = {"accuracy": []} | {name: [] for name in DIAGNOSTIC_CURVES}
-    for t in range(1, len(runs[0]["diagnostic"])):
-        tasks = runs[0]["tasks"][:t]
-        curves["accuracy"].append(sum(r["R"][t + 1][s] for r in runs for s in range(t)) / (t * len(runs)))
-        for name, (_, value) in DIAGNOSTIC_CURVES.items():
-            curves[name].append(sum(value(r["diagnostic"][t][s]) for r in runs for s in tasks) / (t * len(runs)))
-    return curves
-
-
 def format_confusion(answers, own_formats, latest_formats):
     """The share of answers whose format (answer_format: character classes and length) is one of the latest
     task's formats and none of the task's own: an earlier task answered in the latest task's way."""
@@ -167,6 +142,32 @@ def forgetting_diagnostic(end, now, own_formats, latest_formats):
     kl = (end["log_probs"].exp() * (end["log_probs"] - now["log_probs"])).sum(-1).mean().item()
     return {"points": points, "answer_kl": kl,
             "format_confusion": format_confusion(now["answers"], own_formats, latest_formats)}
+
+
+DIAGNOSTIC_CURVES = {  # curve -> (panel title, its value from one diagnostic entry of an earlier task); drift per
+    # feature: sum_j m_j d_j / sum_j m_j (the task's mask) and sum_j (1 - m_j) d_j / sum_j (1 - m_j), over all points
+    "drift_mask": ("drift per feature: the task's", lambda d: sum(p["drift_mask"] for p in d["points"].values())
+                   / sum(p["mask_mass"] for p in d["points"].values())),
+    "drift_rest": ("drift per feature: the others'", lambda d: sum(p["drift_rest"] for p in d["points"].values())
+                   / sum(p["features"] - p["mask_mass"] for p in d["points"].values())),
+    "error_norm_change": ("SAE error norm, relative change",  # sum_p change_p / sum_p mean ||x - xhat||_end
+                          lambda d: sum(p["error_norm_change"] for p in d["points"].values())
+                          / sum(p["error_norm_end"] for p in d["points"].values())),
+    "answer_kl": ("KL at answer positions", lambda d: d["answer_kl"]),
+    "format_confusion": ("answers in the latest task's format", lambda d: d["format_confusion"]),
+}
+
+
+def diagnostic_curves(runs):
+    """{curve: [value after task t, for t = 2..T]}: each DIAGNOSTIC_CURVES quantity (over all SAE points together)
+    averaged over the earlier tasks s < t and over the runs (seeds), plus the earlier tasks' accuracy."""
+    curves = {"accuracy": []} | {name: [] for name in DIAGNOSTIC_CURVES}
+    for t in range(1, len(runs[0]["diagnostic"])):
+        tasks = runs[0]["tasks"][:t]
+        curves["accuracy"].append(sum(r["R"][t + 1][s] for r in runs for s in range(t)) / (t * len(runs)))
+        for name, (_, value) in DIAGNOSTIC_CURVES.items():
+            curves[name].append(sum(value(r["diagnostic"][t][s]) for r in runs for s in tasks) / (t * len(runs)))
+    return curves
 
 
 # ----------------------------------------------------------------------------------------------------------------

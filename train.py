@@ -175,7 +175,8 @@ STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those
     "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "finetune", "lora_rank", "lora_alpha", "lora_targets",
            "content_tokens", "n_train", "n_val", "n_test", "eval_split", "diagnose", "diagnose_examples"),
 }  # and each method's own fields, '<method>_*' (regularizers.Method.config_keys)
-NOT_RESULT_KEYS = ("run", "out_dir", "preset", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device: see keys
+NOT_RESULT_KEYS = ("run", "out_dir", "preset", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device,
+# preset: in the keys as the resolved device and as the values the preset set
 RENAMED_KEYS = {old: "sae_guided_" + new for old, new in (
     ("sae_lambda_p", "lambda_p"), ("sae_lambda_g", "lambda_g"), ("sae_eps", "eps"), ("sae_delta", "delta"),
     ("mask_examples", "mask_examples"), ("mask_knn", "mask_knn"), ("mask_alpha", "mask_alpha"),
