@@ -146,9 +146,10 @@ class Config:
 PRESETS = {  # name -> the keys it sets
     # the paper's regime as calibrated on the 2-core CPU (README, "The paper's regime"): an instruction-following
     # base (32 auxiliary tags), one set of LoRA adapters on every projection of the frozen base, the frozen base with
-    # the adapters off as SAE-guided's reference, drift measured on content tokens without the template
+    # the adapters off as SAE-guided's reference, drift measured on content tokens without the template; EWC's
+    # lambda chosen for it on val (docs/tuning.md; SAE-guided's choice there is the default)
     "paper": {"instruct_tags": 32, "finetune": "lora", "lora_rank": 8, "cl_lr": 1e-3, "sae_guided_reference": "base",
-              "content_tokens": "no_template"},
+              "content_tokens": "no_template", "ewc_lambda": 100.0},
 }
 CHOICES = {  # fields whose value must be one of a fixed set
     "preset": ("",) + tuple(PRESETS),

@@ -126,6 +126,7 @@ def test_a_preset_sets_its_keys_and_given_keys_override_it_in_any_order():
         config = train.parse_args(argv)
         assert config.cl_lr == 5e-4  # given on the command line
         assert (config.finetune, config.instruct_tags, config.sae_guided_reference) == ("lora", 32, "base")
+        assert config.ewc_lambda == 100.0
     assert train.parse_args([]).finetune == "full"  # no preset: the defaults
     with pytest.raises(ValueError, match="--preset='nope' is not valid; choose from: paper"):
         train.parse_args(["--preset=nope"])
