@@ -25,8 +25,7 @@ matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt
 import torch
 
-from data.instructions import answer_format
-from data.tasks import Batch, format_example, trim_padding
+from data.tasks import Batch, answer_format, format_example, trim_padding
 from data.tokenizer import NEWLINE, decode, encode
 from regularizers import METHODS, propagate_mask  # the report lists methods in the registry's order
 

@@ -28,8 +28,8 @@ import torch
 import configurator as cfg
 from configurator import progress
 from data.corpus import get_batch, load_corpus
-from data.instructions import AUX_TASKS, answer_format, aux_task_names
-from data.tasks import DEFAULT_ORDER, TASKS, build_task_suite, concat_splits, trim_padding
+from data.instructions import AUX_TASKS, aux_task_names
+from data.tasks import DEFAULT_ORDER, TASKS, answer_format, build_task_suite, concat_splits, trim_padding
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
 from evaluate import (forgetting_diagnostic, forgetting_snapshot, plot_sae_metrics, sae_metrics, summarize_run,
                       task_accuracy)

@@ -7,7 +7,7 @@ these tasks in the benchmark's `<tag>: question > answer` format, mixed with cor
 the eight benchmark tasks of data/tasks.py by construction:
 - no tag is a benchmark tag;
 - every answer holds an upper-case letter or a '#', which no benchmark answer does, so no auxiliary answer has
-  a benchmark task's answer format (`answer_format`, the character classes of an answer; tested);
+  a benchmark task's answer format (data/tasks.py's `answer_format`, the character classes of an answer; tested);
 - none asks for a benchmark skill (facts of the world, mood, sums, brackets, reversal, translation, letter
   counting or sorting); they reuse the world's words only as inputs.
 The corpus has no upper-case letters, so the phase also has something new to teach: the tag, not the prompt's
@@ -117,12 +117,6 @@ def aux_task_names(n_tags):
     if not 0 <= n_tags <= len(AUX_TASKS):
         raise ValueError(f"--instruct_tags={n_tags}: there are {len(AUX_TASKS)} auxiliary tasks (0 = none)")
     return tuple(AUX_TASKS)[:n_tags]
-
-
-def answer_format(answer):
-    """The character classes of an answer: a-z -> 'a', A-Z -> 'A', 0-9 -> '9', any other character itself.
-    'gato rojo' -> 'aaaa aaaa', '#14' -> '#99'. Two tasks share a format when their answers share these strings."""
-    return "".join("a" if c.islower() else "A" if c.isupper() else "9" if c.isdigit() else c for c in answer)
 
 
 if __name__ == "__main__":  # a look at every task

@@ -70,6 +70,12 @@ DEFAULT_ORDER = ("stance", "facts", "add", "close", "reverse", "translate", "cou
 SEPARATOR = " > "
 
 
+def answer_format(answer):
+    """The character classes of an answer: a-z -> 'a', A-Z -> 'A', 0-9 -> '9', any other character itself.
+    'gato rojo' -> 'aaaa aaaa', '#14' -> '#99'. Two tasks share a format when their answers share these strings."""
+    return "".join("a" if c.islower() else "A" if c.isupper() else "9" if c.isdigit() else c for c in answer)
+
+
 def format_example(question, answer):
     """(prompt, completion): the model reads the prompt and must write the completion."""
     return question + SEPARATOR, answer + "\n"

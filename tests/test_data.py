@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from data.corpus import get_batch, load_corpus
-from data.instructions import AUX_TASKS, answer_format, aux_task_names
-from data.tasks import DEFAULT_ORDER, TASKS, Batch, build_task_suite, format_example, make_splits, trim_padding
+from data.instructions import AUX_TASKS, aux_task_names
+from data.tasks import (DEFAULT_ORDER, TASKS, Batch, answer_format, build_task_suite, format_example, make_splits,
+                        trim_padding)
 from data.tokenizer import VOCAB_SIZE, decode, encode
 from data.world import LEXICON, WORLD, generate_corpus, generate_lines
 

@@ -4,8 +4,7 @@ import os
 import pytest
 import torch
 
-from data.instructions import answer_format
-from data.tasks import build_task_suite, concat_splits, format_example, to_tensors
+from data.tasks import answer_format, build_task_suite, concat_splits, format_example, to_tensors
 from data.tokenizer import NEWLINE, decode, encode
 from evaluate import (cl_metrics, drift_split, forgetting_diagnostic, forgetting_snapshot, format_confusion,
                       greedy_answers, load_cl_results, summarize_run, task_accuracy)
