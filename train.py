@@ -68,8 +68,7 @@ class Config:
     grad_clip: float = 1.0  # clip the gradient norm to this in every stage; 0 = no clipping
     eval_interval: int = 200  # steps between evaluations and checkpoints
     eval_iters: int = 20  # batches per loss estimate
-    # instruction phase, the end of the base stage: tag-routed auxiliary tasks (data/instructions.py), as the
-    # paper's instruction-tuned base already follows tags; disjoint from the benchmark's tasks
+    # instruction phase, the end of the base stage: tag-routed auxiliary tasks (data/instructions.py)
     instruct_tags: int = 0  # auxiliary tasks learned (the first n of AUX_TASKS); 0 = no instruction phase
     instruct_iters: int = 1000  # steps of the phase: each an auxiliary batch (answer tokens) plus a corpus batch
     instruct_lr: float = 1e-3  # its peak learning rate, cosine-decayed to min_lr
