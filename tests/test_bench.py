@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
+import calibrate  # noqa: E402
 import sae_reg  # noqa: E402
 import train  # noqa: E402
 from conftest import TINY  # noqa: E402
@@ -44,3 +45,16 @@ def test_sae_reg_options_are_checked_before_anything_is_trained(tmp_path, capsys
         sae_reg.main(SAE_REG + [f"--out_dir={tmp_path}", *argv])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "default").exists()
+
+
+@pytest.mark.parametrize("final_first, fits", [(0.5, True), (0.0, False)])
+def test_a_calibration_point_fits_only_with_partial_forgetting(tmp_path, final_first, fits):
+    # two tasks, both learned (R[t][t] = 1); BWT = R[2][0] - R[1][0] = final_first - 1
+    seqft = {"tasks": ["add", "sort"], "R": [[0, 0], [1, 0], [final_first, 1]], "aux_accuracy": [0.5, 0.2, 0.0]}
+    multitask = {"tasks": ["add", "sort"], "R": [[0, 0], [0.9, 1.0]], "aux_accuracy": []}
+    (tmp_path / "seqft_seed0.json").write_text(json.dumps(seqft))
+    (tmp_path / "multitask_seed0.json").write_text(json.dumps(multitask))
+    row = calibrate.read_point(str(tmp_path), [0])
+    assert row["multitask_avg"] == pytest.approx(0.95) and min(row["seqft_diagonal"]) == 1
+    assert row["seqft_bwt"] == pytest.approx(final_first - 1)
+    assert row["seqft_aux"] == [0.5, 0.2, 0.0] and row["fits"] is fits
