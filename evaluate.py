@@ -53,6 +53,11 @@ def task_accuracy(model, split, device, batch_size=256):
     return torch.cat(correct).float().mean().item()
 
 
+def mean_accuracy(model, splits, device):
+    """(1/S) sum_s task_accuracy(split s): the mean over tasks, each counted once whatever its size."""
+    return sum(task_accuracy(model, split, device) for split in splits) / len(splits)
+
+
 @torch.no_grad()
 def greedy_answers(model, split, device, n_examples=None):
     """The greedy-decoded answers (text up to the newline) of a TaskSplit's first n_examples prompts, all decoded

@@ -31,8 +31,8 @@ from data.corpus import get_batch, load_corpus
 from data.instructions import AUX_TASKS, aux_task_names
 from data.tasks import DEFAULT_ORDER, TASKS, answer_format, build_task_suite, concat_splits, trim_padding
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
-from evaluate import (forgetting_diagnostic, forgetting_snapshot, plot_sae_metrics, sae_metrics, summarize_run,
-                      task_accuracy)
+from evaluate import (forgetting_diagnostic, forgetting_snapshot, mean_accuracy, plot_sae_metrics, sae_metrics,
+                      summarize_run, task_accuracy)
 from model import GPT, LORA_TARGETS, GPTConfig
 from regularizers import METHODS, RENAMED_METHODS, sae_training_penalty, tensor_bytes
 from sae import SAEConfig, TopKSAE, check_sae_fits, sae_from_dict, sae_to_dict, train_saes
@@ -269,9 +269,9 @@ def aux_suite(config):
                             block_size=config.block_size, tasks=AUX_TASKS)
 
 
-def aux_accuracy(model, suite, device, split="test"):
-    """Mean over the auxiliary tasks of their accuracy on held-out prompts: does the tag still select the answer?"""
-    return sum(task_accuracy(model, s[split], device) for s in suite.values()) / len(suite)
+def aux_accuracy(model, suite, device):
+    """Instruction following: the mean accuracy over the auxiliary tasks' held-out prompts."""
+    return mean_accuracy(model, [s["test"] for s in suite.values()], device)
 
 
 def model_from_checkpoint(checkpoint, device):
@@ -443,8 +443,8 @@ def pretrain(config, device):
                "samples": samples, "params": model.num_params(), "sha": checkpoint["sha"]}
     if aux:  # instruction following: held-out prompts of the auxiliary tasks, and prompts it was trained on
         summary["aux_accuracy"] = aux_accuracy(model, aux, device)
-        summary["aux_train_accuracy"] = sum(task_accuracy(model, s["train"].subset(torch.arange(AUX_HELD_OUT)),
-                                                          device) for s in aux.values()) / len(aux)
+        summary["aux_train_accuracy"] = mean_accuracy(
+            model, [s["train"].subset(torch.arange(AUX_HELD_OUT)) for s in aux.values()], device)
         summary["aux_samples"] = greedy_samples(model, [q + " > " for q, _ in (s["test"].examples[0]
                                                                                 for s in aux.values())], device)
         print(f"pretrain: instruction phase, held-out auxiliary accuracy {summary['aux_accuracy']:.3f} "
