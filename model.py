@@ -14,7 +14,8 @@ replaces the activation at a point by `f(x)` (or by a given tensor) before the r
 how SAE reconstructions are spliced in. Shapes are commented as (B, T, C) = (batch, time, channels).
 
 For fine-tuning, `add_lora` freezes every weight and wraps chosen projections with LoRA adapters (Hu et al. 2021);
-`adapters_off()` runs the frozen base without a copy of the model.
+`adapters_off()` runs the frozen base without a copy of the model; `stack_adapters()` freezes the current adapters
+and starts new ones (O-LoRA keeps one set per task, all of them summed).
 """
 
 import contextlib
@@ -97,28 +98,49 @@ class LoRALinear(nn.Module):
 
         y = base(x) + (alpha / r) (x A^T) B^T,     A (r, in) random, B (out, r) zero at the start
 
-    so that the wrapped layer starts as the base layer exactly, and only A and B learn."""
+    so that the wrapped layer starts as the base layer exactly, and only A and B learn. `stack()` freezes the
+    current (A, B) into `past` and starts a fresh pair (O-LoRA: one adapter per task); every pair is added:
+
+        y = base(x) + (alpha / r) sum_s (x A_s^T) B_s^T"""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base = base
         self.A = nn.Parameter(torch.empty(rank, base.in_features))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's own initialisation
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.B = nn.Parameter(torch.empty(base.out_features, rank))
+        self.reset_adapter()
+        self.past = nn.ParameterList()  # frozen earlier pairs, A_1, B_1, A_2, B_2, ... (requires_grad False)
         self.scale = alpha / rank
         self.enabled = True
+
+    def reset_adapter(self):
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's own initialisation
+            self.B.zero_()
+
+    def stack(self):
+        """Keep the current pair, frozen, and start a new one (which adds nothing until it learns)."""
+        for p in (self.A, self.B):
+            self.past.append(nn.Parameter(p.detach().clone(), requires_grad=False))
+        self.reset_adapter()
+
+    def pairs(self):
+        """[(A_s, B_s)] of every adapter, the earlier (frozen) ones first and the current one last."""
+        return [(self.past[i], self.past[i + 1]) for i in range(0, len(self.past), 2)] + [(self.A, self.B)]
 
     def forward(self, x):
         y = self.base(x)
         if self.enabled:
-            y = y + self.scale * (x @ self.A.t()) @ self.B.t()
+            for A, B in self.pairs():
+                y = y + self.scale * (x @ A.t()) @ B.t()
         return y
 
     def merged(self):
-        """A plain nn.Linear with the update folded in: W + (alpha / r) B A."""
+        """A plain nn.Linear with every update folded in: W + (alpha / r) sum_s B_s A_s."""
         linear = copy.deepcopy(self.base)
         with torch.no_grad():
-            linear.weight += self.scale * self.B @ self.A
+            for A, B in self.pairs():
+                linear.weight += self.scale * B @ A
         return linear
 
 
@@ -176,7 +198,7 @@ class GPT(nn.Module):
     @contextlib.contextmanager
     def adapters_off(self):
         """Within the block, the model is its frozen base: every LoRA update is switched off (no copy is made)."""
-        adapters = [m for m in self.modules() if isinstance(m, LoRALinear)]
+        adapters = self.lora_layers()
         for m in adapters:
             m.enabled = False
         try:
@@ -185,8 +207,17 @@ class GPT(nn.Module):
             for m in adapters:
                 m.enabled = True
 
+    def lora_layers(self):
+        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
     def has_adapters(self):
-        return any(isinstance(m, LoRALinear) for m in self.modules())
+        return bool(self.lora_layers())
+
+    def stack_adapters(self):
+        """Freeze every current adapter and start a new set (O-LoRA's adapter per task); returns the model."""
+        for layer in self.lora_layers():
+            layer.stack()
+        return self
 
     def merged(self):
         """A copy of the model with every adapter folded into its weights: the same function, plain Linears."""

@@ -28,6 +28,10 @@ with s = +1 for an upper bound ("drift at most bound") and s = -1 for a lower bo
   protected features (weight 1 - m_j) must drift at most eps, task-relevant ones (weight m_j) at least delta.
 - LwF (Li and Hoiem 2016) distils the task-start model's outputs on the current task's inputs: the same data the
   SAE-guided penalty sees, constrained in output space instead of feature space.
+- O-LoRA (Wang et al. 2023) learns each task in a new LoRA adapter set whose input directions are pushed to be
+  orthogonal to the earlier, frozen sets'.
+- SAE-FD (SAE feature distillation, Zhang et al. 2026) keeps a few inputs of each finished task (anchors) with
+  their SAE codes and pulls the codes back to them: the feature-space analogue of replay, storing task data.
 - Replay keeps a small buffer of earlier tasks' examples; multitask trains on all tasks at once.
 """
 
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
 
-from data.tasks import Batch, concat_splits
+from data.tasks import Batch, concat_splits, example_keys, example_lengths
 
 # ----------------------------------------------------------------------------------------------------------------
 # the one squared hinge
@@ -180,6 +184,19 @@ def sae_codes(sae, x, codes="topk"):
     return sae.encode(x) if codes == "topk" else sae.pre_activations(x)
 
 
+def sparse_to_dense(values, indices, d_sae):
+    """z (..., d_sae) from a TopK code's (values, indices) (..., k); differentiable in the values."""
+    return values.new_zeros(*values.shape[:-1], d_sae).scatter(-1, indices, values)
+
+
+def content_codes(sae, residual, content_mask, codes="topk"):
+    """The SAE codes of the content tokens only: residual (B, T, C), content_mask (B, T). TopK codes come sparse,
+    (values, indices) each (n_tokens, k), with sae.encode_sparse's cheap backward; dense codes as (n_tokens, d_sae).
+    Only the tokens the drift is measured on are encoded."""
+    x = residual[content_mask.bool()]  # (n_tokens, C)
+    return sae.encode_sparse(x) if codes == "topk" else sae.pre_activations(x)
+
+
 @torch.no_grad()
 def feature_relevance(reference, saes, split, n_examples, codes="topk", batch_size=128):
     """{point: r (d_sae,)}: r_j = mean over content tokens of |z_j| under the reference model, divided by max_j r_j
@@ -226,24 +243,74 @@ def build_feature_masks(reference, saes, split, *, n_examples, knn, alpha, codes
     return masks
 
 
-def feature_drift(z, z_ref, content_mask):
-    """d_j = mean over content tokens of |z_j - z_ref_j|; z, z_ref (B, T, d_sae), content_mask (B, T)."""
-    weights = content_mask.unsqueeze(-1)
-    return ((z - z_ref).abs() * weights).sum((0, 1)) / content_mask.sum().clamp(min=1.0)
+@torch.no_grad()
+def sparse_codes(model, saes, x, batch_size=128):
+    """{point: (values, indices), each (N, T, k)}: the model's TopK SAE codes on the inputs x (N, T), kept sparse."""
+    points = sorted(saes)
+    values, indices = {p: [] for p in points}, {p: [] for p in points}
+    for start in range(0, len(x), batch_size):
+        _, _, residuals = model(x[start : start + batch_size], read=points)
+        for p in points:
+            v, i = saes[p].encode_sparse(residuals[p])
+            values[p].append(v)
+            indices[p].append(i)
+    return {p: (torch.cat(values[p]), torch.cat(indices[p])) for p in points}
 
 
-def sae_guided_penalty(residuals, ref_residuals, saes, masks, content_mask, *, lambda_p, lambda_g, eps, delta,
-                       codes="topk"):
+def reference_codes(reference, saes, split):
+    """{'rows': {example key: row}, 'codes': sparse_codes of every example of the split}. The reference is frozen
+    while a task trains, so its codes on the task's training examples are computed once, when the task starts, and
+    looked up per batch (lookup_codes)."""
+    device = next(reference.parameters()).device
+    rows = {key: row for row, key in enumerate(example_keys(split.rows(slice(None))))}
+    return {"rows": rows, "codes": sparse_codes(reference, saes, split.x.to(device))}
+
+
+def lookup_codes(cache, batch):
+    """{point: (values, indices), each (n_tokens, k)}: the cached codes of the batch's examples at its content
+    tokens, the same tokens in the same order as content_codes."""
+    codes = cache["codes"]
+    some_values = next(iter(codes.values()))[0]
+    rows = torch.tensor([cache["rows"][key] for key in example_keys(batch)], device=some_values.device)
+    length, content = batch.x.size(1), batch.content_mask.bool()  # the batch may be trimmed: its first columns
+    return {p: (values[rows, :length][content], indices[rows, :length][content])
+            for p, (values, indices) in codes.items()}
+
+
+def feature_drift(z, z_ref):
+    """d_j = mean over tokens of |z_j - z_ref_j|; z, z_ref (n_tokens, d_sae), the codes of the content tokens."""
+    return (z - z_ref).abs().mean(0)
+
+
+def sparse_feature_drift(code, ref_code, d_sae):
+    """The same d_j from TopK codes kept sparse, (values, indices) each (n_tokens, k), without a dense
+    (n_tokens, d_sae) tensor: a latent active in both codes of a token adds |z_j - z_ref_j|, a latent active in one
+    only adds its value (the other is 0), and the other latents add nothing."""
+    values, indices = code
+    ref_values, ref_indices = ref_code
+    same = indices.unsqueeze(-1) == ref_indices.unsqueeze(-2)  # (n, k, k): z's a-th latent is z_ref's b-th
+    ref_at_z = (same * ref_values.unsqueeze(-2)).sum(-1)  # (n, k): z_ref at z's latents, 0 where inactive
+    ref_only = ref_values * ~same.any(-2)  # (n, k): z_ref's latents that z does not have
+    total = values.new_zeros(d_sae).index_add(0, indices.reshape(-1), (values - ref_at_z).abs().reshape(-1))
+    total = total.index_add(0, ref_indices.reshape(-1), ref_only.reshape(-1))
+    return total / max(len(values), 1)
+
+
+def code_drift(code, ref_code, d_sae):
+    """d (d_sae,) between two codes of the same tokens, sparse (TopK) or dense."""
+    if isinstance(code, tuple):
+        return sparse_feature_drift(code, ref_code, d_sae)
+    return feature_drift(code, ref_code)
+
+
+def sae_guided_penalty(drifts, masks, *, lambda_p, lambda_g, eps, delta):
     """lambda_p sum_l relu(D_prot_l - eps)^2 + lambda_g sum_l relu(delta - D_guide_l)^2, with
-    D_prot_l = sum_j (1 - m_j) d_j / sum_j (1 - m_j) and D_guide_l = sum_j m_j d_j / sum_j m_j.
+    D_prot_l = sum_j (1 - m_j) d_j / sum_j (1 - m_j) and D_guide_l = sum_j m_j d_j / sum_j m_j, for the drift d
+    ({point: (d_sae,)}) of each SAE point l.
     Returns (penalty, {'protect': sum_l D_prot_l, 'guide': sum_l D_guide_l}) for logging."""
     penalty = 0.0
     logs = {"protect": 0.0, "guide": 0.0}
-    for p, sae in saes.items():
-        z = sae_codes(sae, residuals[p], codes)
-        with torch.no_grad():
-            z_ref = sae_codes(sae, ref_residuals[p], codes)
-        drift = feature_drift(z, z_ref, content_mask)
+    for p, drift in drifts.items():
         m = masks[p]
         penalty = penalty + lambda_p * hinge_penalty(drift, 1.0 - m, eps, upper=True)
         penalty = penalty + lambda_g * hinge_penalty(drift, m, delta, upper=False)
@@ -446,7 +513,11 @@ class LwF(Method):
 
 class SAEGuided(Method):
     """SAE-guided activation regularization: before each task a feature mask from the task's data; each step the
-    protect / guide hinges on the drift of SAE codes from the reference's; only the masks are kept."""
+    protect / guide hinges on the drift of the batch's SAE codes from the reference's; only the masks are kept.
+
+    The reference is frozen during a task, so its TopK codes on the task's training examples are computed once at
+    task start and looked up per batch (one forward pass per step, not two); they are dropped when the task ends.
+    Dense codes ('--sae_guided_codes=dense') are too large to keep per token: the reference runs each step."""
 
     name = "sae_guided"
     uses_saes = True
@@ -457,14 +528,21 @@ class SAEGuided(Method):
         self.base = None  # the 'base' reference: with LoRA the model with adapters off, else a frozen copy
         if config.sae_guided_reference == "base":
             self.base = AdaptersOff(model) if model.has_adapters() else frozen_copy(model)
+        self.cached_codes = self.reference = self.mask = None  # held during a task only
 
     def before_task(self, model, split, t):
         c = self.config
-        self.reference = self.base if self.base is not None else frozen_copy(model)
-        mask = build_feature_masks(self.reference, self.saes, split, n_examples=c.sae_guided_mask_examples,
-                                   knn=c.sae_guided_mask_knn, alpha=c.sae_guided_mask_alpha,
-                                   codes=c.sae_guided_codes,
-                                   binary_threshold=c.sae_guided_mask_threshold if c.sae_guided_mask_binary else None)
+        reference = self.base if self.base is not None else model  # at task start the model is its own reference
+        with evaluating(model):
+            mask = build_feature_masks(reference, self.saes, split, n_examples=c.sae_guided_mask_examples,
+                                       knn=c.sae_guided_mask_knn, alpha=c.sae_guided_mask_alpha,
+                                       codes=c.sae_guided_codes,
+                                       binary_threshold=c.sae_guided_mask_threshold if c.sae_guided_mask_binary
+                                       else None)
+            if c.sae_guided_codes == "topk":
+                self.cached_codes = reference_codes(reference, self.saes, split)
+            else:
+                self.reference = self.base if self.base is not None else frozen_copy(model)
         self.masks.append(mask)
         if c.sae_guided_protect_past:
             mask = {p: merge_past_masks(m, [old[p] for old in self.masks[:-1]]) for p, m in mask.items()}
@@ -472,14 +550,21 @@ class SAEGuided(Method):
 
     def penalty(self, model, batch, outputs):
         c = self.config
-        with torch.no_grad():
-            _, _, ref_residuals = self.reference(batch.x, read=self.reads)
-        return sae_guided_penalty(outputs["residuals"], ref_residuals, self.saes, self.mask, batch.content_mask,
-                                  lambda_p=c.sae_guided_lambda_p, lambda_g=c.sae_guided_lambda_g,
-                                  eps=c.sae_guided_eps, delta=c.sae_guided_delta, codes=c.sae_guided_codes)
+        codes = {p: content_codes(sae, outputs["residuals"][p], batch.content_mask, c.sae_guided_codes)
+                 for p, sae in self.saes.items()}
+        if self.cached_codes is not None:
+            ref_codes = lookup_codes(self.cached_codes, batch)
+        else:
+            with torch.no_grad():
+                _, _, ref_residuals = self.reference(batch.x, read=self.reads)
+                ref_codes = {p: content_codes(sae, ref_residuals[p], batch.content_mask, c.sae_guided_codes)
+                             for p, sae in self.saes.items()}
+        drifts = {p: code_drift(codes[p], ref_codes[p], sae.config.d_sae) for p, sae in self.saes.items()}
+        return sae_guided_penalty(drifts, self.mask, lambda_p=c.sae_guided_lambda_p, lambda_g=c.sae_guided_lambda_g,
+                                  eps=c.sae_guided_eps, delta=c.sae_guided_delta)
 
     def after_task(self, model, split, t):
-        self.reference = None  # the task-start copy is not kept
+        self.cached_codes = self.reference = self.mask = None  # of the task's examples, only its mask outlives it
 
     def retained(self):  # the masks, and the frozen base if it is the reference and a copy of the model
         copied = self.base is not None and not isinstance(self.base, AdaptersOff)
@@ -494,6 +579,95 @@ class SAEGuided(Method):
         if not 0 <= config.sae_guided_mask_threshold <= 1:
             raise ValueError(f"--sae_guided_mask_threshold={config.sae_guided_mask_threshold}: must be in "
                              "[0, 1]")
+
+
+class SAEFD(Method):
+    """SAE feature distillation (after Zhang et al. 2026; the details are ours, README): when a task ends, keep
+    sae_fd_anchors of its training inputs (the anchors) with the model's TopK SAE codes on them, sparse; on every
+    later step, pull the codes of sae_fd_batch_size stored anchors back towards the stored ones:
+
+        lambda_fd sum_l mean over the anchors' content tokens ||z_l(x) - z*_l(x)||^2
+
+    The anchors are task data: they and their codes count as retained bytes."""
+
+    name = "sae_fd"
+    uses_saes = True
+    positive = ("sae_fd_anchors", "sae_fd_batch_size")
+
+    def __init__(self, config, model, saes=None, seed=0):
+        super().__init__(config, model, saes, seed)
+        self.saes, self.reads, self.anchors = saes, tuple(sorted(saes or ())), None
+        self.generator = torch.Generator().manual_seed(seed)  # which anchors each step sees
+
+    def after_task(self, model, split, t):
+        with evaluating(model):
+            kept = sample_examples(split, self.config.sae_fd_anchors, self.seed + t, model)
+            anchors = {"x": kept.x, "content_mask": kept.content_mask,
+                       "codes": sparse_codes(model, self.saes, kept.x)}
+        if self.anchors:  # one pool of every finished task's anchors
+            anchors = {"x": torch.cat([self.anchors["x"], anchors["x"]]),
+                       "content_mask": torch.cat([self.anchors["content_mask"], anchors["content_mask"]]),
+                       "codes": {p: tuple(torch.cat(pair) for pair in zip(self.anchors["codes"][p], codes))
+                                 for p, codes in anchors["codes"].items()}}
+        self.anchors = anchors
+
+    def penalty(self, model, batch, outputs):
+        if not self.anchors:
+            return None, {}
+        x, content = self.anchors["x"], self.anchors["content_mask"]
+        idx = torch.randint(len(x), (self.config.sae_fd_batch_size,), generator=self.generator).to(x.device)
+        length = int(content[idx].nonzero()[:, 1].max()) + 1  # cut the padding columns
+        x, content = x[idx, :length], content[idx, :length]
+        _, _, residuals = model(x, read=self.reads)
+        distance = 0.0
+        for p, sae in self.saes.items():
+            values, indices = (c[idx, :length][content.bool()] for c in self.anchors["codes"][p])
+            stored = sparse_to_dense(values, indices, sae.config.d_sae)  # z*
+            z = sparse_to_dense(*content_codes(sae, residuals[p], content), sae.config.d_sae)
+            distance = distance + (z - stored).pow(2).sum(-1).mean()
+        return self.config.sae_fd_lambda * distance, {"fd": distance.item()}
+
+    def retained(self):
+        return self.anchors
+
+
+def orthogonality_loss(model):
+    """sum over adapted layers sum_{s<t} ||A_t A_s^T||_F^2: the current adapter's rows (the input directions it
+    reads) against every earlier adapter's; 0 when they span orthogonal subspaces."""
+    total = 0.0
+    for layer in model.lora_layers():
+        *earlier, (A, _) = layer.pairs()
+        for A_s, _ in earlier:
+            total = total + (A @ A_s.t()).pow(2).sum()
+    return total
+
+
+class OLoRA(Method):
+    """O-LoRA (Wang et al. 2023): a new LoRA adapter set per task (lora_rank, lora_alpha, lora_targets), the
+    earlier sets frozen and every set summed at inference (no task identity is given); the loss adds
+    lambda_o sum_{s<t} ||A_t A_s^T||_F^2. Under --finetune=full it brings its own adapters, so the base weights are
+    frozen for O-LoRA in both regimes: adapters are what the method is."""
+
+    name = "o_lora"
+
+    def __init__(self, config, model, saes=None, seed=0):
+        super().__init__(config, model, saes, seed)
+        if not model.has_adapters():
+            model.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
+        self.layers = model.lora_layers()
+
+    def before_task(self, model, split, t):
+        if t > 0:
+            model.stack_adapters()  # the last task's adapters are frozen; a fresh set learns this task
+
+    def penalty(self, model, batch, outputs):
+        if not self.layers[0].past:
+            return None, {}
+        overlap = orthogonality_loss(model)
+        return self.config.o_lora_lambda * overlap, {"orth": overlap.item()}
+
+    def retained(self):  # the frozen adapters of the earlier tasks (the current set is the model being trained)
+        return [list(layer.past) for layer in self.layers]
 
 
 class Replay(Method):
@@ -532,7 +706,7 @@ class Multitask(Method):
     joint = True
 
 
-METHODS = {cls.name: cls for cls in (SeqFT, EWC, SI, MAS, LwF, SAEGuided, Replay, Multitask)}  # report order
+METHODS = {cls.name: cls for cls in (SeqFT, EWC, SI, MAS, LwF, OLoRA, SAEFD, SAEGuided, Replay, Multitask)}  # report order
 RENAMED_METHODS = {"sae": "sae_guided"}  # old name -> new name, accepted with a warning
 
 

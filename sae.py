@@ -69,6 +69,19 @@ class TopKSAE(nn.Module):
         values, indices = pre.topk(self.config.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, indices, values)
 
+    def encode_sparse(self, x):
+        """(values, indices), each (..., k): the code z without its zeros, z = zeros.scatter(-1, indices, values).
+
+        The same code as `encode`, with a cheaper backward pass: which k latents win is not differentiable, so the
+        choice is made on the dense pre-activations without autograd, and only the k chosen pre-activations are
+        recomputed with it, from k columns of W_enc (a backward of k, not d_sae, columns per token)."""
+        x_n = x * self.input_scale - self.b_dec
+        with torch.no_grad():
+            indices = (x_n @ self.W_enc + self.b_enc).topk(self.config.k, dim=-1).indices  # (..., k)
+        columns = self.W_enc.t()[indices]  # (..., k, d_in)
+        values = torch.relu((columns * x_n.unsqueeze(-2)).sum(-1) + self.b_enc[indices])
+        return values, indices
+
     def decode(self, z):
         """xhat in the scaled space."""
         return z @ self.W_dec + self.b_dec

@@ -4,7 +4,7 @@ The entry point: the Config, the stages of the pipeline, and the continual-learn
     python train.py                       # every stage with the CPU defaults
     python train.py --help                # every key with its default and meaning, by stage
     python train.py --stage=pretrain      # stop after a stage: pretrain | sae | cl (= all)
-    python train.py --methods=seqft,ewc,si,mas,lwf,sae_guided,replay,multitask --seeds=0,1,2 --jobs=2
+    python train.py --methods=seqft,ewc,si,mas,lwf,o_lora,sae_fd,sae_guided,replay,multitask --seeds=0,1,2 --jobs=2
     python train.py --n_layer=4 --corpus=../shared/data/tinyshakespeare.txt --stage=pretrain
 
 Stages write to out/<run>/ and cache their result with what made it (configurator.py): a later run reuses a stage
@@ -121,6 +121,12 @@ class Config:
     # LwF: distillation of the task-start model's outputs
     lwf_lambda: float = 1.0  # weight of the KL term (chosen on val by bench/tune.py)
     lwf_temperature: float = 2.0  # softmax temperature T of both distributions
+    # O-LoRA: an adapter set per task (lora_rank, lora_alpha, lora_targets; its own under finetune=full), all summed
+    o_lora_lambda: float = 0.5  # weight of the orthogonality loss sum_{s<t} ||A_t A_s^T||_F^2
+    # SAE-FD: distillation of SAE codes on stored anchors of finished tasks (stores data)
+    sae_fd_lambda: float = 1.0  # weight of the squared distance of the anchors' codes to the stored ones
+    sae_fd_anchors: int = 64  # training inputs of each finished task kept, with their SAE codes
+    sae_fd_batch_size: int = 16  # anchors in each step's distillation batch
     # SAE-guided activation regularization
     sae_guided_lambda_p: float = 1e4  # weight of the protect hinge (these four chosen on val by bench/tune.py)
     sae_guided_lambda_g: float = 0.0  # weight of the guide hinge; 0 turns it off

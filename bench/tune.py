@@ -2,9 +2,10 @@
 Fair hyperparameter selection for the continual-learning methods, on the validation split only.
 
 Each method gets the same number of trials (6): its penalty weight over a log grid (SAE-guided: three weights,
-with and without the guide term). A trial is a full run of the task sequence with one seed, scored by OP on the
-`val` split (carved from the training data); the test split is never looked at. Ties keep the first trial in grid
-order. Writes out/<run>/tune/tuning.md and tuning.json.
+with and without the guide term; O-LoRA: 0, no orthogonality, and five weights). A trial is a full run of the task
+sequence with one seed, scored by OP on the `val` split (carved from the training data); the test split is never
+looked at. Ties keep the first trial in grid order. Writes out/<run>/tune/tuning.md and tuning.json, whose
+`chosen_args` are the overrides to give bench/cl_benchmark.py.
 
     python bench/tune.py                         # every method's grid, one trial at a time
     python bench/tune.py --jobs=2                # two trials at once (processes of one thread each)
@@ -29,6 +30,10 @@ GRIDS = {  # method -> trials, each a dict of config overrides; the same number 
     "si": [{"si_lambda": lam} for lam in (1, 10, 1e2, 1e3, 1e4, 1e5)],
     "mas": [{"mas_lambda": lam} for lam in (1e-3, 1e-2, 1e-1, 1, 10, 1e2)],
     "lwf": [{"lwf_lambda": lam} for lam in (1e-2, 1e-1, 1, 10, 1e2, 1e3)],
+    # O-LoRA: 0 is plain stacked adapters (is it the orthogonality that helps?); the paper's value is 0.5
+    "o_lora": [{"o_lora_lambda": lam} for lam in (0.0, 1e-2, 1e-1, 1, 10, 1e2)],
+    # SAE-FD: the squared code distance per token is of order 1 to 10 once the model has moved
+    "sae_fd": [{"sae_fd_lambda": lam} for lam in (1e-3, 1e-2, 1e-1, 1, 10, 1e2)],
     # with and without the guide term; eps 0.005 is of the order of the protected drift per point under the paper
     # preset (docs/tuning.md), so the protect hinge binds part of the time; the first pass used eps 0.02, delta 0.2
     "sae_guided": [
@@ -71,8 +76,10 @@ def main(argv):
                                 "val_bwt": summary[method]["bwt"]})
     chosen = {m: max(ts, key=lambda t: t["val_op"]) for m, ts in results.items()}  # ties: the first in grid order
     out_dir = os.path.join(base_config.out_dir, base_config.run, "tune")
+    chosen_args = [f"--{k}={v:g}" for t in chosen.values() for k, v in t["overrides"].items()]
     with open(os.path.join(out_dir, "tuning.json"), "w") as f:
-        json.dump({"trials": results, "chosen": chosen, "seconds": time.time() - t0, "argv": argv}, f, indent=2)
+        json.dump({"trials": results, "chosen": chosen, "chosen_args": chosen_args, "seconds": time.time() - t0,
+                   "argv": argv}, f, indent=2)
     lines = [f"Command: `python bench/tune.py {' '.join(argv)}` ({time.time() - t0:.0f} s)", "",
              "| method | trial | val OP | val BWT |", "|---|---|---|---|"]
     for method, ts in results.items():
@@ -80,6 +87,7 @@ def main(argv):
             mark = " **(chosen)**" if t is chosen[method] else ""
             setting = ", ".join(f"{k}={v:g}" for k, v in t["overrides"].items())
             lines.append(f"| {method} | {setting}{mark} | {t['val_op']:.3f} | {t['val_bwt']:.3f} |")
+    lines += ["", "Chosen, as arguments: `" + " ".join(chosen_args) + "`"]
     with open(os.path.join(out_dir, "tuning.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

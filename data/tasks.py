@@ -158,13 +158,25 @@ def concat_splits(splits, name="mixed"):
                      *(torch.cat(tensors) for tensors in zip(*(s.rows(slice(None)) for s in splits))))
 
 
+def example_lengths(batch):
+    """(B,) the number of real positions of each example: one past its last answer position (padding follows)."""
+    positions = torch.arange(1, batch.x.size(1) + 1, device=batch.x.device)
+    return (batch.answer_mask * positions).amax(1).long()
+
+
 def trim_padding(batch):
     """Cut the columns that are padding in every row. Exact for a causal model: padding comes after the answer,
     which ends every example, so no real position ever attends to it. Saves the compute of short tasks padded to
     the longest one."""
-    positions = torch.arange(1, batch.x.size(1) + 1, device=batch.x.device)
-    length = int((batch.answer_mask * positions).max())  # one past the last answer position of any row
+    length = int(example_lengths(batch).max())
     return Batch(*(t[:, :length] for t in batch))
+
+
+def example_keys(batch):
+    """One key per example, its real tokens as bytes: the same for an example however its padding was trimmed, so
+    that what was computed per example of a split can be found again from a batch."""
+    x = batch.x.cpu()
+    return [x[i, :n].numpy().tobytes() for i, n in enumerate(example_lengths(batch).tolist())]
 
 
 def to_tensors(name, examples, length, template_is_content=True):

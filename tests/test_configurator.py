@@ -22,7 +22,7 @@ def test_defaults_parse_and_overrides_apply():
     (["--lr=fast"], "--lr='fast': expected a float"),
     (["--sae_auxk=maybe"], "--sae_auxk='maybe': expected a bool"),
     (["--device=tpu"], "--device='tpu' is not valid; choose from: auto, cpu, cuda"),
-    (["--methods=seqft,magic"], "--methods='magic' is not valid; choose from: seqft, ewc, si, mas, lwf, sae_guided"),
+    (["--methods=seqft,magic"], "--methods='magic' is not valid; choose from: seqft, ewc, si, mas, lwf, o_lora, sae_fd, sae_guided"),
     (["--tasks=add,juggle"], "--tasks='juggle' is not valid; choose from: stance, facts"),
     (["--tasks=add,add"], "name each task once"),
     (["--n_embd=30", "--n_head=4"], "must be divisible"),

@@ -9,7 +9,7 @@ import train
 from conftest import TINY_PIPELINE
 from evaluate import summarize_run
 
-METHODS = ("seqft", "ewc", "si", "mas", "lwf", "sae_guided", "replay", "multitask")
+METHODS = ("seqft", "ewc", "si", "mas", "lwf", "o_lora", "sae_fd", "sae_guided", "replay", "multitask")
 
 
 def test_pipeline_runs_every_method_and_reuses_its_stages(tmp_path, capsys):
@@ -39,6 +39,14 @@ def test_pipeline_runs_every_method_and_reuses_its_stages(tmp_path, capsys):
     assert summary["si"]["retained_bytes"] == summary["mas"]["retained_bytes"] == 2 * n_params * 4  # one anchor
     assert summary["sae_guided"]["retained_bytes"] == 2 * 4 * 32 * 4  # 2 tasks x 1 point x d_sae floats
     assert summary["replay"]["retained_bytes"] > 0
+    # O-LoRA brings rank-8 adapters of its own and keeps the first task's, frozen: A (8, in) and B (out, 8) for qkv
+    # (32 -> 96), attention out (32 -> 32), MLP in (32 -> 128), MLP out (128 -> 32)
+    n_adapter = (8 * 32 + 96 * 8) + (8 * 32 + 32 * 8) + (8 * 32 + 128 * 8) + (8 * 128 + 32 * 8)
+    assert summary["o_lora"]["retained_bytes"] == n_adapter * 4
+    # SAE-FD: 8 anchors per task, each its tokens (int64) and content mask (float32), and at every position its
+    # k = 8 code values (float32) and indices (int64) at the one SAE point
+    length = train.task_suite(train.parse_args(argv))["add"]["train"].x.size(1)
+    assert summary["sae_fd"]["retained_bytes"] == 2 * 8 * length * (8 + 4 + 8 * (4 + 8))
     assert "| seqft |" in capsys.readouterr().out
 
     assert train.main(argv) == 0  # everything cached: nothing is retrained
@@ -114,7 +122,7 @@ def test_parallel_jobs_give_the_same_results_as_one_process(tmp_path):
 
 def test_lora_fine_tuning_runs_every_method_on_the_adapters_only(tmp_path):
     argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--finetune=lora", "--lora_rank=2",
-                            "--methods=seqft,ewc,si,sae_guided", "--sae_guided_reference=base"]
+                            "--methods=seqft,ewc,si,o_lora,sae_fd,sae_guided", "--sae_guided_reference=base"]
     assert train.main(argv) == 0
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
     # one block of width 32, rank 2: A (2, in) and B (out, 2) for qkv (32 -> 96), attention out (32 -> 32),
@@ -123,6 +131,7 @@ def test_lora_fine_tuning_runs_every_method_on_the_adapters_only(tmp_path):
     assert summary["ewc"]["retained_bytes"] == 2 * 2 * n_adapter * 4  # (F, theta*) per task, adapters only
     assert summary["si"]["retained_bytes"] == 2 * n_adapter * 4
     assert summary["sae_guided"]["retained_bytes"] == 2 * 4 * 32 * 4  # the masks; the base costs no copy
+    assert summary["o_lora"]["retained_bytes"] == n_adapter * 4  # the first task's adapters, frozen
     result = json.loads((tmp_path / "default" / "cl" / "seqft_seed0.json").read_text())
     assert result["shared"]["config"]["finetune"] == "lora" and len(result["R"]) == 3
 

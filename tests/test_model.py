@@ -138,3 +138,28 @@ def test_adapters_off_is_the_base_after_training_and_merging_keeps_the_function(
         assert torch.allclose(model(x)[0], trained)  # and back on afterwards
         merged = model.merged()
         assert not merged.has_adapters() and torch.allclose(merged(x)[0], trained, atol=1e-5)
+
+
+def test_stacked_adapters_add_up_and_only_the_newest_learns(tiny_model):
+    import copy
+
+    base = copy.deepcopy(tiny_model)
+    model = lora_model(tiny_model)
+    x = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():  # a first adapter set that has learned something
+        for layer in model.lora_layers():
+            layer.B.normal_(0, 0.1)
+    first = model(x)[0].detach()
+    model.stack_adapters()
+    assert torch.equal(model(x)[0], first)  # the new set starts at B = 0: the function is unchanged
+    layer = model.lora_layers()[0]
+    assert len(layer.pairs()) == 2 and not any(p.requires_grad for p in layer.past)
+    model(x, x)[1].backward()
+    assert all(p.grad is None for m in model.lora_layers() for p in m.past)  # earlier adapters: no gradient
+    assert all(m.A.grad is not None for m in model.lora_layers())
+    with torch.no_grad():
+        layer.B.normal_(0, 0.1)
+        both = model(x)[0]
+        assert torch.allclose(model.merged()(x)[0], both, atol=1e-5)  # the sum of both sets
+        with model.adapters_off():
+            assert torch.equal(model(x)[0], base(x)[0])  # every set off: the base

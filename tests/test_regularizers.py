@@ -170,10 +170,13 @@ def test_lwf_is_zero_at_task_start_and_positive_after_a_change(tiny_model, add_s
 def test_every_method_has_a_unique_name_and_its_config_keys_exist():
     config = train.Config()
     fields = {f.name for f in dataclasses.fields(config)}
-    assert list(reg.METHODS) == ["seqft", "ewc", "si", "mas", "lwf", "sae_guided", "replay", "multitask"]
+    assert list(reg.METHODS) == ["seqft", "ewc", "si", "mas", "lwf", "o_lora", "sae_fd", "sae_guided", "replay",
+                                 "multitask"]
     assert reg.EWC.config_keys(config) == ("ewc_lambda", "ewc_mode", "ewc_gamma", "ewc_fisher_examples",
                                            "ewc_fisher_labels")
     assert "sae_guided_lambda_p" in reg.SAEGuided.config_keys(config) and reg.SeqFT.config_keys(config) == ()
+    assert reg.SAEFD.config_keys(config) == ("sae_fd_lambda", "sae_fd_anchors", "sae_fd_batch_size")
+    assert reg.OLoRA.config_keys(config) == ("o_lora_lambda",)
     for method in reg.METHODS.values():
         assert set(method.config_keys(config)) <= fields
 
@@ -190,26 +193,44 @@ def test_mask_propagation_on_a_hand_made_dictionary():
 
 
 def test_protect_and_guide_on_hand_made_codes():
-    class CodeSAE(torch.nn.Module):  # the "SAE" returns its input as the code
-        def encode(self, x):
-            return x
-
-    z_ref = torch.zeros(1, 2, 4)
-    z = torch.tensor([[[0.2, 0.0, 1.0, 0.0], [0.2, 0.4, 1.0, 0.0]]])
-    content = torch.tensor([[1.0, 1.0]])
+    z_ref = torch.zeros(2, 4)  # the codes of two content tokens
+    z = torch.tensor([[0.2, 0.0, 1.0, 0.0], [0.2, 0.4, 1.0, 0.0]])
     # drift d = mean over 2 tokens |z - z_ref| = (0.2, 0.2, 1.0, 0.0)
-    assert torch.allclose(reg.feature_drift(z, z_ref, content), torch.tensor([0.2, 0.2, 1.0, 0.0]))
+    assert torch.allclose(reg.feature_drift(z, z_ref), torch.tensor([0.2, 0.2, 1.0, 0.0]))
     mask = torch.tensor([0.0, 0.0, 1.0, 1.0])  # features 2, 3 relevant; 0, 1 protected
     # D_prot = (0.2 + 0.2) / 2 = 0.2; D_guide = (1.0 + 0.0) / 2 = 0.5
-    penalty, logs = reg.sae_guided_penalty({1: z}, {1: z_ref}, {1: CodeSAE()}, {1: mask}, content,
-                                           lambda_p=10.0, lambda_g=4.0, eps=0.1, delta=0.8)
+    penalty, logs = reg.sae_guided_penalty({1: reg.feature_drift(z, z_ref)}, {1: mask}, lambda_p=10.0,
+                                           lambda_g=4.0, eps=0.1, delta=0.8)
     assert logs["protect"] == pytest.approx(0.2) and logs["guide"] == pytest.approx(0.5)
     # 10 * (0.2 - 0.1)^2 + 4 * (0.8 - 0.5)^2 = 0.1 + 0.36
     assert penalty.item() == pytest.approx(0.46)
-    # padding is not content: a padded position does not count
-    padded = reg.feature_drift(torch.cat([z, torch.ones(1, 1, 4)], 1), torch.zeros(1, 3, 4),
-                               torch.tensor([[1.0, 1.0, 0.0]]))
-    assert torch.allclose(padded, torch.tensor([0.2, 0.2, 1.0, 0.0]))
+
+
+def test_only_content_tokens_are_encoded():
+    sae = identity_sae(3)  # z = ReLU(x) (k = d)
+    residual = torch.tensor([[[1.0, -1.0, 2.0], [5.0, 5.0, 5.0]], [[0.0, 3.0, 0.0], [4.0, 4.0, 4.0]]])
+    content = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # the second position of each row is padding
+    codes = reg.sparse_to_dense(*reg.content_codes(sae, residual, content), 3)
+    assert torch.equal(codes, torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]))
+    assert torch.equal(reg.content_codes(sae, residual, content, codes="dense"), codes)  # ReLU(x) again
+
+
+def test_sparse_encoding_equals_the_dense_one_with_the_same_gradient():
+    from sae import SAEConfig, TopKSAE
+
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=16, d_sae=64, k=4))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    x1 = torch.randn(10, 16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    dense = sae.encode(x1)
+    sparse = reg.sparse_to_dense(*sae.encode_sparse(x2), 64)
+    assert torch.allclose(dense, sparse, atol=1e-6) and (sparse > 0).sum(-1).max() <= 4
+    weights = torch.randn(10, 64)
+    (dense * weights).sum().backward()
+    (sparse * weights).sum().backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
 
 
 def test_reference_model_gets_no_gradient(tiny_model):
@@ -220,10 +241,11 @@ def test_reference_model_gets_no_gradient(tiny_model):
         for p in tiny_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     sae = TopKSAE(SAEConfig(d_in=32, d_sae=64, k=4)).requires_grad_(False)
-    x = torch.randint(0, 96, (2, 12))
+    x, content = torch.randint(0, 96, (2, 12)), torch.ones(2, 12)
     _, _, residuals = tiny_model(x, read=(1,))
     _, _, ref_residuals = reference(x, read=(1,))
-    penalty, _ = reg.sae_guided_penalty(residuals, ref_residuals, {1: sae}, {1: torch.rand(64)}, torch.ones(2, 12),
+    code, ref_code = (reg.content_codes(sae, r[1], content) for r in (residuals, ref_residuals))
+    penalty, _ = reg.sae_guided_penalty({1: reg.sparse_feature_drift(code, ref_code, 64)}, {1: torch.rand(64)},
                                         lambda_p=1.0, lambda_g=1.0, eps=0.0, delta=10.0)
     penalty.backward()
     assert all(p.grad is None for p in reference.parameters())
@@ -295,3 +317,102 @@ def test_sae_training_gradient_reaches_the_model_only_when_on(tiny_model, lam):
     assert reached == (lam > 0)
     if lam > 0:  # the SAEs learn too
         assert saes[1].W_dec.grad.abs().sum() > 0
+
+
+def test_orthogonality_loss_is_zero_for_orthogonal_adapters_and_matches_a_hand_computation(tiny_model):
+    model = tiny_model.add_lora(2, alpha=4.0, targets=("mlp_in",))  # one adapted layer per block, A (2, 32)
+    layers = model.lora_layers()
+    model.stack_adapters()
+    eye = torch.eye(32)
+    with torch.no_grad():
+        for layer in layers:
+            layer.past[0].copy_(eye[:2])  # A_1 reads directions 0, 1
+            layer.A.copy_(eye[2:4])  # A_2 reads directions 2, 3: orthogonal
+    assert reg.orthogonality_loss(model).item() == 0.0
+    with torch.no_grad():
+        layers[0].A.copy_(torch.tensor([[1.0, 2.0] + [0.0] * 30, [0.0, 0.0, 3.0] + [0.0] * 29]))
+    # A_2 A_1^T = [[1, 2], [0, 0]] in block 0 (block 1 stays orthogonal): ||.||_F^2 = 1 + 4
+    assert reg.orthogonality_loss(model).item() == pytest.approx(5.0)
+
+
+def test_o_lora_trains_a_new_adapter_per_task_and_keeps_the_earlier_ones_frozen(tiny_model, add_split):
+    config = dataclasses.replace(train.Config(), o_lora_lambda=2.0, lora_rank=2, lora_targets=("mlp_in",))
+    method = reg.OLoRA(config, tiny_model)  # under full fine-tuning it brings its own adapters
+    assert tiny_model.has_adapters() and not any(p.requires_grad for p in tiny_model.blocks[0].attn.parameters())
+    method.before_task(tiny_model, add_split, 0)
+    batch = add_split.rows(slice(0, 4))
+    assert method.penalty(tiny_model, batch, {})[0] is None  # no earlier adapter yet
+    method.after_task(tiny_model, add_split, 0)
+    method.before_task(tiny_model, add_split, 1)
+    penalty, logs = method.penalty(tiny_model, batch, {})
+    assert penalty.item() == pytest.approx(2.0 * reg.orthogonality_loss(tiny_model).item()) and logs["orth"] > 0
+    (tiny_model(batch.x, batch.y, batch.answer_mask)[1] + penalty).backward()
+    for layer in tiny_model.lora_layers():
+        assert all(p.grad is None for p in layer.past) and layer.A.grad.abs().sum() > 0
+    # retained: the frozen first set, A (2, 32) and B (128, 2) in each of the 2 blocks, float32
+    assert reg.tensor_bytes(method.retained()) == 2 * (2 * 32 + 128 * 2) * 4
+
+
+def tiny_saes(points=(1, 2)):
+    from sae import SAEConfig, TopKSAE
+
+    torch.manual_seed(1)
+    return {p: TopKSAE(SAEConfig(32, 64, 4)).requires_grad_(False) for p in points}
+
+
+def test_sae_fd_is_zero_after_its_snapshot_and_positive_after_a_change(tiny_model, add_split):
+    config = dataclasses.replace(train.Config(), sae_fd_lambda=3.0, sae_fd_anchors=8, sae_fd_batch_size=4)
+    saes = tiny_saes()
+    method = reg.SAEFD(config, tiny_model, saes, seed=0)
+    assert method.penalty(tiny_model, None, {}) == (None, {})  # no finished task yet
+    method.after_task(tiny_model, add_split, 0)
+    penalty, _ = method.penalty(tiny_model, None, {})
+    assert penalty.item() == pytest.approx(0.0, abs=1e-8)
+    with torch.no_grad():
+        tiny_model.blocks[0].mlp.c_fc.weight.add_(0.2 * torch.randn_like(tiny_model.blocks[0].mlp.c_fc.weight))
+    penalty, logs = method.penalty(tiny_model, None, {})
+    assert penalty.item() > 1e-3 and penalty.item() == pytest.approx(3.0 * logs["fd"])
+    penalty.backward()
+    assert tiny_model.blocks[0].mlp.c_fc.weight.grad.abs().sum() > 0
+    # retained: 8 anchors' tokens (int64) and content masks (float32), and per point their TopK codes (values
+    # float32, indices int64) at every position
+    n, length = 8, add_split.x.size(1)
+    assert reg.tensor_bytes(method.retained()) == n * length * (8 + 4) + 2 * n * length * 4 * (4 + 8)
+    method.after_task(tiny_model, add_split, 1)  # a second task's anchors join the pool
+    assert len(method.anchors["x"]) == 16 and method.anchors["codes"][1][0].shape == (16, length, 4)
+
+
+def test_cached_reference_codes_equal_recomputed_ones_and_end_with_the_task(tiny_model, add_split):
+    from data.tasks import trim_padding
+
+    config = dataclasses.replace(train.Config(), sae_guided_mask_examples=16, sae_guided_mask_knn=3)
+    saes = tiny_saes()
+    method = reg.SAEGuided(config, tiny_model, saes)
+    method.before_task(tiny_model, add_split, 0)  # the reference: the model at task start
+    reference = reg.frozen_copy(tiny_model)
+    with torch.no_grad():  # training moves the model; the cache must not move with it
+        for p in tiny_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = trim_padding(add_split.batch(12, torch.Generator().manual_seed(0), "cpu"))
+    cached = reg.lookup_codes(method.cached_codes, batch)
+    _, _, residuals = reference(batch.x, read=(1, 2))
+    for p, sae in saes.items():
+        values, indices = reg.content_codes(sae, residuals[p], batch.content_mask)
+        assert cached[p][0].shape == values.shape == (int(batch.content_mask.sum()), 4)
+        assert torch.equal(cached[p][0], values) and torch.equal(cached[p][1], indices)
+    method.after_task(tiny_model, add_split, 0)
+    assert method.cached_codes is None
+    state = {k: v for k, v in vars(method).items() if k not in ("saes", "config")}
+    assert reg.tensor_bytes(state) == reg.tensor_bytes(method.masks) == 2 * 64 * 4  # the mask, nothing else
+
+
+def test_sparse_drift_equals_the_dense_drift():
+    torch.manual_seed(0)
+    n, k, d_sae = 50, 4, 12  # few latents, so that the two codes share many
+    pre, ref_pre = torch.rand(n, d_sae), torch.rand(n, d_sae)
+    code, ref_code = pre.topk(k, dim=-1), ref_pre.topk(k, dim=-1)
+    code, ref_code = (code.values, code.indices), (ref_code.values, ref_code.indices)
+    dense = reg.feature_drift(reg.sparse_to_dense(*code, d_sae), reg.sparse_to_dense(*ref_code, d_sae))
+    assert torch.allclose(reg.sparse_feature_drift(code, ref_code, d_sae), dense, atol=1e-6)
+    assert torch.allclose(reg.code_drift(code, ref_code, d_sae), dense, atol=1e-6)
+    assert reg.sparse_feature_drift(code, code, d_sae).abs().max() == 0  # a code does not drift from itself
