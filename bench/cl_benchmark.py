@@ -1,11 +1,16 @@
 """
-The continual-learning benchmark of the README: every method (seqft, EWC, SI, MAS, LwF, SAE-guided, replay,
-multitask) over 3 seeds on the tiny-world task sequence, with the hyperparameters chosen on the validation split
-by bench/tune.py (the defaults of train.Config). Seeds change the fine-tuning (batch order, importance samples,
-replay buffer); the base model and its SAEs are the default run's. Writes out/<run>/benchmark.md (command, wall
-time, the table) and the plots cl_matrix.png, cl_curves.png, cl_bars.png beside it.
+The continual-learning benchmark of the README: every method (seqft, EWC, SI, MAS, LwF, O-LoRA, SAE-FD,
+SAE-guided, replay, multitask) over 3 seeds on the tiny-world task sequence, with the hyperparameters chosen on the
+validation split by bench/tune.py (give them as overrides: tuning.json's `chosen_args`). Seeds change the
+fine-tuning (batch order, importance samples, replay buffer, anchors); the base model and its SAEs are the run's.
+Writes out/<run>/benchmark.md (command, wall time, the table) and the plots cl_matrix.png, cl_curves.png,
+cl_bars.png beside it (in out/<run>/<cl_dir>/ with --cl_dir).
 
     python bench/cl_benchmark.py            # any train.py override may follow, e.g. --jobs=2
+    python bench/cl_benchmark.py --cl_dir=cl_order2 --tasks=$SECOND_ORDER   # the second task order
+
+The second task order, fixed before any result of the benchmark was seen: the default order reversed, so that
+every task moves and the first task becomes the last.
 """
 
 import json
@@ -20,6 +25,7 @@ from evaluate import results_table  # noqa: E402
 from regularizers import METHODS  # noqa: E402
 
 ARGS = ["--methods=" + ",".join(METHODS), "--seeds=0,1,2"]
+SECOND_ORDER = ("sort", "count", "translate", "reverse", "close", "add", "facts", "stance")
 
 
 def main():
@@ -30,6 +36,8 @@ def main():
     seconds = time.time() - t0
     config = train.parse_args(argv)
     run_dir = os.path.join(config.out_dir, config.run)
+    if config.cl_dir != "cl":  # another results folder (e.g. another task order) has its summary there
+        run_dir = os.path.join(run_dir, config.cl_dir)
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     command = f"python bench/cl_benchmark.py {' '.join(sys.argv[1:])}"
