@@ -1,0 +1,103 @@
+"""
+Where the time of a continual-learning step goes: seqft's step against SAE-guided's, on the run's base model and
+SAEs, one thread, the same batches of each task. Then the parts of SAE-guided's penalty timed alone (the SAE
+encoding of the model's own codes, the look-up of the cached reference codes, the drift and hinges) and the
+operators that take the most CPU time in its step (torch.profiler).
+
+    python bench/step_cost.py                    # the default run (its base and SAEs are made if missing)
+    python bench/step_cost.py --preset=paper --run=paper
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import regularizers as reg  # noqa: E402
+import train  # noqa: E402
+from data.tasks import trim_padding  # noqa: E402
+
+STEPS, ROUNDS = 50, 2  # steps per task and method, and how often the methods take turns (the clock drifts)
+
+
+class NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+
+def step_ms(name, config, base, saes, suite):
+    """ms per step of method `name` over STEPS steps of each task (fresh model; each task's hooks as in the loop)."""
+    model = train.model_from_checkpoint(base, "cpu")
+    if config.finetune == "lora":
+        model.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
+    method = reg.METHODS[name](config, model, saes, seed=0)
+    generator, seconds = torch.Generator().manual_seed(0), 0.0
+    for t, task in enumerate(config.tasks):
+        split = suite[task]["train"]
+        method.before_task(model, split, t)
+        seconds += train.train_steps(model, split, STEPS, method, config=config, device="cpu", generator=generator,
+                                     bar=NoBar())
+        method.after_task(model, split, t)
+    return 1000 * seconds / (STEPS * len(config.tasks)), model, method
+
+
+def penalty_parts_ms(model, method, split, config, n=STEPS):
+    """ms per batch of each part of SAE-guided's penalty, without autograd: (encode, look-up, drift and hinges)."""
+    generator = torch.Generator().manual_seed(1)
+    method.before_task(model, split, len(config.tasks))
+    parts = dict.fromkeys(("encode", "lookup", "drift"), 0.0)
+    with torch.no_grad():
+        for _ in range(n):
+            batch = trim_padding(split.batch(config.cl_batch_size, generator, "cpu"))
+            _, _, residuals = model(batch.x, read=method.reads)
+            t0 = time.perf_counter()
+            codes = {p: reg.content_codes(sae, residuals[p], batch.content_mask) for p, sae in method.saes.items()}
+            t1 = time.perf_counter()
+            ref_codes = reg.lookup_codes(method.cached_codes, batch)
+            t2 = time.perf_counter()
+            drifts = {p: reg.code_drift(codes[p], ref_codes[p], sae.config.d_sae) for p, sae in method.saes.items()}
+            reg.sae_guided_penalty(drifts, method.mask, lambda_p=1.0, lambda_g=1.0, eps=0.0, delta=0.0)
+            t3 = time.perf_counter()
+            for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+                parts[part] += seconds
+    method.after_task(model, split, len(config.tasks))
+    return {part: 1000 * s / n for part, s in parts.items()}
+
+
+def main(argv):
+    torch.set_num_threads(1)
+    config = train.parse_args(argv + ["--methods=seqft,sae_guided"])
+    device = train.resolve_device(config)
+    base = train.pretrain(config, device)
+    sae_checkpoint = train.train_sae_stage(config, device, base)
+    saes = train.load_saes(sae_checkpoint, train.model_from_checkpoint(base, "cpu"), "cpu")
+    suite = train.task_suite(config)
+    times = {"seqft": [], "sae_guided": []}
+    for _ in range(ROUNDS):
+        for name in times:
+            ms, model, method = step_ms(name, config, base, saes, suite)
+            times[name].append(ms)
+    for name, ms in times.items():
+        print(f"{name}: " + ", ".join(f"{m:.1f}" for m in ms) + f" ms per step ({STEPS} steps of each task, "
+              f"{ROUNDS} rounds)")
+    ratio = sum(times["sae_guided"]) / sum(times["seqft"])
+    print(f"SAE-guided / seqft: {ratio:.2f}x")
+    parts = penalty_parts_ms(model, method, suite[config.tasks[0]]["train"], config)
+    print(f"SAE-guided's penalty, forward only, per batch of {config.tasks[0]}: "
+          + ", ".join(f"{part} {ms:.2f} ms" for part, ms in parts.items()))
+    generator = torch.Generator().manual_seed(2)
+    split = suite[config.tasks[0]]["train"]
+    method.before_task(model, split, len(config.tasks))
+    with torch.profiler.profile() as profiler:
+        train.train_steps(model, split, 20, method, config=config, device="cpu", generator=generator, bar=NoBar())
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
