@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
 
-from data.tasks import Batch, concat_splits, example_keys, example_lengths
+from data.tasks import Batch, concat_splits, example_keys
 
 # ----------------------------------------------------------------------------------------------------------------
 # the one squared hinge
