@@ -122,9 +122,9 @@ class Config:
     lwf_lambda: float = 1.0  # weight of the KL term (chosen on val by bench/tune.py)
     lwf_temperature: float = 2.0  # softmax temperature T of both distributions
     # O-LoRA: an adapter set per task (lora_rank, lora_alpha, lora_targets; its own under finetune=full), all summed
-    o_lora_lambda: float = 0.5  # weight of the orthogonality loss sum_{s<t} ||A_t A_s^T||_F^2
+    o_lora_lambda: float = 0.1  # weight of the orthogonality loss sum_{s<t} ||A_t A_s^T||_F^2 (chosen on val)
     # SAE-FD: distillation of SAE codes on stored anchors of finished tasks (stores data)
-    sae_fd_lambda: float = 1.0  # weight of the squared distance of the anchors' codes to the stored ones
+    sae_fd_lambda: float = 1.0  # weight of the squared code distance on the anchors (chosen on val)
     sae_fd_anchors: int = 64  # training inputs of each finished task kept, with their SAE codes
     sae_fd_batch_size: int = 16  # anchors in each step's distillation batch
     # SAE-guided activation regularization
@@ -151,10 +151,11 @@ class Config:
 PRESETS = {  # name -> the keys it sets
     # the paper's regime as calibrated on the 2-core CPU (README, "The paper's regime"): an instruction-following
     # base (32 auxiliary tags), one set of LoRA adapters on every projection of the frozen base, the frozen base with
-    # the adapters off as SAE-guided's reference, drift measured on content tokens without the template; EWC's
-    # lambda chosen for it on val (docs/tuning.md; SAE-guided's choice there is the default)
+    # the adapters off as SAE-guided's reference, drift measured on content tokens without the template; the
+    # penalty weights chosen for it on val (docs/tuning.md; where the choice is the default, it is not repeated here)
     "paper": {"instruct_tags": 32, "finetune": "lora", "lora_rank": 8, "cl_lr": 1e-3, "sae_guided_reference": "base",
-              "content_tokens": "no_template", "ewc_lambda": 100.0},
+              "content_tokens": "no_template", "ewc_lambda": 100.0, "lwf_lambda": 0.1, "o_lora_lambda": 100.0,
+              "sae_fd_lambda": 10.0},
 }
 CHOICES = {  # fields whose value must be one of a fixed set
     "preset": ("",) + tuple(PRESETS),
