@@ -5,7 +5,7 @@ import train
 from data.tasks import build_task_suite
 
 
-def test_memory_accounting_matches_a_hand_count_on_a_tiny_model():
+def test_memory_accounting_matches_a_hand_count_on_a_tiny_model(tmp_path):
     config = train.parse_args(["--n_layer=1", "--n_head=2", "--block_size=32", "--sae_expansion=4", "--sae_k=4",
                                "--tasks=add,reverse", "--n_train=40", "--n_val=4", "--n_test=4",
                                "--ewc_fisher_examples=4", "--mas_examples=4", "--sae_guided_mask_examples=8",
@@ -30,3 +30,7 @@ def test_memory_accounting_matches_a_hand_count_on_a_tiny_model():
         # indices (int64) at every position
         assert row["sae_fd"] == 2 * 4 * length * (8 + 4 + 4 * (4 + 8))
         assert row["o_lora"] == adapter * 4  # the first task's adapters, frozen
+    evidence.plot_memory([full, lora], tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").stat().st_size > 0
+    table = evidence.memory_table([full, lora])
+    assert table.count("\n") == 3 and f"{full['ewc']:,}" in table  # header, rule, one row per regime
