@@ -138,9 +138,13 @@ def check_out_dir(path):
 # what a result depends on
 
 
+MAKES_NO_STAGE = ("evidence.py",)  # top-level modules that only read results (its runs are train.py's, keyed there)
+
+
 def source_files():
-    """The project's source: the top-level modules and data/ (not tests/ or bench/, which make no stage)."""
-    names = [n for n in os.listdir(ROOT) if n.endswith(".py")]
+    """The project's source: the top-level modules and data/ (not tests/, bench/ or MAKES_NO_STAGE: no stage's
+    result depends on them)."""
+    names = [n for n in os.listdir(ROOT) if n.endswith(".py") and n not in MAKES_NO_STAGE]
     names += [os.path.join("data", n) for n in os.listdir(os.path.join(ROOT, "data")) if n.endswith(".py")]
     return sorted(names)
 

@@ -1,49 +1,475 @@
 """
-Measurements behind the paper's thesis that are not benchmark scores: what each continual-learning method keeps
-between tasks as the model grows.
+The analyses behind the paper's thesis, beyond benchmark scores, in the tiny setting: is a task visible in the
+SAE's features and not in the weights (separability), does protecting a task in weight space also hold back what
+the next task needs (collateral constraint), do SAE features line up with the world's true variables (ground truth,
+which the paper cannot have), what does each method keep between tasks as the model grows (memory), and which
+parts of SAE-guided regularization matter (ablations).
 
-    python evidence.py                     # retained bytes per method at widths 48, 96, 192, 384, full and LoRA: out/evidence/
+    python evidence.py --jobs=2                            # all five on the default run: out/default/evidence/
+    python evidence.py --parts=separability,ground_truth   # some of them (separability, collateral, ground_truth,
+                                                           # memory, ablations); other --key=value go to train.Config
 
-Memory is measured from the methods' own state (`Method.retained()`), never from a formula: each method runs its
-task hooks over a sequence of tasks on a model of the given width (no training steps are needed for the size of
-what it keeps), and the bytes of every tensor it holds afterwards are counted. The SAEs are fresh ones of the
-width the pipeline would train (sae_expansion * n_embd): their size, not their quality, is what is measured here.
+The base model and SAEs are the pipeline's own (train.pretrain, train.train_sae_stage: reused when cached); the
+ablation runs are cached like any continual-learning run, under out/<run>/evidence_<variant>/. Results go to
+out/<run>/evidence/ as <part>.json and <part>.png, with the tables in evidence.md.
 """
 
+import copy
 import dataclasses
 import json
 import os
 import sys
+import time
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from data.tasks import build_task_suite  # noqa: E402
-from data.tokenizer import VOCAB_SIZE  # noqa: E402
+import regularizers as reg  # noqa: E402
+import train  # noqa: E402
+from configurator import progress  # noqa: E402
+from data.tasks import build_task_suite, trim_padding  # noqa: E402
+from data.tokenizer import NEWLINE, VOCAB_SIZE, encode  # noqa: E402
+from data.world import generate_lines  # noqa: E402
+from evaluate import fmt  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from regularizers import METHODS, tensor_bytes  # noqa: E402
 from sae import SAEConfig, TopKSAE  # noqa: E402
+
+PARTS = ("separability", "collateral", "ground_truth", "memory", "ablations")
+
+# ----------------------------------------------------------------------------------------------------------------
+# a linear probe and its score, written out (no scikit-learn)
+
+
+def average_ranks(scores):
+    """Ranks 1..n of scores (n,), ties sharing the mean of their ranks."""
+    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # the rank before each distinct value's first
+    return (first + (counts + 1) / 2.0).double()[inverse]
+
+
+def auc(scores, labels):
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), a tie counting half:
+    AUC = (sum of the positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg)  (Mann-Whitney)."""
+    labels = labels.bool()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUC needs both classes; got {n_pos} positives and {n_neg} negatives")
+    ranks = average_ranks(scores.double())
+    return ((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def fit_logistic(X, y, l2=1e-2, max_iter=100):
+    """(w, b) minimizing mean_i BCE(sigmoid(x_i w + b), y_i) + l2 ||w||^2, by L-BFGS; X (n, d) standardized."""
+    w = torch.zeros(X.size(1), dtype=X.dtype, requires_grad=True)
+    b = torch.zeros((), dtype=X.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(X @ w + b, y.to(X.dtype)) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach(), b.detach()
+
+
+def stratified_folds(labels, folds, seed=0):
+    """(n,) fold index of each example: each class shuffled and dealt round-robin, so every fold has both."""
+    generator = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(labels), dtype=torch.long)
+    for value in (False, True):
+        idx = torch.nonzero(labels.bool() == value).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        fold[idx] = torch.arange(len(idx)) % folds
+    return fold
+
+
+def cv_auc(X, labels, folds=5, seed=0, l2=1e-2):
+    """The cross-validated AUC of a logistic-regression probe: for each fold, standardize with the other folds'
+    mean and std, fit on them, score the fold; the mean of the folds' AUCs."""
+    X, labels = X.double(), labels.bool()
+    fold = stratified_folds(labels, folds, seed)
+    aucs = []
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        mean, std = X[train].mean(0), X[train].std(0).clamp(min=1e-8)
+        w, b = fit_logistic((X[train] - mean) / std, labels[train], l2)
+        aucs.append(auc((X[test] - mean) / std @ w + b, labels[test]))
+    return sum(aucs) / len(aucs)
+
+
+def best_unit_auc(X, labels, seed=0):
+    """How well the best single unit (a column of X) predicts the labels, either sign, without selection bias:
+    the unit is chosen on one half of the examples (the largest |AUC - 0.5|) and its AUC, in the chosen direction,
+    is measured on the other half. Returns (auc, unit)."""
+    labels = labels.bool()
+    fold = stratified_folds(labels, 2, seed)
+    select, held_out = fold == 0, fold == 1
+    n_pos = int(labels[select].sum())
+    ranks = torch.stack([average_ranks(column) for column in X[select].double().t()], 1)  # (n_select, units)
+    aucs = (ranks[labels[select]].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * (len(ranks) - n_pos))
+    unit = int((aucs - 0.5).abs().argmax())
+    sign = 1.0 if aucs[unit] >= 0.5 else -1.0
+    return auc(sign * X[held_out, unit], labels[held_out]), unit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what the model computes on an input, per example: SAE features, MLP neurons, residual stream, gradient importance
+
+
+@torch.no_grad()
+def example_features(model, saes, x, mask, batch_size=128):
+    """Per example, the mean over its positions where mask (N, T) is 1 of: the SAE codes z ('sae', (N, d_sae)),
+    the MLP neurons gelu(c_fc x) of the block that writes the point ('neurons', (N, 4 C)) and the residual stream
+    ('residual', (N, C)); each {point: tensor}. The neurons of point p are those of block p (a point after a block)."""
+    points = sorted(saes)
+    neurons, hooks = {}, []
+    for p in points:
+        if p > 0:
+            hooks.append(model.blocks[p - 1].mlp.c_fc.register_forward_hook(
+                lambda module, inputs, output, p=p: neurons.__setitem__(p, F.gelu(output))))
+    features = {"sae": {p: [] for p in points}, "neurons": {p: [] for p in points if p > 0},
+                "residual": {p: [] for p in points}}
+    try:
+        for start in range(0, len(x), batch_size):
+            m = mask[start : start + batch_size].float()
+            count = m.sum(1, keepdim=True).clamp(min=1)
+            _, _, residuals = model(x[start : start + batch_size], read=points)
+            for p in points:
+                features["residual"][p].append((residuals[p] * m.unsqueeze(-1)).sum(1) / count)
+                features["sae"][p].append((saes[p].encode(residuals[p]) * m.unsqueeze(-1)).sum(1) / count)
+                if p > 0:
+                    features["neurons"][p].append((neurons[p] * m.unsqueeze(-1)).sum(1) / count)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {basis: {p: torch.cat(chunks) for p, chunks in by_point.items()} for basis, by_point in features.items()}
+
+
+def gradient_importance(model, split, point):
+    """(N, n_weights): per example, the squared gradient of its answer cross-entropy with respect to the MLP weights
+    of the block that writes the point, (d CE_n / d theta_i)^2 -- the per-example Fisher that EWC sums, in the
+    weight basis."""
+    mlp = model.blocks[point - 1].mlp
+    weights = [mlp.c_fc.weight, mlp.c_proj.weight]
+    rows = []
+    for i in range(len(split)):
+        batch = trim_padding(split.rows(slice(i, i + 1)))
+        _, ce, _ = model(batch.x, batch.y, batch.answer_mask)
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(ce, weights)]).square())
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. separability: can a linear probe tell two tasks' inputs apart, in each basis?
+
+
+def separability(model, saes, suite, tasks, n_examples=100, seed=0):
+    """{'pairs': [[a, b], ...], 'auc': {basis: {point: [cross-validated AUC of each pair]}}} for every pair of
+    tasks: the probe tells task a's training inputs from task b's, features averaged over the content tokens
+    without the template (no tag, no ' > ': the probe must read the task's own text). Bases: SAE features, MLP
+    neurons, and per-example gradient importance of the MLP weights (the weight basis EWC protects in)."""
+    model.eval()
+    features = {}
+    for task in tasks:
+        split = suite[task]["train"].subset(torch.arange(n_examples))
+        basis = example_features(model, saes, split.x, split.content_mask)
+        basis["gradient"] = {p: gradient_importance(model, split, p) for p in saes if p > 0}
+        features[task] = basis
+    pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1 :]]
+    result = {"pairs": pairs, "auc": {}}
+    for name in ("sae", "neurons", "gradient"):
+        result["auc"][name] = {}
+        for p in features[tasks[0]][name]:
+            aucs = []
+            for a, b in progress(pairs, desc=f"separability {name} point {p}", leave=False):
+                X = torch.cat([features[a][name][p], features[b][name][p]])
+                labels = torch.cat([torch.zeros(n_examples), torch.ones(n_examples)])
+                aucs.append(cv_auc(X, labels, seed=seed))
+            result["auc"][name][p] = aucs
+    return result
+
+
+BASIS_NAMES = {"sae": "SAE features", "neurons": "MLP neurons", "gradient": "gradient importance (weights)",
+               "residual": "residual stream (probe)"}
+
+
+def plot_separability(result, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bases = list(result["auc"])
+    points = list(result["auc"][bases[0]])
+    width = 0.8 / len(points)
+    for j, p in enumerate(points):
+        aucs = [torch.tensor(result["auc"][b][p]) for b in bases]
+        means = [a.mean().item() for a in aucs]
+        low = [m - a.min().item() for m, a in zip(means, aucs)]
+        high = [a.max().item() - m for m, a in zip(means, aucs)]
+        ax.bar([i + (j - (len(points) - 1) / 2) * width for i in range(len(bases))], means, width,
+               yerr=[low, high], capsize=3, label=f"point {p}")
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(range(len(bases)), [BASIS_NAMES[b] for b in bases])
+    ax.set_ylim(0.4, 1.02)
+    ax.set_ylabel(f"cross-validated probe AUC\n(mean over {len(result['pairs'])} task pairs, bars: min to max)")
+    ax.set_title("Can a linear probe tell two tasks' inputs apart?")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def separability_table(result):
+    lines = ["| basis | point | mean AUC | min AUC | pairs |", "|---|---|---|---|---|"]
+    for name, by_point in result["auc"].items():
+        for p, aucs in by_point.items():
+            lines.append(f"| {BASIS_NAMES[name]} | {p} | {sum(aucs) / len(aucs):.3f} | {min(aucs):.3f} | "
+                         f"{len(aucs)} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. collateral constraint: does protecting task A also hold back the features task B needs?
+
+
+def restriction(drift_free, drift_protected, features):
+    """How much a protection holds back the drift of a set of features (weights w_j >= 0, (d,)):
+    restriction = 1 - sum_j w_j d^prot_j / sum_j w_j d^free_j  (0: not at all, 1: frozen)."""
+    return 1.0 - ((features * drift_protected).sum() / (features * drift_free).sum().clamp(min=1e-12)).item()
+
+
+def collateral_ratio(drift_free, drift_protected, features_a, features_b):
+    """restriction(B's features) / restriction(A's features): about 1 for a protection that holds back what the new
+    task needs as much as what the old task needs (not selective); about 0 for one that leaves B's features free."""
+    return restriction(drift_free, drift_protected, features_b) / restriction(drift_free, drift_protected,
+                                                                              features_a)
+
+
+class ProtectWeights(reg.Method):
+    """Task A protected in weight space: EWC's penalty on the top-q share of its Fisher, the other weights free."""
+
+    def __init__(self, config, model, anchor, lam):
+        super().__init__(config, model)
+        self.anchor, self.lam = anchor, lam
+
+    def penalty(self, model, batch, outputs):
+        return reg.weight_penalty(model, [self.anchor], self.lam), {}
+
+
+class ProtectFeatures(reg.Method):
+    """Task A protected in feature space: lambda sum_l relu(sum_j m_j d_j / sum_j m_j)^2 with m A's top-q features
+    (d the drift of the batch's SAE codes from the task-start model's, as SAE-guided measures it)."""
+
+    def __init__(self, config, model, saes, reference_codes, masks, lam):
+        super().__init__(config, model)
+        self.saes, self.reads, self.codes, self.masks, self.lam = saes, tuple(sorted(saes)), reference_codes, masks, lam
+
+    def penalty(self, model, batch, outputs):
+        ref_codes = reg.lookup_codes(self.codes, batch)
+        total = 0.0
+        for p, sae in self.saes.items():
+            code = reg.content_codes(sae, outputs["residuals"][p], batch.content_mask)
+            drift = reg.code_drift(code, ref_codes[p], sae.config.d_sae)
+            total = total + self.lam * reg.hinge_penalty(drift, self.masks[p], 0.0)
+        return total, {}
+
+
+def top_share(values, q):
+    """0/1 (d,): the top q share of the entries of values."""
+    top = torch.zeros_like(values)
+    top[values.topk(max(1, int(q * len(values)))).indices] = 1.0
+    return top
+
+
+def code_drifts(model, reference, saes, split):
+    """{point: d (d_sae,)}: d_j = mean over the split's content tokens of |z_j(model) - z_j(reference)|."""
+    codes = reg.sparse_codes(model, saes, split.x)
+    ref = reg.sparse_codes(reference, saes, split.x)
+    content = split.content_mask.bool()
+    return {p: reg.code_drift(tuple(t[content] for t in codes[p]), tuple(t[content] for t in ref[p]),
+                              sae.config.d_sae) for p, sae in saes.items()}
+
+
+def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, weight_lambda=None, feature_lambda=1e4,
+               device="cpu"):
+    """Protect task A (the model after training on it, model_a) while task B trains, in weight space and in feature
+    space, and measure how each restricts the drift of A's features and of B's. A's features (B's) are the top-q
+    share by relevance on A's inputs (B's) that are not also B's (A's); drift is measured on both tasks' eval inputs.
+    Returns {restriction and collateral ratio of each protection, the drifts' sizes}."""
+    split_a, split_b = suite[task_a]["train"], suite[task_b]["train"]
+    weight_lambda = config.ewc_lambda if weight_lambda is None else weight_lambda
+    with reg.evaluating(model_a):
+        relevance_a = reg.feature_relevance(model_a, saes, split_a, config.sae_guided_mask_examples)
+        relevance_b = reg.feature_relevance(model_a, saes, split_b, config.sae_guided_mask_examples)
+    top_a = {p: top_share(r, q) for p, r in relevance_a.items()}
+    top_b = {p: top_share(r, q) for p, r in relevance_b.items()}
+    only_a = torch.cat([top_a[p] * (1 - top_b[p]) for p in sorted(saes)])
+    only_b = torch.cat([top_b[p] * (1 - top_a[p]) for p in sorted(saes)])
+    fisher = reg.fisher_diagonal(model_a, split_a, config.ewc_fisher_examples, config.ewc_fisher_labels)
+    anchor = {"importance": fisher * top_share(fisher, q), "theta": reg.flat_parameters(model_a).detach().clone()}
+    with reg.evaluating(model_a):
+        codes_b = reg.reference_codes(model_a, saes, split_b)
+    protections = {"none": lambda m: reg.SeqFT(config, m),
+                   "weights": lambda m: ProtectWeights(config, m, anchor, weight_lambda),
+                   "features": lambda m: ProtectFeatures(config, m, saes, codes_b, top_a, feature_lambda)}
+    drift = {}
+    for name, make in protections.items():
+        model = copy.deepcopy(model_a)
+        generator = torch.Generator().manual_seed(0)
+        with progress(total=config.steps_per_task, desc=f"collateral {task_a}->{task_b} {name}", leave=False) as bar:
+            train.train_steps(model, split_b, config.steps_per_task, make(model), config=config, device=device,
+                              generator=generator, bar=bar)
+        model.eval()
+        by_point = {p: 0.0 for p in saes}
+        for task in (task_a, task_b):
+            inputs = suite[task]["test"].subset(torch.arange(min(config.diagnose_examples, len(suite[task]["test"]))))
+            for p, d in code_drifts(model, model_a, saes, inputs).items():
+                by_point[p] = by_point[p] + d / 2
+        drift[name] = torch.cat([by_point[p] for p in sorted(saes)])
+    result = {"task_a": task_a, "task_b": task_b, "q": q, "features_a": int(only_a.sum()),
+              "features_b": int(only_b.sum()), "drift_free": drift["none"].sum().item()}
+    for name in ("weights", "features"):
+        result[name] = {"restriction_a": restriction(drift["none"], drift[name], only_a),
+                        "restriction_b": restriction(drift["none"], drift[name], only_b),
+                        "ratio": collateral_ratio(drift["none"], drift[name], only_a, only_b)}
+    return result
+
+
+def plot_collateral(results, path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    labels = [f"{r['task_a']}->{r['task_b']}" for r in results]
+    for ax, name, title in zip(axes, ("weights", "features"), ("weight space: top-q Fisher (EWC)",
+                                                                 "feature space: A's SAE features")):
+        x = torch.arange(len(results)).float()
+        ax.bar(x - 0.2, [r[name]["restriction_a"] for r in results], 0.4, label="A's features (the protected task)")
+        ax.bar(x + 0.2, [r[name]["restriction_b"] for r in results], 0.4, label="B's features (the task learned)")
+        ax.set_xticks(x.tolist(), labels, rotation=30, ha="right", fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"protect A in {title}")
+    axes[0].set_ylabel("restriction of drift\n1 - drift protected / drift unprotected")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def collateral_table(results):
+    lines = ["| A -> B | weights: restriction A | B | ratio B/A | features: restriction A | B | ratio B/A |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        w, f = r["weights"], r["features"]
+        lines.append(f"| {r['task_a']} -> {r['task_b']} | {w['restriction_a']:.2f} | {w['restriction_b']:.2f} | "
+                     f"{w['ratio']:.2f} | {f['restriction_a']:.2f} | {f['restriction_b']:.2f} | {f['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. ground truth: do single SAE features track the world's latent variables?
+
+VARIABLES = {"person": "fact", "pet": "fact", "colour": "fact", "place": "fact", "mood": "mood", "digit": "sum"}
+
+
+def latent_lines(n_lines, seed):
+    """(texts, {variable: [value or None per line]}): corpus lines with the generator's latent variables; 'digit'
+    is the first operand of a sum line."""
+    lines = generate_lines(n_lines, seed)
+    texts = [text for text, _ in lines]
+    values = {v: [] for v in VARIABLES}
+    for _, latents in lines:
+        for variable, kind in VARIABLES.items():
+            key = "a" if variable == "digit" else variable
+            values[variable].append(latents.get(key) if latents["kind"] == kind else None)
+    return texts, values
+
+
+def ground_truth(model, saes, n_lines=4000, seed=99, device="cpu"):
+    """{variable: {point: {basis: AUC}}}: for each value of each variable, one against the others among the lines
+    that have the variable, the held-out AUC of the best single SAE feature and of the best single MLP neuron
+    (best_unit_auc), and the cross-validated AUC of a probe on the residual stream; each the mean over values."""
+    texts, values = latent_lines(n_lines, seed)
+    length = max(len(t) for t in texts)
+    x = torch.full((len(texts), length), NEWLINE, dtype=torch.long)
+    mask = torch.zeros(len(texts), length)
+    for i, text in enumerate(texts):
+        x[i, : len(text)] = torch.tensor(encode(text))
+        mask[i, : len(text)] = 1.0
+    model.eval()
+    features = example_features(model, saes, x.to(device), mask.to(device))
+    result = {}
+    for variable in progress(VARIABLES, desc="ground truth"):
+        has = torch.tensor([v is not None for v in values[variable]])
+        line_values = [v for v in values[variable] if v is not None]
+        result[variable] = {}
+        for p in sorted(saes):
+            scores = {"sae": [], "neurons": [], "residual": []}
+            for value in sorted(set(line_values), key=str):
+                labels = torch.tensor([v == value for v in line_values])
+                scores["sae"].append(best_unit_auc(features["sae"][p][has].cpu(), labels)[0])
+                scores["neurons"].append(best_unit_auc(features["neurons"][p][has].cpu(), labels)[0])
+                scores["residual"].append(cv_auc(features["residual"][p][has].cpu(), labels))
+            result[variable][p] = {basis: sum(s) / len(s) for basis, s in scores.items()}
+            result[variable][p]["values"] = len(scores["sae"])
+            result[variable][p]["lines"] = int(has.sum())
+    return result
+
+
+def plot_ground_truth(result, path):
+    points = list(next(iter(result.values())))
+    fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 4), sharey=True, squeeze=False)
+    bases = ("sae", "neurons", "residual")
+    names = {"sae": "best single SAE feature", "neurons": "best single MLP neuron", "residual": "residual probe"}
+    for ax, p in zip(axes[0], points):
+        for j, basis in enumerate(bases):
+            ax.bar([i + (j - 1) * 0.27 for i in range(len(result))], [result[v][p][basis] for v in result], 0.27,
+                   label=names[basis])
+        ax.set_xticks(range(len(result)), list(result))
+        ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+        ax.set_ylim(0.4, 1.02)
+        ax.set_title(f"point {p}: the world's variables, one value against the rest")
+    axes[0][0].set_ylabel("held-out AUC (mean over the values)")
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ground_truth_table(result):
+    points = list(next(iter(result.values())))
+    lines = ["| variable | values (lines) | " + " | ".join(f"point {p}: SAE feature | neuron | residual probe"
+                                                       for p in points) + " |", "|---|---" + "|---|---|---" * len(points) + "|"]
+    for variable, by_point in result.items():
+        first = by_point[points[0]]
+        lines.append(f"| {variable} | {first['values']} ({first['lines']}) | " + " | ".join(
+            f"{by_point[p]['sae']:.3f} | {by_point[p]['neurons']:.3f} | {by_point[p]['residual']:.3f}"
+            for p in points) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. memory: what each method keeps between tasks, measured from its own state, as the model grows
 
 
 def retained_bytes(name, config, model, saes, splits):
     """Bytes method `name` keeps after the tasks in `splits` (a list of TaskSplits): its hooks before and after each
-    task, in order, on `model` (with LoRA adapters added first under finetune=lora), then tensor_bytes(retained)."""
+    task, in order, on `model` (with LoRA adapters added first under finetune=lora), then tensor_bytes(retained).
+    No training step is needed for the size of what a method keeps."""
     if config.finetune == "lora":
         model.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
-    method = METHODS[name](config, model, saes, seed=0)
+    method = reg.METHODS[name](config, model, saes, seed=0)
     for t, split in enumerate(splits):
         method.before_task(model, split, t)
         method.after_task(model, split, t)
-    return tensor_bytes(method.retained())
+    return reg.tensor_bytes(method.retained())
 
 
 def memory_by_width(config, widths, regimes=("full", "lora"), methods=None, n_tasks=None):
     """[{regime, width, n_params, method: bytes, ...}]: retained bytes after the config's task sequence (its first
-    n_tasks tasks) for each model width (n_layer and n_head of the config) and fine-tuning regime."""
-    methods = [m for m in (methods or METHODS) if not METHODS[m].joint]  # multitask has no "between tasks"
+    n_tasks tasks) for each model width (n_layer and n_head of the config) and fine-tuning regime. The SAEs are fresh
+    ones of the width the pipeline would train (sae_expansion * n_embd): their size, not their quality, matters."""
+    methods = [m for m in (methods or reg.METHODS) if not reg.METHODS[m].joint]  # multitask has no "between tasks"
     tasks = config.tasks[: n_tasks or len(config.tasks)]
     suite = build_task_suite(tasks, config.n_train, config.n_val, config.n_test, seed=0, block_size=config.block_size)
     splits = [suite[task]["train"] for task in tasks]
@@ -52,12 +478,12 @@ def memory_by_width(config, widths, regimes=("full", "lora"), methods=None, n_ta
         for width in widths:
             run_config = dataclasses.replace(config, finetune=regime, n_embd=width)
             row = {"regime": regime, "width": width}
-            for name in methods:
+            for name in progress(methods, desc=f"memory {regime} width {width}", leave=False):
                 torch.manual_seed(0)
                 model = GPT(GPTConfig(vocab_size=VOCAB_SIZE, block_size=config.block_size, n_layer=config.n_layer,
-                                      n_head=config.n_head, n_embd=width, bias=config.bias))
+                                      n_head=config.n_head, n_embd=width, dropout=0.0, bias=config.bias))
                 row["n_params"] = model.num_params()
-                points = range(1, config.n_layer + 1)
+                points = config.sae_points or range(1, config.n_layer + 1)
                 saes = {p: TopKSAE(SAEConfig(width, config.sae_expansion * width, config.sae_k[0]))
                         for p in points}
                 row[name] = retained_bytes(name, run_config, model, saes, splits)
@@ -97,18 +523,155 @@ def memory_table(rows):
     return "\n".join(lines)
 
 
-def main(argv):
-    import train
+# ----------------------------------------------------------------------------------------------------------------
+# 5. ablations of SAE-guided regularization, each a set of config keys on top of the run's
 
-    config = train.parse_args(["--ewc_fisher_examples=8", "--mas_examples=8", "--sae_guided_mask_examples=32"] + argv)
-    out_dir = os.path.join(config.out_dir, "evidence")
+
+def ablation_variants(config):
+    """{variant: (method, {key: value})}: seqft as the floor, SAE-guided as configured, and one change each."""
+    points = config.sae_points or tuple(range(1, config.n_layer + 1))
+    variants = {"seqft (no penalty)": ("seqft", {}), "SAE-guided": ("sae_guided", {}),
+                "no guide term": ("sae_guided", {"sae_guided_lambda_g": 0.0}),
+                "binary mask": ("sae_guided", {"sae_guided_mask_binary": True}),
+                "no kNN propagation": ("sae_guided", {"sae_guided_mask_alpha": 0.0}),
+                "random mask, same mass": ("sae_guided", {"sae_guided_mask_random": True}),
+                "earlier masks protected too": ("sae_guided", {"sae_guided_protect_past": True}),
+                "dense pre-activations": ("sae_guided", {"sae_guided_codes": "dense"})}
+    if len(points) > 1:
+        variants.update({f"point {p} only": ("sae_guided", {"sae_guided_points": (p,)}) for p in points})
+    other = "base" if config.sae_guided_reference == "task_start" else "task_start"
+    variants[f"reference: {'frozen base' if other == 'base' else 'task start'}"] = (
+        "sae_guided", {"sae_guided_reference": other})
+    return variants
+
+
+def slug(variant):
+    return "".join(c if c.isalnum() else "_" for c in variant.lower()).strip("_")
+
+
+def ablations(config, device, base, sae_checkpoint):
+    """{variant: {'OP', 'BWT': (mean, std) over the config's seeds, 'settings'}}: every variant's continual-learning
+    runs (cached under out/<run>/evidence_<variant>/), config.jobs at a time."""
+    variants = ablation_variants(config)
+    configs = [dataclasses.replace(config, methods=(method,), cl_dir="evidence_" + slug(variant), **settings)
+               for variant, (method, settings) in variants.items()]
+    for c in configs:
+        train.validate(c)
+    summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=config.jobs)
+    result = {}
+    for (variant, (method, settings)), summary in zip(variants.items(), summaries):
+        row = summary[method]
+        result[variant] = {"OP": [row["op"], row["op_std"]], "BWT": [row["bwt"], row["bwt_std"]],
+                           "settings": settings, "seeds": row["seeds"]}
+    return result
+
+
+def plot_ablations(result, path):
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(result) + 1.2))
+    names = list(result)[::-1]
+    means = [result[n]["OP"][0] for n in names]
+    stds = [result[n]["OP"][1] or 0.0 for n in names]
+    colours = ["gray" if n.startswith("seqft") else "tab:blue" if n == "SAE-guided" else "tab:orange" for n in names]
+    ax.barh(range(len(names)), means, xerr=stds, color=colours, capsize=3)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("overall performance OP (test, mean ± std over seeds)")
+    ax.set_title("Ablations of SAE-guided regularization")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ablations_table(result):
+    lines = ["| variant | settings | OP | BWT |", "|---|---|---|---|"]
+    for variant, r in result.items():
+        settings = " ".join(f"--{k}={','.join(map(str, v)) if isinstance(v, tuple | list) else v}"
+                            for k, v in r["settings"].items()) or "-"
+        lines.append(f"| {variant} | {settings} | {fmt(*r['OP'])} | {fmt(*r['BWT'])} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    """(parts, train.Config): --parts=a,b picks analyses (default all five), every other --key=value is the run's."""
+    parts = PARTS
+    rest = []
+    for arg in argv:
+        if arg.startswith("--parts="):
+            parts = tuple(p for p in arg.split("=", 1)[1].split(",") if p)
+            unknown = [p for p in parts if p not in PARTS]
+            if unknown or not parts:
+                raise ValueError(f"--parts: {', '.join(unknown) or 'empty'} is not a part; valid parts: "
+                                 f"{', '.join(PARTS)}")
+        else:
+            rest.append(arg)
+    return parts, train.parse_args(rest)
+
+
+def save(name, result, table, out_dir, plot):
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, os.path.join(out_dir, f"{name}.png"))
+    print(table)
+    return table
+
+
+def main(argv):
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.strip() + "\n\n" + "the run's keys: python train.py --help")
+        return 0
+    try:
+        parts, config = parse_args(argv)
+        train.check_inputs(config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    device = train.resolve_device(config)
+    base = train.pretrain(config, device)
+    sae_checkpoint = train.train_sae_stage(config, device, base)
+    model = train.model_from_checkpoint(base, device)
+    saes = train.load_saes(sae_checkpoint, model, device)
+    out_dir = os.path.join(config.out_dir, config.run, "evidence")
     os.makedirs(out_dir, exist_ok=True)
-    rows = memory_by_width(config, widths=(48, 96, 192, 384))
-    with open(os.path.join(out_dir, "memory.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    plot_memory(rows, os.path.join(out_dir, "memory.png"))
-    print(memory_table(rows))
+    suite = build_task_suite(config.tasks, config.n_train, config.n_val, config.n_test, seed=0,
+                             block_size=config.block_size, template_is_content=False)
+    report, seconds = [], {}
+    for part in parts:
+        t0 = time.time()
+        if part == "separability":
+            result = separability(model, saes, suite, config.tasks)
+            table = save(part, result, separability_table(result), out_dir, plot_separability)
+        elif part == "collateral":
+            results = []
+            for task_a, task_b in zip(config.tasks, config.tasks[1:]):
+                model_a = train.model_from_checkpoint(base, device)
+                generator = torch.Generator().manual_seed(0)
+                with progress(total=config.steps_per_task, desc=f"collateral: learn {task_a}", leave=False) as bar:
+                    train.train_steps(model_a, suite[task_a]["train"], config.steps_per_task, reg.SeqFT(config, model_a),
+                                      config=config, device=device, generator=generator, bar=bar)
+                results.append(collateral(config, model_a, saes, suite, task_a, task_b, device=device))
+            table = save(part, results, collateral_table(results), out_dir, plot_collateral)
+        elif part == "ground_truth":
+            result = ground_truth(model, saes, device=device)
+            table = save(part, result, ground_truth_table(result), out_dir, plot_ground_truth)
+        elif part == "memory":
+            memory_config = dataclasses.replace(config, ewc_fisher_examples=8, mas_examples=8,
+                                                sae_guided_mask_examples=32)  # sizes do not depend on these
+            rows = memory_by_width(memory_config, widths=(48, 96, 192, 384))
+            table = save(part, rows, memory_table(rows), out_dir, plot_memory)
+        else:
+            result = ablations(config, device, base, sae_checkpoint)
+            table = save(part, result, ablations_table(result), out_dir, plot_ablations)
+        seconds[part] = time.time() - t0
+        report.append(f"## {part} ({seconds[part]:.0f} s)\n\n{table}\n\n![{part}]({part}.png)\n")
+    with open(os.path.join(out_dir, "evidence.md"), "w") as f:
+        f.write(f"# Evidence: `python evidence.py {' '.join(argv)}`\n\n" + "\n".join(report))
+    print(f"evidence: {', '.join(f'{p} {s:.0f} s' for p, s in seconds.items())}; tables in "
+          f"{os.path.join(out_dir, 'evidence.md')}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -320,6 +320,13 @@ def sae_guided_penalty(drifts, masks, *, lambda_p, lambda_g, eps, delta):
     return penalty, logs
 
 
+def shuffled_masks(masks, seed):
+    """{point: m[pi]} with pi a seeded random permutation of the features: the same mass and the same values,
+    on features chosen without looking at the task (the random-mask control of the ablations)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {p: m[torch.randperm(len(m), generator=generator).to(m.device)] for p, m in masks.items()}
+
+
 def merge_past_masks(mask, past_masks):
     """Option: features earlier tasks relied on are protected too: m_j <- m_j * (1 - max_{s<t} m^s_j)."""
     if not past_masks:
@@ -524,7 +531,9 @@ class SAEGuided(Method):
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)
-        self.saes, self.reads, self.masks = saes, tuple(sorted(saes or ())), []
+        points = config.sae_guided_points or tuple(saes or ())  # the SAE points the penalty looks at
+        self.saes = {p: saes[p] for p in points} if saes else saes
+        self.reads, self.masks = tuple(sorted(self.saes or ())), []
         self.base = None  # the 'base' reference: with LoRA the model with adapters off, else a frozen copy
         if config.sae_guided_reference == "base":
             self.base = AdaptersOff(model) if model.has_adapters() else frozen_copy(model)
@@ -539,6 +548,8 @@ class SAEGuided(Method):
                                        codes=c.sae_guided_codes,
                                        binary_threshold=c.sae_guided_mask_threshold if c.sae_guided_mask_binary
                                        else None)
+            if c.sae_guided_mask_random:  # the control: the same mask values on features drawn at random
+                mask = shuffled_masks(mask, seed=1000 * self.seed + t)
             if c.sae_guided_codes == "topk":
                 self.cached_codes = reference_codes(reference, self.saes, split)
             else:
@@ -579,6 +590,11 @@ class SAEGuided(Method):
         if not 0 <= config.sae_guided_mask_threshold <= 1:
             raise ValueError(f"--sae_guided_mask_threshold={config.sae_guided_mask_threshold}: must be in "
                              "[0, 1]")
+        sae_points = config.sae_points or tuple(range(1, config.n_layer + 1))
+        for point in config.sae_guided_points:
+            if point not in sae_points:
+                raise ValueError(f"--sae_guided_points: {point} has no SAE; valid points are "
+                                 f"{', '.join(map(str, sae_points))} (--sae_points)")
 
 
 class SAEFD(Method):

@@ -128,16 +128,18 @@ class Config:
     sae_fd_anchors: int = 64  # training inputs of each finished task kept, with their SAE codes
     sae_fd_batch_size: int = 16  # anchors in each step's distillation batch
     # SAE-guided activation regularization
-    sae_guided_lambda_p: float = 1e4  # weight of the protect hinge (these four chosen on val by bench/tune.py)
-    sae_guided_lambda_g: float = 0.0  # weight of the guide hinge; 0 turns it off
-    sae_guided_eps: float = 0.0  # protected features may drift this much for free
-    sae_guided_delta: float = 0.0  # relevant features should drift at least this much
+    sae_guided_lambda_p: float = 100.0  # weight of the protect hinge (these four chosen on val by bench/tune.py)
+    sae_guided_lambda_g: float = 1.0  # weight of the guide hinge; 0 turns it off
+    sae_guided_eps: float = 0.005  # protected features may drift this much for free
+    sae_guided_delta: float = 0.05  # relevant features should drift at least this much
     sae_guided_mask_examples: int = 256  # examples of the current task the mask is built from
     sae_guided_mask_knn: int = 4  # decoder neighbours a feature's relevance spreads to
     sae_guided_mask_alpha: float = 0.5  # how much relevance spreads to a neighbour
     sae_guided_mask_binary: bool = False  # ablation: threshold the mask at sae_guided_mask_threshold
     sae_guided_mask_threshold: float = 0.5  # the threshold of a binary mask
+    sae_guided_mask_random: bool = False  # ablation: the mask's values on randomly permuted features (same mass)
     sae_guided_protect_past: bool = False  # ablation: also protect features earlier tasks' masks marked
+    sae_guided_points: tuple[int, ...] = ()  # ablation: the SAE points the penalty uses; empty = every SAE point
     sae_guided_codes: str = "topk"  # drift on the TopK codes, or 'dense' ReLU pre-activations
     sae_guided_reference: str = "task_start"  # theta_ref: the model at task start, or the 'base' model
     # replay (stores data; a reference point)
@@ -155,7 +157,8 @@ PRESETS = {  # name -> the keys it sets
     # penalty weights chosen for it on val (docs/tuning.md; where the choice is the default, it is not repeated here)
     "paper": {"instruct_tags": 32, "finetune": "lora", "lora_rank": 8, "cl_lr": 1e-3, "sae_guided_reference": "base",
               "content_tokens": "no_template", "ewc_lambda": 100.0, "lwf_lambda": 0.1, "o_lora_lambda": 100.0,
-              "sae_fd_lambda": 10.0},
+              "sae_fd_lambda": 10.0, "sae_guided_lambda_p": 1e4, "sae_guided_lambda_g": 0.0, "sae_guided_eps": 0.0,
+              "sae_guided_delta": 0.0},
 }
 CHOICES = {  # fields whose value must be one of a fixed set
     "preset": ("",) + tuple(PRESETS),
@@ -197,7 +200,8 @@ RENAMED_KEYS = {old: "sae_guided_" + new for old, new in (
 
 def validate(config):
     """Everything that can be checked before compute is spent; ValueError names the key and what is allowed."""
-    cfg.validate(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "corpus_lines", "instruct_tags"))
+    cfg.validate(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "sae_guided_points", "corpus_lines",
+                                                    "instruct_tags"))
     aux_task_names(config.instruct_tags)
     if config.n_embd % config.n_head:
         raise ValueError(f"--n_embd={config.n_embd} must be divisible by --n_head={config.n_head}")

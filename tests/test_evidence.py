@@ -34,3 +34,115 @@ def test_memory_accounting_matches_a_hand_count_on_a_tiny_model(tmp_path):
     assert (tmp_path / "memory.png").stat().st_size > 0
     table = evidence.memory_table([full, lora])
     assert table.count("\n") == 3 and f"{full['ewc']:,}" in table  # header, rule, one row per regime
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the probe and its score
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from model import GPT, GPTConfig  # noqa: E402
+from sae import SAEConfig, TopKSAE  # noqa: E402
+
+
+def test_auc_matches_hand_counts_with_and_without_ties():
+    # positives 0.35, 0.8 against negatives 0.1, 0.4: 3 of the 4 pairs ordered right
+    assert evidence.auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
+    # positives 1, 2 against the negative 1: a tie (1/2) and a win (1)
+    assert evidence.auc(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([0, 1, 1])) == pytest.approx(0.75)
+    assert evidence.auc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1, 1])) == 0.0
+    with pytest.raises(ValueError, match="both classes"):
+        evidence.auc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1]))
+
+
+def test_probe_auc_is_about_one_on_separable_data_and_one_half_with_shuffled_labels():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 2
+    X = torch.randn(400, 50, generator=generator)
+    X[:, :3] += 2.0 * labels.unsqueeze(1)  # three informative dimensions among 50
+    assert evidence.cv_auc(X, labels) > 0.97
+    shuffled = labels[torch.randperm(400, generator=generator)]
+    assert abs(evidence.cv_auc(X, shuffled) - 0.5) < 0.1
+
+
+def test_best_unit_auc_finds_the_informative_unit_in_either_direction():
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(300) % 3 == 0
+    X = torch.randn(300, 20, generator=generator)
+    X[:, 7] -= 3.0 * labels  # lower for the positives: found by its sign
+    score, unit = evidence.best_unit_auc(X, labels)
+    assert unit == 7 and score > 0.95
+    score, _ = evidence.best_unit_auc(torch.randn(300, 20, generator=generator), labels)
+    assert score < 0.7  # chosen on one half, scored on the other: no selection bias towards 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# collateral constraint
+
+
+def test_collateral_ratio_is_one_for_a_protection_identical_on_both_tasks():
+    free = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    protected = torch.tensor([0.1, 1.0, 3.0, 2.0])
+    same = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert evidence.collateral_ratio(free, protected, same, same) == pytest.approx(1.0)
+    # a protection that scales every drift alike is not selective either, whatever the two feature sets
+    assert evidence.collateral_ratio(free, 0.3 * free, same, 1 - same) == pytest.approx(1.0)
+    # a protection that holds A's features only: restriction 1 - (0.1 + 1) / 3 of A's, none of B's -> ratio 0
+    assert evidence.restriction(free, protected, same) == pytest.approx(1 - 1.1 / 3)
+    assert evidence.collateral_ratio(free, torch.tensor([0.1, 1.0, 3.0, 4.0]), same, 1 - same) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the analyses on a tiny model
+
+
+def tiny_model_and_saes(width=16, layers=2):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, block_size=32, n_layer=layers, n_head=2, n_embd=width, dropout=0.0,
+                          bias=True)).eval()
+    saes = {p: TopKSAE(SAEConfig(width, 4 * width, 4)) for p in range(1, layers + 1)}
+    return model, saes
+
+
+def test_example_features_and_gradient_importance_have_one_row_per_example():
+    model, saes = tiny_model_and_saes()
+    split = build_task_suite(["add"], 6, 0, 0, block_size=32, template_is_content=False)["add"]["train"]
+    features = evidence.example_features(model, saes, split.x, split.content_mask, batch_size=4)
+    assert features["sae"][1].shape == (6, 64) and features["neurons"][2].shape == (6, 64)
+    assert features["residual"][2].shape == (6, 16)
+    # the mean over the content tokens: one example by hand
+    _, _, residuals = model(split.x[:1], read=(2,))
+    m = split.content_mask[0].bool()
+    assert torch.allclose(features["residual"][2][0], residuals[2][0, m].mean(0), atol=1e-6)
+    grads = evidence.gradient_importance(model, split, point=1)
+    assert grads.shape == (6, 2 * 16 * 64) and (grads >= 0).all() and grads.sum() > 0
+
+
+def test_ground_truth_lines_carry_each_variable_on_its_own_kind_of_line():
+    texts, values = evidence.latent_lines(300, seed=0)
+    assert len(texts) == 300 and all(len(v) == 300 for v in values.values())
+    for text, person, digit in zip(texts, values["person"], values["digit"]):
+        if person is not None:
+            assert person in text
+        if digit is not None:
+            assert text.startswith(f"{digit} + ")
+    assert sum(v is not None for v in values["mood"]) > 0
+
+
+def test_ablation_variants_are_valid_configs_and_change_one_thing_each():
+    config = train.parse_args(["--n_layer=2"])
+    variants = evidence.ablation_variants(config)
+    assert variants["point 1 only"] == ("sae_guided", {"sae_guided_points": (1,)})
+    assert variants["reference: frozen base"] == ("sae_guided", {"sae_guided_reference": "base"})
+    for method, settings in variants.values():
+        assert len(settings) <= 1
+        train.validate(train.dataclasses.replace(config, methods=(method,), **settings))
+    assert len({evidence.slug(v) for v in variants}) == len(variants)  # each its own results folder
+
+
+def test_parts_are_checked_and_the_rest_goes_to_the_run_config():
+    parts, config = evidence.parse_args(["--parts=memory,ablations", "--n_embd=48"])
+    assert parts == ("memory", "ablations") and config.n_embd == 48
+    with pytest.raises(ValueError, match="valid parts: separability"):
+        evidence.parse_args(["--parts=memroy"])

@@ -275,6 +275,34 @@ def test_merge_past_masks():
     assert torch.equal(reg.merge_past_masks(current, []), current)
 
 
+def test_random_mask_control_keeps_the_values_on_other_features(tiny_model, add_split):
+    masks = {1: torch.linspace(0, 1, 64), 2: torch.rand(64, generator=torch.Generator().manual_seed(0))}
+    shuffled = reg.shuffled_masks(masks, seed=3)
+    for p, m in masks.items():  # the same values, so the same mass, on a permutation of the features
+        assert torch.equal(shuffled[p].sort().values, m.sort().values) and not torch.equal(shuffled[p], m)
+    assert torch.equal(reg.shuffled_masks(masks, seed=3)[1], shuffled[1])  # seeded
+    config = dataclasses.replace(train.Config(), sae_guided_mask_examples=16, sae_guided_mask_knn=3,
+                                 sae_guided_mask_random=True)
+    saes = tiny_saes()
+    method = reg.SAEGuided(config, tiny_model, saes, seed=0)
+    method.before_task(tiny_model, add_split, 0)
+    data_mask = reg.build_feature_masks(tiny_model, saes, add_split, n_examples=16, knn=3, alpha=0.5)
+    for p in saes:
+        assert torch.equal(method.mask[p].sort().values, data_mask[p].sort().values)
+        assert not torch.equal(method.mask[p], data_mask[p])
+
+
+def test_sae_guided_points_pick_the_saes_the_penalty_uses(tiny_model, add_split):
+    config = dataclasses.replace(train.Config(), sae_guided_mask_examples=16, sae_guided_mask_knn=3,
+                                 sae_guided_points=(2,))
+    method = reg.SAEGuided(config, tiny_model, tiny_saes())
+    assert method.reads == (2,) and list(method.saes) == [2]
+    method.before_task(tiny_model, add_split, 0)
+    assert list(method.mask) == [2] and list(method.cached_codes["codes"]) == [2]
+    with pytest.raises(ValueError, match="--sae_guided_points: 3 has no SAE; valid points are 1, 2"):
+        train.parse_args(["--sae_guided_points=3"])
+
+
 def test_replay_sample_size(add_split):
     idx = reg.replay_sample(add_split, 0.1, seed=0)
     assert len(idx) == 4 and len(set(idx.tolist())) == 4
