@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.nn.utils import vector_to_parameters  # noqa: E402
 
 import regularizers as reg  # noqa: E402
 import train  # noqa: E402
@@ -39,16 +40,21 @@ from model import GPT, GPTConfig  # noqa: E402
 from sae import SAEConfig, TopKSAE  # noqa: E402
 
 PARTS = ("separability", "collateral", "ground_truth", "memory", "ablations")
+MEMORY_WIDTHS = (24, 48, 96, 192)  # the default model is 96 wide
 
 # ----------------------------------------------------------------------------------------------------------------
 # a linear probe and its score, written out (no scikit-learn)
 
 
 def average_ranks(scores):
-    """Ranks 1..n of scores (n,), ties sharing the mean of their ranks."""
-    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    first = torch.cumsum(counts, 0) - counts  # the rank before each distinct value's first
-    return (first + (counts + 1) / 2.0).double()[inverse]
+    """Ranks 1..n along dim 0 of scores, (n,) or (n, units) column by column, ties sharing the mean of their ranks:
+    a value with `below` smaller values and `at_or_below` values <= it spans ranks below + 1 .. at_or_below."""
+    columns = scores.t() if scores.dim() == 2 else scores.unsqueeze(0)  # (units, n)
+    ordered = columns.contiguous().sort(-1).values
+    below = torch.searchsorted(ordered, columns.contiguous(), right=False)
+    at_or_below = torch.searchsorted(ordered, columns.contiguous(), right=True)
+    ranks = (below + at_or_below + 1).double() / 2.0
+    return ranks.t() if scores.dim() == 2 else ranks[0]
 
 
 def auc(scores, labels):
@@ -63,19 +69,31 @@ def auc(scores, labels):
 
 
 def fit_logistic(X, y, l2=1e-2, max_iter=100):
-    """(w, b) minimizing mean_i BCE(sigmoid(x_i w + b), y_i) + l2 ||w||^2, by L-BFGS; X (n, d) standardized."""
-    w = torch.zeros(X.size(1), dtype=X.dtype, requires_grad=True)
+    """(w, b) minimizing mean_i BCE(sigmoid(x_i w + b), y_i) + l2 ||w||^2, by L-BFGS; X (n, d) standardized.
+
+    With more features than examples (the gradient basis has ~10^5), the minimizer lies in the span of the
+    examples, w = X^T a (the representer theorem: a component of w orthogonal to every x_i changes no logit and
+    only adds to ||w||^2), so the n coefficients a are fitted on the Gram matrix K = X X^T: logits K a + b,
+    ||w||^2 = a^T K a."""
+    n, d = X.shape
+    gram = X @ X.t() if d > n else None
+    coef = torch.zeros(n if gram is not None else d, dtype=X.dtype, requires_grad=True)
     b = torch.zeros((), dtype=X.dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([coef, b], max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(X @ w + b, y.to(X.dtype)) + l2 * w.square().sum()
+        if gram is not None:
+            logits, norm = gram @ coef + b, coef @ gram @ coef
+        else:
+            logits, norm = X @ coef + b, coef.square().sum()
+        loss = F.binary_cross_entropy_with_logits(logits, y.to(X.dtype)) + l2 * norm
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return w.detach(), b.detach()
+    w = X.t() @ coef.detach() if gram is not None else coef.detach()
+    return w, b.detach()
 
 
 def stratified_folds(labels, folds, seed=0):
@@ -111,7 +129,7 @@ def best_unit_auc(X, labels, seed=0):
     fold = stratified_folds(labels, 2, seed)
     select, held_out = fold == 0, fold == 1
     n_pos = int(labels[select].sum())
-    ranks = torch.stack([average_ranks(column) for column in X[select].double().t()], 1)  # (n_select, units)
+    ranks = average_ranks(X[select].double())  # (n_select, units)
     aucs = (ranks[labels[select]].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * (len(ranks) - n_pos))
     unit = int((aucs - 0.5).abs().argmax())
     sign = 1.0 if aucs[unit] >= 0.5 else -1.0
@@ -170,8 +188,9 @@ def gradient_importance(model, split, point):
 
 
 def separability(model, saes, suite, tasks, n_examples=100, seed=0):
-    """{'pairs': [[a, b], ...], 'auc': {basis: {point: [cross-validated AUC of each pair]}}} for every pair of
-    tasks: the probe tells task a's training inputs from task b's, features averaged over the content tokens
+    """{'pairs': [[a, b], ...], 'auc': {basis: {point: [cross-validated AUC of each pair]}}, 'unit_auc': the same
+    for the best single unit of the basis (best_unit_auc)} for every pair of tasks: the probe tells task a's
+    training inputs from task b's, features averaged over the content tokens
     without the template (no tag, no ' > ': the probe must read the task's own text). Bases: SAE features, MLP
     neurons, and per-example gradient importance of the MLP weights (the weight basis EWC protects in)."""
     model.eval()
@@ -182,16 +201,17 @@ def separability(model, saes, suite, tasks, n_examples=100, seed=0):
         basis["gradient"] = {p: gradient_importance(model, split, p) for p in saes if p > 0}
         features[task] = basis
     pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1 :]]
-    result = {"pairs": pairs, "auc": {}}
+    labels = torch.cat([torch.zeros(n_examples), torch.ones(n_examples)])
+    result = {"pairs": pairs, "auc": {}, "unit_auc": {}}
     for name in ("sae", "neurons", "gradient"):
-        result["auc"][name] = {}
+        result["auc"][name], result["unit_auc"][name] = {}, {}
         for p in features[tasks[0]][name]:
-            aucs = []
+            aucs, unit_aucs = [], []
             for a, b in progress(pairs, desc=f"separability {name} point {p}", leave=False):
                 X = torch.cat([features[a][name][p], features[b][name][p]])
-                labels = torch.cat([torch.zeros(n_examples), torch.ones(n_examples)])
                 aucs.append(cv_auc(X, labels, seed=seed))
-            result["auc"][name][p] = aucs
+                unit_aucs.append(best_unit_auc(X, labels, seed=seed)[0])
+            result["auc"][name][p], result["unit_auc"][name][p] = aucs, unit_aucs
     return result
 
 
@@ -200,34 +220,37 @@ BASIS_NAMES = {"sae": "SAE features", "neurons": "MLP neurons", "gradient": "gra
 
 
 def plot_separability(result, path):
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     bases = list(result["auc"])
     points = list(result["auc"][bases[0]])
     width = 0.8 / len(points)
-    for j, p in enumerate(points):
-        aucs = [torch.tensor(result["auc"][b][p]) for b in bases]
-        means = [a.mean().item() for a in aucs]
-        low = [m - a.min().item() for m, a in zip(means, aucs)]
-        high = [a.max().item() - m for m, a in zip(means, aucs)]
-        ax.bar([i + (j - (len(points) - 1) / 2) * width for i in range(len(bases))], means, width,
-               yerr=[low, high], capsize=3, label=f"point {p}")
-    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
-    ax.set_xticks(range(len(bases)), [BASIS_NAMES[b] for b in bases])
-    ax.set_ylim(0.4, 1.02)
-    ax.set_ylabel(f"cross-validated probe AUC\n(mean over {len(result['pairs'])} task pairs, bars: min to max)")
-    ax.set_title("Can a linear probe tell two tasks' inputs apart?")
-    ax.legend(fontsize=8, loc="lower left")
+    for ax, key, title in zip(axes, ("auc", "unit_auc"), ("a linear probe on the whole basis",
+                                                           "the best single unit of the basis")):
+        for j, p in enumerate(points):
+            aucs = [torch.tensor(result[key][b][p]) for b in bases]
+            means = [a.mean().item() for a in aucs]
+            low = [m - a.min().item() for m, a in zip(means, aucs)]
+            high = [a.max().item() - m for m, a in zip(means, aucs)]
+            ax.bar([i + (j - (len(points) - 1) / 2) * width for i in range(len(bases))], means, width,
+                   yerr=[low, high], capsize=3, label=f"point {p}")
+        ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
+        ax.set_xticks(range(len(bases)), [BASIS_NAMES[b] for b in bases], fontsize=8)
+        ax.set_ylim(0.4, 1.02)
+        ax.set_title(f"Tell two tasks' inputs apart with {title}", fontsize=10)
+    axes[0].set_ylabel(f"held-out AUC\n(mean over {len(result['pairs'])} task pairs, bars: min to max)")
+    axes[0].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def separability_table(result):
-    lines = ["| basis | point | mean AUC | min AUC | pairs |", "|---|---|---|---|---|"]
+    lines = ["| basis | point | probe: mean AUC | min | best single unit: mean AUC | min |", "|---|---|---|---|---|---|"]
     for name, by_point in result["auc"].items():
         for p, aucs in by_point.items():
+            units = result["unit_auc"][name][p]
             lines.append(f"| {BASIS_NAMES[name]} | {p} | {sum(aucs) / len(aucs):.3f} | {min(aucs):.3f} | "
-                         f"{len(aucs)} |")
+                         f"{sum(units) / len(units):.3f} | {min(units):.3f} |")
     return "\n".join(lines)
 
 
@@ -249,14 +272,18 @@ def collateral_ratio(drift_free, drift_protected, features_a, features_b):
 
 
 class ProtectWeights(reg.Method):
-    """Task A protected in weight space: EWC's penalty on the top-q share of its Fisher, the other weights free."""
+    """Task A protected in weight space: the top-q share of its Fisher weights frozen (put back to their values
+    after every step: EWC on those weights with lambda -> infinity), the other weights free."""
 
-    def __init__(self, config, model, anchor, lam):
+    def __init__(self, config, model, protected, theta):
         super().__init__(config, model)
-        self.anchor, self.lam = anchor, lam
+        self.protected, self.theta = protected.bool(), theta
 
-    def penalty(self, model, batch, outputs):
-        return reg.weight_penalty(model, [self.anchor], self.lam), {}
+    @torch.no_grad()
+    def after_step(self, model):
+        theta = reg.flat_parameters(model)
+        theta[self.protected] = self.theta[self.protected]
+        vector_to_parameters(theta, [p for _, p in reg.trainable(model)])
 
 
 class ProtectFeatures(reg.Method):
@@ -293,14 +320,12 @@ def code_drifts(model, reference, saes, split):
                               sae.config.d_sae) for p, sae in saes.items()}
 
 
-def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, weight_lambda=None, feature_lambda=1e4,
-               device="cpu"):
+def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, feature_lambda=1e4, device="cpu"):
     """Protect task A (the model after training on it, model_a) while task B trains, in weight space and in feature
     space, and measure how each restricts the drift of A's features and of B's. A's features (B's) are the top-q
     share by relevance on A's inputs (B's) that are not also B's (A's); drift is measured on both tasks' eval inputs.
     Returns {restriction and collateral ratio of each protection, the drifts' sizes}."""
     split_a, split_b = suite[task_a]["train"], suite[task_b]["train"]
-    weight_lambda = config.ewc_lambda if weight_lambda is None else weight_lambda
     with reg.evaluating(model_a):
         relevance_a = reg.feature_relevance(model_a, saes, split_a, config.sae_guided_mask_examples)
         relevance_b = reg.feature_relevance(model_a, saes, split_b, config.sae_guided_mask_examples)
@@ -309,11 +334,11 @@ def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, weight_la
     only_a = torch.cat([top_a[p] * (1 - top_b[p]) for p in sorted(saes)])
     only_b = torch.cat([top_b[p] * (1 - top_a[p]) for p in sorted(saes)])
     fisher = reg.fisher_diagonal(model_a, split_a, config.ewc_fisher_examples, config.ewc_fisher_labels)
-    anchor = {"importance": fisher * top_share(fisher, q), "theta": reg.flat_parameters(model_a).detach().clone()}
+    theta_a = reg.flat_parameters(model_a).detach().clone()
     with reg.evaluating(model_a):
         codes_b = reg.reference_codes(model_a, saes, split_b)
     protections = {"none": lambda m: reg.SeqFT(config, m),
-                   "weights": lambda m: ProtectWeights(config, m, anchor, weight_lambda),
+                   "weights": lambda m: ProtectWeights(config, m, top_share(fisher, q), theta_a),
                    "features": lambda m: ProtectFeatures(config, m, saes, codes_b, top_a, feature_lambda)}
     drift = {}
     for name, make in protections.items():
@@ -341,7 +366,7 @@ def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, weight_la
 def plot_collateral(results, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     labels = [f"{r['task_a']}->{r['task_b']}" for r in results]
-    for ax, name, title in zip(axes, ("weights", "features"), ("weight space: top-q Fisher (EWC)",
+    for ax, name, title in zip(axes, ("weights", "features"), ("weight space: top-q Fisher weights frozen",
                                                                  "feature space: A's SAE features")):
         x = torch.arange(len(results)).float()
         ax.bar(x - 0.2, [r[name]["restriction_a"] for r in results], 0.4, label="A's features (the protected task)")
@@ -551,10 +576,10 @@ def slug(variant):
 
 def ablations(config, device, base, sae_checkpoint):
     """{variant: {'OP', 'BWT': (mean, std) over the config's seeds, 'settings'}}: every variant's continual-learning
-    runs (cached under out/<run>/evidence_<variant>/), config.jobs at a time."""
+    runs (cached under out/<run>/evidence_<variant>/, without the forgetting diagnostic), config.jobs at a time."""
     variants = ablation_variants(config)
-    configs = [dataclasses.replace(config, methods=(method,), cl_dir="evidence_" + slug(variant), **settings)
-               for variant, (method, settings) in variants.items()]
+    configs = [dataclasses.replace(config, methods=(method,), cl_dir="evidence_" + slug(variant), diagnose=False,
+                                   **settings) for variant, (method, settings) in variants.items()]
     for c in configs:
         train.validate(c)
     summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=config.jobs)
@@ -659,7 +684,7 @@ def main(argv):
         elif part == "memory":
             memory_config = dataclasses.replace(config, ewc_fisher_examples=8, mas_examples=8,
                                                 sae_guided_mask_examples=32)  # sizes do not depend on these
-            rows = memory_by_width(memory_config, widths=(48, 96, 192, 384))
+            rows = memory_by_width(memory_config, widths=MEMORY_WIDTHS)
             table = save(part, rows, memory_table(rows), out_dir, plot_memory)
         else:
             result = ablations(config, device, base, sae_checkpoint)

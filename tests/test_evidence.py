@@ -1,6 +1,7 @@
 """The evidence analyses: memory retained between tasks, against hand counts."""
 
 import evidence
+import regularizers as reg
 import train
 from data.tasks import build_task_suite
 
@@ -146,3 +147,47 @@ def test_parts_are_checked_and_the_rest_goes_to_the_run_config():
     assert parts == ("memory", "ablations") and config.n_embd == 48
     with pytest.raises(ValueError, match="valid parts: separability"):
         evidence.parse_args(["--parts=memroy"])
+
+
+def test_the_gram_form_of_the_probe_fits_the_same_weights_as_the_primal_form():
+    generator = torch.Generator().manual_seed(2)
+    X = torch.randn(30, 60, generator=generator, dtype=torch.float64)  # more features than examples: Gram form
+    y = (X[:, 0] + 0.5 * torch.randn(30, generator=generator, dtype=torch.float64) > 0).float()
+    w_gram, b_gram = evidence.fit_logistic(X, y, l2=0.1, max_iter=500)
+    # the primal problem, d weights minimized directly: the same minimizer
+    w = torch.zeros(60, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe", tolerance_grad=1e-12)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w + b, y) + 0.1 * w.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert torch.allclose(w_gram, w.detach(), atol=1e-4) and abs(b_gram.item() - b.item()) < 1e-4
+
+
+def test_weight_protection_freezes_exactly_the_protected_weights_and_collateral_runs_end_to_end():
+    model, saes = tiny_model_and_saes()
+    config = train.parse_args(["--n_layer=2", "--n_head=2", "--n_embd=16", "--block_size=32", "--steps_per_task=3",
+                               "--cl_batch_size=4", "--diagnose_examples=4", "--ewc_fisher_examples=4",
+                               "--sae_guided_mask_examples=8", "--sae_expansion=4", "--sae_k=4"])
+    suite = build_task_suite(["add", "reverse"], 16, 2, 8, block_size=32, template_is_content=False)
+    theta = reg.flat_parameters(model).detach().clone()
+    protected = torch.zeros_like(theta)
+    protected[::3] = 1.0
+    method = evidence.ProtectWeights(config, model, protected, theta)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    method.after_step(model)
+    moved = reg.flat_parameters(model).detach() != theta
+    assert not moved[protected.bool()].any() and moved[~protected.bool()].all()
+    model, saes = tiny_model_and_saes()  # an unperturbed model as task A's
+    result = evidence.collateral(config, model, saes, suite, "add", "reverse", q=0.25)
+    for name in ("weights", "features"):
+        assert set(result[name]) == {"restriction_a", "restriction_b", "ratio"}
+        assert all(torch.isfinite(torch.tensor(v)) for v in result[name].values())
+    assert result["features_a"] > 0 and result["features_b"] > 0 and result["drift_free"] > 0
