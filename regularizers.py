@@ -590,6 +590,9 @@ class SAEGuided(Method):
         if not 0 <= config.sae_guided_mask_threshold <= 1:
             raise ValueError(f"--sae_guided_mask_threshold={config.sae_guided_mask_threshold}: must be in "
                              "[0, 1]")
+        if cls.name in config.methods and config.sae_kind != "topk" and config.sae_guided_codes == "topk":
+            raise ValueError(f"--sae_kind={config.sae_kind}: SAE-guided's cached sparse codes need TopK SAEs; add "
+                             "--sae_guided_codes=dense (a ReLU SAE's code is its dense pre-activations)")
         sae_points = config.sae_points or tuple(range(1, config.n_layer + 1))
         for point in config.sae_guided_points:
             if point not in sae_points:
@@ -609,6 +612,12 @@ class SAEFD(Method):
     name = "sae_fd"
     uses_saes = True
     positive = ("sae_fd_anchors", "sae_fd_batch_size")
+
+    @classmethod
+    def check(cls, config):
+        super().check(config)
+        if cls.name in config.methods and config.sae_kind != "topk":
+            raise ValueError(f"--sae_kind={config.sae_kind}: SAE-FD stores sparse TopK codes; use --sae_kind=topk")
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)
@@ -751,19 +760,21 @@ def tensor_bytes(obj):
 # SAE-regularized pretraining: the model is trained jointly with an SAE at every residual point
 
 
-def sae_training_penalty(residuals, saes, lam, l1_coef=0.0):
-    """(1/(L+1)) sum_i [ lam * ||x_i - xhat_i||^2 / ||x_i||  +  l1_coef * ||z_i||_1 ]
+def sae_training_penalty(residuals, saes, lam, norm_power=1):
+    """(1/P) sum_i [ lam * ||x_i - xhat_i||^2 / ||x_i||^q  +  S_i(z_i) ]
 
-    over the residual points i that have an SAE (all L+1 of them in pretraining). Squared error and L1 are means over
-    tokens; ||x_i|| is the mean L2 norm of the activations at point i. The inputs are *not* detached, so the
-    gradient shapes the model towards activations the SAEs reconstruct well; dividing by ||x_i|| (also not
-    detached) takes away the easy way out of shrinking the activations. With TopK SAEs, k fixes L0 and the
-    L1 term is optional (l1_coef = 0 by default)."""
+    over the P residual points i that have an SAE (all L+1 of them in pretraining). The squared error is a mean over
+    tokens, ||x_i|| the mean L2 norm of the activations at point i, and S_i the SAE's own sparsity term (a ReLU SAE:
+    l1_i sum_j z_j ||W_dec_j||; a TopK SAE: l1_i ||z||_1, 0 by default since k fixes L0), not scaled by lam, as in
+    the original study. The inputs are *not* detached, so the gradient shapes the model towards activations the SAEs
+    reconstruct well. q = 1 is the original's form: it takes away part of the easy way out of shrinking the
+    activations, but not all of it (the term still grows linearly with their scale); q = 2 makes the term
+    scale-free (an FVU-like ratio)."""
     total = 0.0
     for p, sae in saes.items():
         x = residuals[p]  # (B, T, C)
         xhat, z = sae.reconstruct(x)
         squared_error = (x - xhat).pow(2).sum(-1).mean()
-        mean_norm = x.norm(dim=-1).mean()
-        total = total + lam * squared_error / mean_norm + l1_coef * z.abs().sum(-1).mean()
+        scale = x.norm(dim=-1).mean() if norm_power == 1 else x.pow(2).sum(-1).mean()
+        total = total + lam * squared_error / scale + sae.sparsity(z)
     return total / len(saes)

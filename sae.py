@@ -16,6 +16,16 @@ firings of an average latent, i.e. dead_firings * d_sae / k tokens; AuxK gives d
 come back. b_dec starts at the data mean, W_enc starts as W_dec^T, decoder rows are kept at unit norm after every
 step, and the gradient component parallel to each row is removed before the step (it would only change the norm,
 which the renormalisation undoes). Adam's learning rate follows 2e-4 / sqrt(d_sae / 2^14).
+
+ReLU + L1 SAEs (kind 'relu', the "standard" SAE of Anthropic's "Towards Monosemanticity" and its April 2024 update,
+the kind the original SAE-regularization study used):
+
+    z    = ReLU( (x - b_dec) W_enc + b_enc )         every positive pre-activation is kept
+    xhat = z W_dec + b_dec
+    L    = mean_tokens ||x - xhat||^2 + l1 * mean_tokens sum_j z_j ||W_dec_j||
+
+on raw activations (no input scaling), decoder rows free in norm: weighting each latent's L1 by its decoder row's
+norm takes away the easy way of shrinking z and growing W_dec. L0 is set by l1, not fixed as with TopK.
 """
 
 import math
@@ -31,7 +41,9 @@ from configurator import progress
 class SAEConfig:
     d_in: int
     d_sae: int
-    k: int
+    k: int  # TopK's k (unused by a ReLU SAE)
+    kind: str = "topk"  # 'topk' or 'relu' (ReLU + L1)
+    l1: float = 0.0  # ReLU SAE: weight of the sparsity term sum_j z_j ||W_dec_j||
     aux_k: int = 64  # how many dead latents AuxK may use per token
     dead_firings: float = 1000.0  # dead after this many expected firings without one (see dead_tokens)
     auxk_coef: float = 1 / 32  # 0 turns AuxK off
@@ -42,14 +54,13 @@ class SAEConfig:
         return math.ceil(self.dead_firings * self.d_sae / self.k)
 
 
-class TopKSAE(nn.Module):
-    def __init__(self, config):
+class SparseAutoencoder(nn.Module):
+    """What every kind shares: the parameters, the encoder's pre-activations, the decoder, the reconstruction, and
+    the count of tokens since each latent last fired. A kind adds encode, loss and its decoder constraint."""
+
+    def __init__(self, config, W_dec):
         super().__init__()
-        if not 0 < config.k <= config.d_sae:
-            raise ValueError(f"SAE k={config.k} must be in 1..d_sae={config.d_sae}")
         self.config = config
-        W_dec = torch.randn(config.d_sae, config.d_in)
-        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)  # (d_sae, d_in): row j is feature j's direction
         self.W_enc = nn.Parameter(W_dec.t().clone())  # (d_in, d_sae)
         self.b_enc = nn.Parameter(torch.zeros(config.d_sae))
@@ -57,11 +68,40 @@ class TopKSAE(nn.Module):
         self.register_buffer("input_scale", torch.tensor(1.0))  # c
         self.register_buffer("tokens_since_fired", torch.zeros(config.d_sae, dtype=torch.long))
 
-    # -- the forward pass, in pieces so that callers can use each one ------------------------------------------
-
     def pre_activations(self, x):
-        """ReLU((c x - b_dec) W_enc + b_enc), shape (..., d_sae): the dense codes before TopK."""
+        """ReLU((c x - b_dec) W_enc + b_enc), shape (..., d_sae): the dense codes before any selection."""
         return torch.relu((x * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, z):
+        """xhat in the scaled space."""
+        return z @ self.W_dec + self.b_dec
+
+    def reconstruct(self, x):
+        """(xhat / c, z): the reconstruction of x in x's own units, and the code it was decoded from."""
+        z = self.encode(x)
+        return self.decode(z) / self.input_scale, z
+
+    def forward(self, x):
+        """The reconstruction of x in x's own units; an SAE is a function x -> xhat, to splice into the model."""
+        return self.reconstruct(x)[0]
+
+    @torch.no_grad()
+    def update_dead_counter(self, z):
+        fired = (z > 0).reshape(-1, z.size(-1)).any(dim=0)
+        self.tokens_since_fired += z.numel() // z.size(-1)
+        self.tokens_since_fired[fired] = 0
+
+
+class TopKSAE(SparseAutoencoder):
+    second_term = "auxk"  # what loss() returns beside the FVU
+
+    def __init__(self, config):
+        if not 0 < config.k <= config.d_sae:
+            raise ValueError(f"SAE k={config.k} must be in 1..d_sae={config.d_sae}")
+        W_dec = torch.randn(config.d_sae, config.d_in)
+        super().__init__(config, W_dec / W_dec.norm(dim=1, keepdim=True))
+
+    # -- the forward pass, in pieces so that callers can use each one ------------------------------------------
 
     def encode(self, x):
         """The sparse code z (..., d_sae): the k largest pre-activations of each token, the rest zero."""
@@ -81,19 +121,6 @@ class TopKSAE(nn.Module):
         columns = self.W_enc.t()[indices]  # (..., k, d_in)
         values = torch.relu((columns * x_n.unsqueeze(-2)).sum(-1) + self.b_enc[indices])
         return values, indices
-
-    def decode(self, z):
-        """xhat in the scaled space."""
-        return z @ self.W_dec + self.b_dec
-
-    def reconstruct(self, x):
-        """(xhat / c, z): the reconstruction of x in x's own units, and the code it was decoded from."""
-        z = self.encode(x)
-        return self.decode(z) / self.input_scale, z
-
-    def forward(self, x):
-        """The reconstruction of x in x's own units; an SAE is a function x -> xhat, to splice into the model."""
-        return self.reconstruct(x)[0]
 
     # -- training losses ----------------------------------------------------------------------------------------
 
@@ -117,11 +144,9 @@ class TopKSAE(nn.Module):
         residual_hat = z_aux @ self.W_dec[dead]  # no b_dec: the residual has no offset to model
         return normalized_mse(residual_hat, residual)
 
-    @torch.no_grad()
-    def update_dead_counter(self, z):
-        fired = (z > 0).any(dim=0)
-        self.tokens_since_fired += z.size(0)
-        self.tokens_since_fired[fired] = 0
+    def sparsity(self, z):
+        """l1 * mean over tokens of ||z||_1: 0 by default, since k fixes L0 (an SAE-regularized model may add it)."""
+        return self.config.l1 * z.abs().sum(-1).mean()
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self):
@@ -141,6 +166,51 @@ class TopKSAE(nn.Module):
         self.b_dec.copy_((x * self.input_scale).mean(0))
 
 
+class ReluSAE(SparseAutoencoder):
+    """ReLU + L1 (see the module docstring): raw activations, decoder rows free in norm, L1 weighted by them."""
+
+    second_term = "sparsity"
+
+    def __init__(self, config):
+        W_dec = torch.empty(config.d_sae, config.d_in)
+        nn.init.kaiming_uniform_(W_dec)  # as the original; the rows' norms are then learned
+        super().__init__(config, W_dec)
+
+    def encode(self, x):
+        """z = ReLU((x - b_dec) W_enc + b_enc): every positive pre-activation."""
+        return self.pre_activations(x)
+
+    def sparsity(self, z):
+        """l1 * mean over tokens of sum_j z_j ||W_dec_j||."""
+        return self.config.l1 * (z * self.W_dec.norm(dim=1)).sum(-1).mean()
+
+    def loss(self, x):
+        """(total loss, FVU (for the log), sparsity term, z): total = mean ||x - xhat||^2 + sparsity."""
+        xhat, z = self.reconstruct(x)
+        sparsity = self.sparsity(z)
+        total = (x - xhat).pow(2).sum(-1).mean() + sparsity
+        return total, normalized_mse(xhat.detach(), x), sparsity, z
+
+    def remove_parallel_decoder_grad(self):
+        """Nothing: the decoder's rows are free in norm (the L1 term is weighted by it)."""
+
+    def normalize_decoder(self):
+        """Nothing: see remove_parallel_decoder_grad."""
+
+    def init_from_data(self, x):
+        """Nothing: the original trains on raw activations from zero biases (input_scale stays 1)."""
+
+
+SAE_KINDS = {"topk": TopKSAE, "relu": ReluSAE}
+
+
+def make_sae(config):
+    """An SAE of config.kind."""
+    if config.kind not in SAE_KINDS:
+        raise ValueError(f"SAE kind {config.kind!r}: choose one of {', '.join(SAE_KINDS)}")
+    return SAE_KINDS[config.kind](config)
+
+
 def normalized_mse(prediction, target):
     """sum ||prediction - target||^2 / sum ||target - mean(target)||^2 over the batch (0 for a constant target)."""
     variance = (target - target.mean(0)).pow(2).sum()
@@ -152,18 +222,32 @@ def sae_lr(d_sae, base_lr=2e-4):
     return base_lr / math.sqrt(d_sae / 2**14)
 
 
-def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0, desc="sae"):
-    """Train one TopK SAE on activations (N, d_in); returns (sae, history of losses)."""
+def sae_lr_at(step, steps, lr, min_lr=None, warmup=0):
+    """lr, constant; or, with min_lr, linear warmup over `warmup` steps then cosine decay to min_lr."""
+    if min_lr is None:
+        return lr
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (lr - min_lr)
+
+
+def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0, desc="sae", min_lr=None, warmup=0):
+    """Train one SAE of config.kind on activations (N, d_in), Adam at lr (default: the 1/sqrt(d_sae) rule), constant
+    or, with min_lr, warmed up and cosine-decayed (sae_lr_at); returns (sae, history of losses)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    sae = TopKSAE(config).to(activations.device)
+    sae = make_sae(config).to(activations.device)
     sae.init_from_data(activations)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr or sae_lr(config.d_sae))
+    peak_lr = lr or sae_lr(config.d_sae)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=peak_lr)
     history = []
     bar = progress(range(steps), desc=desc, leave=False)
     for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = sae_lr_at(step, steps, peak_lr, min_lr, warmup)
         idx = torch.randint(len(activations), (batch_size,), generator=generator).to(activations.device)
-        loss, main, auxk, z = sae.loss(activations[idx])
+        loss, fvu, second, z = sae.loss(activations[idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: SAE loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -173,8 +257,8 @@ def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0,
         sae.normalize_decoder()
         sae.update_dead_counter(z)
         if step % 100 == 0 or step == steps - 1:
-            history.append({"step": step, "fvu": main.item(), "auxk": auxk.item()})
-            bar.set_postfix(fvu=f"{main.item():.3f}", refresh=False)
+            history.append({"step": step, "fvu": fvu.item(), sae.second_term: second.item()})
+            bar.set_postfix(fvu=f"{fvu.item():.3f}", refresh=False)
     return sae.eval(), history
 
 
@@ -212,7 +296,7 @@ def sae_to_dict(sae):
 
 
 def sae_from_dict(d, device="cpu"):
-    sae = TopKSAE(SAEConfig(**d["config"]))
+    sae = make_sae(SAEConfig(**d["config"]))
     sae.load_state_dict(d["state"])
     return sae.to(device).eval()
 

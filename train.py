@@ -35,7 +35,7 @@ from evaluate import (forgetting_diagnostic, forgetting_snapshot, mean_accuracy,
                       summarize_run, task_accuracy)
 from model import GPT, LORA_TARGETS, GPTConfig
 from regularizers import METHODS, RENAMED_METHODS, sae_training_penalty, tensor_bytes
-from sae import SAEConfig, TopKSAE, check_sae_fits, sae_from_dict, sae_to_dict, train_saes
+from sae import SAE_KINDS, SAEConfig, check_sae_fits, make_sae, sae_from_dict, sae_to_dict, train_saes
 
 
 @dataclass
@@ -73,12 +73,17 @@ class Config:
     instruct_iters: int = 1000  # steps of the phase: each an auxiliary batch (answer tokens) plus a corpus batch
     instruct_lr: float = 1e-3  # its peak learning rate, cosine-decayed to min_lr
     instruct_examples: int = 500  # training prompts per auxiliary task (32 more per task are held out)
-    # SAE-regularized pretraining: TopK SAEs at every point 0..n_layer trained jointly with the model
+    # SAE-regularized pretraining: an SAE at every point 0..n_layer trained jointly with the model
     sae_reg_lambda: float = 0.0  # weight of the reconstruction term; 0 = off
-    sae_reg_k: int = 8  # TopK of the jointly trained SAEs
-    sae_reg_l1: float = 0.0  # optional L1 sparsity term; TopK already fixes L0
-    sae_reg_expansion: int = 8  # d_sae of the jointly trained SAEs = sae_reg_expansion * n_embd
+    sae_reg_kind: str = "topk"  # the joint SAEs: 'topk', or 'relu' (ReLU + L1, the original study's kind)
+    sae_reg_k: int = 8  # TopK of joint TopK SAEs
+    sae_reg_l1: tuple[float, ...] = (0.0,)  # sparsity weight per point 0..n_layer, or one for all (TopK: optional)
+    sae_reg_expansion: int = 8  # d_sae of the joint SAEs = sae_reg_expansion * n_embd, unless sae_reg_widths
+    sae_reg_widths: tuple[int, ...] = ()  # d_sae per point 0..n_layer; empty = sae_reg_expansion * n_embd
+    sae_reg_norm: str = "norm"  # reconstruction / ||x|| ('norm', the original's) or / ||x||^2 ('norm2', scale-free)
     # SAEs on the base model's residual stream
+    sae_kind: str = "topk"  # 'topk', or 'relu' (ReLU + L1: L0 follows sae_l1; sae_k then takes one, unused, value)
+    sae_l1: float = 0.01  # a ReLU SAE's sparsity weight
     sae_points: tuple[int, ...] = ()  # residual points; empty = every point after a block, 1..n_layer
     sae_expansion: int = 8  # d_sae = sae_expansion * n_embd
     sae_k: tuple[int, ...] = (8,)  # TopK; several values train a k sweep, the first is the one used later
@@ -159,6 +164,17 @@ PRESETS = {  # name -> the keys it sets
               "content_tokens": "no_template", "ewc_lambda": 100.0, "lwf_lambda": 0.1, "o_lora_lambda": 100.0,
               "sae_fd_lambda": 10.0, "sae_guided_lambda_p": 1e4, "sae_guided_lambda_g": 0.0, "sae_guided_eps": 0.0,
               "sae_guided_delta": 0.0},
+    # the original SAE-regularization study (peterlai/gpt-circuits, experiments/regularization/setup.py,
+    # RegularizeAllLayersExperiment, with its config/gpt and config/sae settings for shakespeare_64x4): 4 layers,
+    # 64 wide, character level, block 128, batch 128, 15,000 steps, lr 1e-3 (750 warmup) decaying to 1e-5; ReLU + L1
+    # SAEs at all 5 points, of its widths and L1 coefficients, lambda 3, reconstruction / ||x||. The normal model is
+    # the same with --sae_reg_lambda=0; the corpus is tinyshakespeare (--corpus); bench/sae_reg.py --sweep=original
+    # trains its sweep of fresh SAEs. Weight decay, betas and gradient clipping stay ours (README).
+    "gpt_circuits": {"n_layer": 4, "n_head": 4, "n_embd": 64, "block_size": 128, "dropout": 0.0, "batch_size": 128,
+                     "max_iters": 15_000, "lr": 1e-3, "min_lr": 1e-5, "warmup_iters": 750, "eval_interval": 250,
+                     "eval_iters": 100, "sae_reg_lambda": 3.0, "sae_reg_kind": "relu",
+                     "sae_reg_widths": (512, 512, 2048, 4096, 4096), "sae_reg_l1": (0.020, 0.035, 0.085, 0.07, 0.075),
+                     "sae_reg_norm": "norm", "sae_points": (0, 1, 2, 3, 4), "sae_tokens": 1_000_000},
 }
 CHOICES = {  # fields whose value must be one of a fixed set
     "preset": ("",) + tuple(PRESETS),
@@ -174,13 +190,17 @@ CHOICES = {  # fields whose value must be one of a fixed set
     "finetune": ("full", "lora"),
     "content_tokens": ("all", "no_template"),
     "lora_targets": LORA_TARGETS,
+    "sae_kind": tuple(SAE_KINDS),
+    "sae_reg_kind": tuple(SAE_KINDS),
+    "sae_reg_norm": ("norm", "norm2"),
 }
 STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those of the stages it is built from
     "pretrain": ("seed", "corpus", "corpus_lines", "n_layer", "n_head", "n_embd", "block_size", "dropout",
                  "bias", "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
                  "grad_clip", "eval_interval", "eval_iters", "instruct_tags", "instruct_iters", "instruct_lr",
-                 "instruct_examples", "sae_reg_lambda", "sae_reg_k", "sae_reg_l1", "sae_reg_expansion"),
-    "sae": ("sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "sae_tokens", "sae_auxk",
+                 "instruct_examples", "sae_reg_lambda", "sae_reg_kind", "sae_reg_k", "sae_reg_l1",
+                 "sae_reg_expansion", "sae_reg_widths", "sae_reg_norm"),
+    "sae": ("sae_kind", "sae_l1", "sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "sae_tokens", "sae_auxk",
             "sae_aux_k", "sae_dead_firings"),
     "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "finetune", "lora_rank", "lora_alpha", "lora_targets",
            "content_tokens", "n_train", "n_val", "n_test", "eval_split", "diagnose", "diagnose_examples"),
@@ -218,9 +238,17 @@ def validate(config):
     d_sae = config.sae_expansion * config.n_embd
     if not all(0 < k <= d_sae for k in config.sae_k):
         raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: each k must be in 1..d_sae={d_sae}")
-    if not config.sae_reg_k <= config.sae_reg_expansion * config.n_embd:  # the jointly trained SAEs
-        raise ValueError(f"--sae_reg_k={config.sae_reg_k} must be in 1..d_sae="
-                         f"{config.sae_reg_expansion * config.n_embd}")
+    n_points = config.n_layer + 1  # the jointly trained SAEs, one per point 0..n_layer
+    for key, allowed in (("sae_reg_l1", (1, n_points)), ("sae_reg_widths", (0, n_points))):
+        if len(getattr(config, key)) not in allowed:
+            raise ValueError(f"--{key}: give {' or '.join(map(str, allowed))} values (points 0..{config.n_layer}), "
+                             f"not {len(getattr(config, key))}")
+    widths = [s.d_sae for s in joint_sae_configs(config).values()]
+    if config.sae_reg_kind == "topk" and not config.sae_reg_k <= min(widths):
+        raise ValueError(f"--sae_reg_k={config.sae_reg_k} must be in 1..d_sae={min(widths)}")
+    if config.sae_kind == "relu" and len(config.sae_k) > 1:
+        raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: a sweep of k needs --sae_kind=topk "
+                         "(a ReLU SAE's L0 follows --sae_l1)")
     if not config.tasks or len(set(config.tasks)) != len(config.tasks):
         raise ValueError(f"--tasks={','.join(config.tasks)}: name each task once; valid tasks: {', '.join(TASKS)}")
     if not config.methods or not config.seeds or not config.sae_k:
@@ -247,6 +275,16 @@ def resolve_device(config):
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return config.device
+
+
+def joint_sae_configs(config):
+    """{point: SAEConfig} of the SAEs trained jointly with the model, points 0..n_layer: the width and sparsity
+    weight of each point (one value given = every point), no AuxK."""
+    points = range(config.n_layer + 1)
+    widths = config.sae_reg_widths or [config.sae_reg_expansion * config.n_embd] * len(points)
+    l1s = config.sae_reg_l1 if len(config.sae_reg_l1) > 1 else config.sae_reg_l1 * len(points)
+    return {p: SAEConfig(d_in=config.n_embd, d_sae=widths[p], k=config.sae_reg_k, kind=config.sae_reg_kind, l1=l1s[p],
+                         auxk_coef=0.0) for p in points}
 
 
 def stage_config(config, *stages):
@@ -342,6 +380,24 @@ def estimate_lm_loss(model, ids, config, device, n_batches, seed=1234):
     return sum(losses) / len(losses)
 
 
+@torch.no_grad()
+def activation_norms(model, ids, config, device, n_batches=2, seed=1234):
+    """{point: mean ||x||} over the residual points 0..n_layer on fixed windows of ids: the scale the SAE
+    regularizer's reconstruction term / ||x|| depends on, logged at every evaluation of pretraining."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    points = tuple(range(model.config.n_layer + 1))
+    totals = dict.fromkeys(points, 0.0)
+    for _ in range(n_batches):
+        x, _ = get_batch(ids, config.batch_size, config.block_size, generator, device)
+        residuals = model(x, read=points)[2]
+        for p in points:
+            totals[p] += residuals[p].norm(dim=-1).mean().item() / n_batches
+    model.train(was_training)
+    return {str(p): v for p, v in totals.items()}
+
+
 def greedy_samples(model, prompts, device, max_new_tokens=40, one_line=True):
     """Greedy continuations of each prompt: to the end of its line, or max_new_tokens characters."""
     model.eval()
@@ -378,9 +434,7 @@ def pretrain(config, device):
     optimizer = model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2), device)
     joint_saes = {}  # SAE-regularized pretraining: an SAE at every point, trained with the model, no weight decay
     if config.sae_reg_lambda > 0:
-        sae_config = SAEConfig(d_in=config.n_embd, d_sae=config.sae_reg_expansion * config.n_embd,
-                               k=config.sae_reg_k, auxk_coef=0.0)
-        joint_saes = {p: TopKSAE(sae_config).to(device) for p in range(config.n_layer + 1)}
+        joint_saes = {p: make_sae(c).to(device) for p, c in joint_sae_configs(config).items()}
         optimizer.add_param_group({"params": [q for s in joint_saes.values() for q in s.parameters()],
                                    "weight_decay": 0.0})
     aux = aux_suite(config)  # the instruction phase runs from max_iters to total_iters
@@ -415,7 +469,8 @@ def pretrain(config, device):
             x, y = get_batch(train_ids, config.batch_size, config.block_size, generator, device)
             _, loss, residuals = model(x, y, read=tuple(joint_saes))
             if joint_saes:
-                loss = loss + sae_training_penalty(residuals, joint_saes, config.sae_reg_lambda, config.sae_reg_l1)
+                loss = loss + sae_training_penalty(residuals, joint_saes, config.sae_reg_lambda,
+                                                   norm_power=1 if config.sae_reg_norm == "norm" else 2)
             if it >= config.max_iters:  # the instruction phase: plus the CE of an auxiliary batch's answers
                 batch = trim_padding(aux_train.batch(config.batch_size, generator, device))
                 loss = loss + model(batch.x, batch.y, batch.answer_mask)[1]
@@ -434,7 +489,8 @@ def pretrain(config, device):
             if (it + 1) % config.eval_interval == 0 or it + 1 in (config.max_iters, total_iters):
                 train_loss = estimate_lm_loss(model, train_ids, config, device, config.eval_iters)
                 val_loss = estimate_lm_loss(model, val_ids, config, device, config.eval_iters)
-                history.append({"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss})
+                history.append({"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss,
+                                "norms": activation_norms(model, val_ids, config, device)})
                 if it >= config.max_iters:
                     history[-1]["aux_accuracy"] = aux_accuracy(model, aux, device)
                 bar.write(f"iter {it + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}" + (
@@ -477,8 +533,9 @@ def sae_points(config):
 
 def sae_kwargs(config, k):
     """The SAEConfig fields (all but d_in) that the config sets, for one k."""
-    return dict(d_sae=config.sae_expansion * config.n_embd, k=k, aux_k=config.sae_aux_k,
-                dead_firings=config.sae_dead_firings, auxk_coef=1 / 32 if config.sae_auxk else 0.0)
+    return dict(d_sae=config.sae_expansion * config.n_embd, k=k, kind=config.sae_kind, l1=config.sae_l1,
+                aux_k=config.sae_aux_k, dead_firings=config.sae_dead_firings,
+                auxk_coef=1 / 32 if config.sae_auxk else 0.0)
 
 
 def fresh_saes(model, ids, points, config, k):

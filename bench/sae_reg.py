@@ -2,15 +2,23 @@
 SAE-regularized pretraining: does training a model jointly with SAEs make its activations easier to decompose?
 
 For each seed, a normal model and an SAE-regularized one (`--sae_reg_lambda`; same steps, learning rate and data)
-are pretrained; then each is frozen, fresh TopK SAEs are trained at every residual point 0..n_layer for each k of
-the sweep, and spliced in on held-out text. Both models of a seed, and their fresh SAEs, use that seed's corpus.
+are pretrained; then each is frozen, a sweep of fresh SAEs is trained at every residual point 0..n_layer, and each
+sweep point's SAEs are spliced in on held-out text (CE increase per point, and all at once: the compound CE
+increase against the total L0). Both models of a seed, and their fresh SAEs, use that seed's corpus.
 
-    python bench/sae_reg.py                                   # the tiny world, seeds 0 and 1, k = 4, 8, 16
+    python bench/sae_reg.py                                   # the tiny world, seeds 0 and 1, TopK k = 4, 8, 16
     python bench/sae_reg.py --seeds=0,1 --k=4,8,16 --lambda=1 --corpus=../shared/data/tinyshakespeare.txt ...
+    python bench/sae_reg.py --preset=gpt_circuits --sweep=original --corpus=../shared/data/tinyshakespeare.txt \
+        --run=gpt_circuits --seeds=0,1,2               # the original study's settings (hours on a GPU, days on CPU)
 
-Options of this script: --seeds, --k, --lambda (the regularized model's sae_reg_lambda); any other --key=value is
-a train.py override. Each model and its sweep is cached (out/<run>/sae_reg/<variant>_seed<s>/), so an interrupted
-run resumes per model. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md and the plots sae_reg_*.png.
+Sweeps: `--sweep=k` (default) trains fresh TopK SAEs with the run's SAE settings, one sweep point per --k;
+`--sweep=original` trains the original's: ReLU + L1 SAEs of its per-point widths, 8 sets of L1 coefficients from
+its start to its end values (its ranges differ for the normal and the regularized model), with its SAE training
+schedule (ORIGINAL below, read from peterlai/gpt-circuits). Options of this script: --seeds, --k, --lambda (the
+regularized model's sae_reg_lambda; default: the run's, or 1), --sweep, --sweep_points; any other --key=value is a
+train.py override. Each model is a cached pretraining run that resumes from its last checkpoint, and each sweep
+point of each model is cached on its own (out/<run>/sae_reg/<variant>_seed<s>/sweep_<i>.json), so an interrupted
+study resumes per model and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
 """
 
 import argparse
@@ -25,12 +33,23 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import torch  # noqa: E402
-
 import configurator as cfg  # noqa: E402
 import train  # noqa: E402
-from data.corpus import get_batch  # noqa: E402
 from evaluate import fmt, mean_std, sae_metrics  # noqa: E402
+from sae import SAEConfig, collect_activations, train_sae  # noqa: E402
+
+# The original study (peterlai/gpt-circuits: experiments/regularization/setup.py, RegularizeAllLayersExperiment, and
+# config/sae/training.py, shakespeare_64x4_defaults); its model settings are train.PRESETS["gpt_circuits"].
+ORIGINAL = {
+    "widths": (512, 512, 2048, 4096, 4096),  # SAE features per point 0..4 (64 x 8, 8, 32, 64, 64)
+    "l1_start": {"normal": (0.0021, 0.0175, 0.056, 0.09, 0.275), "regularized": (0.0005, 0.002, 0.006, 0.010, 0.02)},
+    "l1_end": {"normal": (0.009, 0.105, 0.33, 0.39, 0.87), "regularized": (0.0055, 0.014, 0.044, 0.048, 0.06)},
+    "sweep_points": 8,  # linearly spaced from start to end, every point's coefficient at once
+    "sae_steps": 7500, "sae_batch_size": 128 * 128, "sae_lr": 1e-3, "sae_warmup": 750, "sae_min_lr": 1e-4,
+    # its published results, as the issue quotes them: val CE and (total L0, compound CE increase)
+    "published": {"normal": {"val_ce": 1.572, "compound": (250, 1.01)},
+                  "regularized": {"val_ce": 1.554, "compound": (250, 0.35)}},
+}
 
 
 def ints(text):
@@ -44,60 +63,84 @@ def parse(argv):
     """(options of this script, train.Config); every value is checked before anything is trained."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=ints, default=[0, 1], help="seeds: one normal and one regularized model each")
-    parser.add_argument("--k", type=ints, default=[4, 8, 16], help="TopK of the fresh SAEs, a sweep")
-    parser.add_argument("--lambda", dest="lam", type=float, default=1.0, help="sae_reg_lambda of the regularized")
+    parser.add_argument("--k", type=ints, default=[4, 8, 16], help="--sweep=k: TopK of the fresh SAEs")
+    parser.add_argument("--lambda", dest="lam", type=float, default=None,
+                        help="sae_reg_lambda of the regularized model (default: the run's, or 1)")
+    parser.add_argument("--sweep", choices=("k", "original"), default="k", help="which fresh SAEs to train")
+    parser.add_argument("--sweep_points", type=int, default=ORIGINAL["sweep_points"],
+                        help="--sweep=original: points of the L1 sweep (the original: 8)")
     options, rest = parser.parse_known_args(argv)
     config = train.parse_args(rest)
+    options.lam = options.lam if options.lam is not None else (config.sae_reg_lambda or 1.0)
     if not options.lam > 0:
         parser.error(f"--lambda={options.lam}: must be above 0 (0 is the normal model)")
     d_sae = config.sae_expansion * config.n_embd
-    if not all(0 < k <= d_sae for k in options.k):
+    if options.sweep == "k" and not all(0 < k <= d_sae for k in options.k):
         parser.error(f"--k={options.k}: each k must be in 1..d_sae={d_sae}")
+    if options.sweep == "original" and config.n_layer + 1 != len(ORIGINAL["widths"]):
+        parser.error(f"--sweep=original has SAEs at 5 points (0..4): needs --n_layer=4, not {config.n_layer} "
+                     "(--preset=gpt_circuits sets it)")
+    if options.sweep_points < 2:
+        parser.error(f"--sweep_points={options.sweep_points}: at least 2 (a start and an end)")
     if any(s < 0 for s in options.seeds):
         parser.error(f"--seeds={options.seeds}: seeds are at least 0")
     return options, config
 
 
-def fresh_sae_sweep(config, ks, device):
-    """Pretrain (or reuse) the model of config, then fresh SAEs at every point for each k; cached per model."""
-    path = os.path.join(config.out_dir, config.run, "fresh_saes.json")
+def l1_sweep(variant, n_points):
+    """The original's sweep: n_points sets of per-point L1 coefficients, linear from its start to its end values."""
+    start, end = ORIGINAL["l1_start"][variant], ORIGINAL["l1_end"][variant]
+    return [tuple(a + (b - a) * i / (n_points - 1) for a, b in zip(start, end)) for i in range(n_points)]
+
+
+def sweep(config, options, variant):
+    """[(label, {point: SAEConfig}, train_sae keyword arguments)] of the fresh SAEs for one model."""
+    points = range(config.n_layer + 1)
+    if options.sweep == "k":
+        return [(f"k={k}", {p: SAEConfig(d_in=config.n_embd, **train.sae_kwargs(config, k)) for p in points},
+                 dict(steps=config.sae_steps, batch_size=config.sae_batch_size)) for k in options.k]
+    schedule = dict(steps=ORIGINAL["sae_steps"], batch_size=ORIGINAL["sae_batch_size"], lr=ORIGINAL["sae_lr"],
+                    min_lr=ORIGINAL["sae_min_lr"], warmup=ORIGINAL["sae_warmup"])
+    return [("l1=" + ",".join(f"{c:.5g}" for c in l1s),
+             {p: SAEConfig(d_in=config.n_embd, d_sae=ORIGINAL["widths"][p], k=0, kind="relu", l1=l1s[p],
+                           auxk_coef=0.0) for p in points}, schedule)
+            for l1s in l1_sweep(variant, options.sweep_points)]
+
+
+def fresh_sae_sweep(config, points_of_sweep, device):
+    """Pretrain (or reuse, or resume) the model of config, then each sweep point's fresh SAEs at every residual
+    point, spliced in on held-out text. Each sweep point is cached on its own: a rerun redoes only the missing."""
     base = train.pretrain(config, device)
-    key = cfg.result_key({**train.stage_config(config, "pretrain", "sae"), "sweep_k": ks}, device, config.corpus,
-                         {"base": base["sha"]})
-    cached = cfg.load_json_result(path, key)
-    if cached is not None:
-        print(f"sae_reg: reusing {path}")
-        return cached
     model = train.model_from_checkpoint(base, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
     train_ids, val_ids = train.corpus_of(config)  # the corpus this model was trained on
     points = tuple(range(config.n_layer + 1))
-    by_k = {}
-    for k in ks:
-        saes, _ = train.fresh_saes(model, train_ids, points, config, k)
-        by_k[k] = sae_metrics(model, saes, val_ids, config.block_size, device)
-        print(f"sae_reg {config.run} k={k}: total L0 {by_k[k]['total_l0']:.1f}, compound CE increase "
-              f"{by_k[k]['compound_ce_increase']:.4f}")
-    pretrain_summary = cfg.read_json(os.path.join(config.out_dir, config.run, "pretrain.json"))
-    result = {"key": key, "val_ce": base["val_loss"], "ms_per_iter": pretrain_summary["ms_per_iter"], "by_k": by_k}
-    cfg.save_json(result, path)
-    return cfg.read_json(path)  # one form for every caller: JSON's string keys
-
-
-@torch.no_grad()
-def activation_norms(config, device, n_batches=10, seed=1234):
-    """{point: mean ||x||} of the (cached) model of config on fixed held-out windows: does the regularizer,
-    whose reconstruction term ||x - xhat||^2 / ||x|| grows with the scale of x, shrink the activations?"""
-    model = train.model_from_checkpoint(train.pretrain(config, device), device).eval()
-    val_ids = train.corpus_of(config)[1]
-    generator = torch.Generator().manual_seed(seed)
-    points = tuple(range(config.n_layer + 1))
-    totals = {p: 0.0 for p in points}
-    for _ in range(n_batches):
-        x, _ = get_batch(val_ids, config.batch_size, config.block_size, generator, device)
-        residuals = model(x, read=points)[2]
-        for p in points:
-            totals[p] += residuals[p].norm(dim=-1).mean().item() / n_batches
-    return {str(p): v for p, v in totals.items()}
+    activations = None  # collected once per model, when a sweep point needs them
+    results = []
+    for i, (label, sae_configs, schedule) in enumerate(points_of_sweep):
+        path = os.path.join(config.out_dir, config.run, f"sweep_{i}.json")
+        settings = {"saes": {p: dataclasses.asdict(c) for p, c in sae_configs.items()}, "schedule": schedule,
+                    "sae_tokens": config.sae_tokens, "seed": config.seed}
+        key = cfg.result_key({**train.stage_config(config, "pretrain"), "sweep_point": settings}, device,
+                             config.corpus, {"base": base["sha"]})
+        cached = cfg.load_json_result(path, key)
+        if cached is None:
+            if activations is None:
+                activations = collect_activations(model, train_ids, points, config.sae_tokens, config.block_size,
+                                                  config.seed)
+            saes = {p: train_sae(activations[p], c, seed=config.seed, desc=f"{label} point {p}", **schedule)[0]
+                    for p, c in sae_configs.items()}
+            metrics = sae_metrics(model, saes, val_ids, config.block_size, device)
+            cfg.save_json({"key": key, "label": label, **metrics}, path)
+            cached = cfg.read_json(path)  # one form for every caller: JSON's string keys
+        print(f"sae_reg {config.run} {label}: total L0 {cached['total_l0']:.1f}, compound CE increase "
+              f"{cached['compound_ce_increase']:.4f}")
+        results.append(cached)
+    summary = cfg.read_json(os.path.join(config.out_dir, config.run, "pretrain.json"))
+    return {"val_ce": base["val_loss"], "ms_per_iter": summary["ms_per_iter"], "sweep": results,
+            "norms_during_training": [{"iter": h["iter"], **h["norms"]} for h in summary["history"] if "norms" in h],
+            "norms": summary["history"][-1].get("norms", {})}
 
 
 def main(argv):
@@ -108,13 +151,14 @@ def main(argv):
         sys.exit(f"error: {error}")
     device = train.resolve_device(config)
     out = os.path.join(config.out_dir, config.run, "sae_reg")
-    results = {"normal": {}, "regularized": {}, "k": options.k, "lambda": options.lam}
+    results = {"normal": {}, "regularized": {}, "sweep": options.sweep, "lambda": options.lam,
+               "norm": config.sae_reg_norm}
     for seed in options.seeds:
         for variant, lam in (("normal", 0.0), ("regularized", options.lam)):
             variant_config = dataclasses.replace(config, seed=seed, sae_reg_lambda=lam,
                                                  run=os.path.join(config.run, "sae_reg", f"{variant}_seed{seed}"))
-            results[variant][str(seed)] = fresh_sae_sweep(variant_config, options.k, device)
-            results[variant][str(seed)]["norms"] = activation_norms(variant_config, device)
+            results[variant][str(seed)] = fresh_sae_sweep(variant_config, sweep(variant_config, options, variant),
+                                                          device)
     cfg.save_json(results, os.path.join(out, "sae_reg.json"))
     plot(results, out)
     text = table(results)
@@ -124,30 +168,34 @@ def main(argv):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the comparison: CE increase against L0, normal vs regularized, mean over seeds
+# the comparison: CE increase against L0, normal vs regularized, mean over seeds at each sweep point
 
 
 def curves(results, variant):
-    """{'points': {p: (L0 (mean, std) per k, CE increase (mean, std) per k)}, 'compound': (total L0, compound)}."""
-    runs = [r["by_k"] for r in results[variant].values()]
-    ks = [str(k) for k in results["k"]]
-    points = list(runs[0][ks[0]]["points"])
-    per_point = {p: ([mean_std([r[k]["points"][p]["l0"] for r in runs]) for k in ks],
-                     [mean_std([r[k]["points"][p]["ce_increase"] for r in runs]) for k in ks]) for p in points}
-    compound = ([mean_std([r[k]["total_l0"] for r in runs]) for k in ks],
-                [mean_std([r[k]["compound_ce_increase"] for r in runs]) for k in ks])
-    return {"points": per_point, "compound": compound}
+    """{'labels', 'points': {p: (L0 (mean, std), CE increase (mean, std)) per sweep point}, 'compound': (total L0,
+    compound CE increase) per sweep point}: the mean over seeds of the i-th sweep point."""
+    runs = [r["sweep"] for r in results[variant].values()]
+    n = len(runs[0])
+    points = list(runs[0][0]["points"])
+    per_point = {p: ([mean_std([r[i]["points"][p]["l0"] for r in runs]) for i in range(n)],
+                     [mean_std([r[i]["points"][p]["ce_increase"] for r in runs]) for i in range(n)]) for p in points}
+    compound = ([mean_std([r[i]["total_l0"] for r in runs]) for i in range(n)],
+                [mean_std([r[i]["compound_ce_increase"] for r in runs]) for i in range(n)])
+    return {"labels": [runs[0][i]["label"] for i in range(n)], "points": per_point, "compound": compound}
+
+
+COLORS = {"normal": "tab:blue", "regularized": "tab:orange"}
 
 
 def plot(results, out):
     """sae_reg_per_point.png: CE increase vs L0 per point (log-log); sae_reg_compound.png: compound CE increase vs
-    total L0; normal vs regularized, mean over seeds with the std as error bars."""
-    both = {v: curves(results, v) for v in ("normal", "regularized")}
-    colors = {"normal": "tab:blue", "regularized": "tab:orange"}
+    total L0 (with the original's published points for --sweep=original); sae_reg_norms.png: the mean activation
+    norm at each point along pretraining; normal vs regularized, mean over seeds, std as error bars."""
+    both = {v: curves(results, v) for v in COLORS}
     points = list(both["normal"]["points"])
     fig, axes = plt.subplots(1, len(points), figsize=(3.6 * len(points), 3.4), squeeze=False)
     for ax, p in zip(axes[0], points):
-        for variant, color in colors.items():
+        for variant, color in COLORS.items():
             l0s, ces = both[variant]["points"][p]
             ax.errorbar([m for m, _ in l0s], [max(m, 1e-5) for m, _ in ces], yerr=[s for _, s in ces],
                         marker="o", color=color, label=variant, capsize=3)
@@ -157,35 +205,53 @@ def plot(results, out):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "sae_reg_per_point.png"), dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(4.5, 3.6))
-    for variant, color in colors.items():
+
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for variant, color in COLORS.items():
         l0s, ces = both[variant]["compound"]
         ax.errorbar([m for m, _ in l0s], [m for m, _ in ces], yerr=[s for _, s in ces], marker="o", color=color,
-                    label=variant, capsize=3)
+                    label=f"{variant} (ours)", capsize=3)
+        if results["sweep"] == "original":
+            l0, ce = ORIGINAL["published"][variant]["compound"]
+            ax.scatter([l0], [ce], marker="*", s=160, color=color, edgecolor="black", zorder=3,
+                       label=f"{variant} (original, published)")
     ax.set(xlabel="total L0 (sum over points)", ylabel="compound CE increase (nats)",
            title="all points spliced at once")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "sae_reg_compound.png"), dpi=120)
     plt.close(fig)
 
+    fig, axes = plt.subplots(1, len(points), figsize=(3.6 * len(points), 3.2), squeeze=False, sharex=True)
+    for ax, p in zip(axes[0], points):
+        for variant, color in COLORS.items():
+            for i, run in enumerate(results[variant].values()):
+                history = run["norms_during_training"]
+                ax.plot([h["iter"] for h in history], [h[p] for h in history], color=color, alpha=0.8,
+                        label=variant if i == 0 else None)
+        ax.set(xlabel="pretraining step", title=f"point {p}")
+    axes[0][0].set_ylabel("mean ||x|| on held-out text")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "sae_reg_norms.png"), dpi=120)
+    plt.close(fig)
+
 
 def table(results):
-    """Markdown: val CE and, per k, total L0 and compound CE increase, normal vs regularized (mean ± std); then
-    the mean activation norm at each point."""
-    lines = ["| model | val CE | ms/iter | k | total L0 | compound CE increase |", "|---|---|---|---|---|---|"]
-    for variant in ("normal", "regularized"):
+    """Markdown: val CE and, per sweep point, total L0 and compound CE increase, normal vs regularized (mean ± std
+    over seeds); then the mean activation norm at each point at the end of pretraining."""
+    lines = ["| model | val CE | ms/iter | sweep point | total L0 | compound CE increase |", "|---|---|---|---|---|---|"]
+    for variant in COLORS:
         runs = list(results[variant].values())
         val = mean_std([r["val_ce"] for r in runs])
         ms = mean_std([r["ms_per_iter"] for r in runs])
-        for k in results["k"]:
-            l0 = mean_std([r["by_k"][str(k)]["total_l0"] for r in runs])
-            ce = mean_std([r["by_k"][str(k)]["compound_ce_increase"] for r in runs])
-            lines.append(f"| {variant} | {fmt(*val)} | {ms[0]:.1f} | {k} | {l0[0]:.1f} | {fmt(*ce)} |")
+        c = curves(results, variant)
+        for label, (l0, _), ce in zip(c["labels"], c["compound"][0], c["compound"][1]):
+            lines.append(f"| {variant} | {fmt(*val)} | {ms[0]:.1f} | {label} | {l0:.1f} | {fmt(*ce)} |")
     points = list(next(iter(results["normal"].values()))["norms"])
     lines += ["", "| model | " + " | ".join(f"mean norm at point {p}" for p in points) + " |",
               "|---|" + "---|" * len(points)]
-    for variant in ("normal", "regularized"):
+    for variant in COLORS:
         runs = list(results[variant].values())
         lines.append(f"| {variant} | " + " | ".join(fmt(*mean_std([r["norms"][p] for r in runs]), digits=2)
                                                     for p in points) + " |")

@@ -31,10 +31,68 @@ def test_sae_reg_uses_each_seeds_corpus_throughout(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "default" / "sae_reg" / "sae_reg.json").read_text())
     for variant in ("normal", "regularized"):
         run = results[variant]["1"]
-        assert run["val_ce"] > 0 and sorted(run["by_k"]) == ["2", "4"]
-        assert run["by_k"]["4"]["total_l0"] > run["by_k"]["2"]["total_l0"]
-    for name in ("sae_reg_per_point.png", "sae_reg_compound.png", "sae_reg.md"):
+        assert run["val_ce"] > 0 and [r["label"] for r in run["sweep"]] == ["k=2", "k=4"]
+        assert run["sweep"][1]["total_l0"] > run["sweep"][0]["total_l0"]
+        assert run["norms_during_training"][-1]["iter"] == 60 and set(run["norms"]) == {"0", "1"}
+    for name in ("sae_reg_per_point.png", "sae_reg_compound.png", "sae_reg_norms.png", "sae_reg.md"):
         assert (tmp_path / "default" / "sae_reg" / name).exists()
+
+
+def test_resuming_a_sweep_reproduces_the_uninterrupted_result(tmp_path, monkeypatch):
+    argv = SAE_REG + ["--seeds=0", "--k=2,4"]
+    sae_reg.main(argv + [f"--out_dir={tmp_path / 'straight'}"])
+    calls, real_train_sae = [], sae_reg.train_sae
+
+    def interrupted(*args, **kwargs):  # the run dies in the second sweep point of the regularized model
+        calls.append(kwargs["desc"])
+        if len(calls) > 6:
+            raise KeyboardInterrupt
+        return real_train_sae(*args, **kwargs)
+
+    monkeypatch.setattr(sae_reg, "train_sae", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sae_reg.main(argv + [f"--out_dir={tmp_path / 'resumed'}"])
+    monkeypatch.setattr(sae_reg, "train_sae", lambda *a, **k: calls.append(k["desc"]) or real_train_sae(*a, **k))
+    sae_reg.main(argv + [f"--out_dir={tmp_path / 'resumed'}"])
+    assert calls[7:] == ["k=4 point 0", "k=4 point 1"]  # only the sweep point that was missing
+    straight, resumed = (json.loads((tmp_path / d / "default" / "sae_reg" / "sae_reg.json").read_text())
+                         for d in ("straight", "resumed"))
+    for variant in ("normal", "regularized"):
+        for a, b in zip(straight[variant]["0"]["sweep"], resumed[variant]["0"]["sweep"]):
+            assert a["label"] == b["label"] and a["compound_ce_increase"] == b["compound_ce_increase"]
+            assert a["points"] == b["points"]
+
+
+def test_the_gpt_circuits_preset_and_sweep_are_the_original_numbers():
+    config = train.parse_args(["--preset=gpt_circuits"])
+    assert (config.n_layer, config.n_embd, config.n_head, config.block_size) == (4, 64, 4, 128)
+    assert (config.batch_size, config.max_iters, config.lr, config.min_lr) == (128, 15_000, 1e-3, 1e-5)
+    assert (config.sae_reg_lambda, config.sae_reg_kind, config.sae_reg_norm) == (3.0, "relu", "norm")
+    assert config.sae_reg_widths == (512, 512, 2048, 4096, 4096)
+    assert config.sae_reg_l1 == (0.020, 0.035, 0.085, 0.07, 0.075)
+    joint = train.joint_sae_configs(config)
+    assert [joint[p].d_sae for p in range(5)] == [512, 512, 2048, 4096, 4096] and joint[2].l1 == 0.085
+    normal = sae_reg.l1_sweep("normal", 8)
+    assert len(normal) == 8 and normal[0] == (0.0021, 0.0175, 0.056, 0.09, 0.275)
+    assert normal[-1] == pytest.approx((0.009, 0.105, 0.33, 0.39, 0.87))
+    assert sae_reg.l1_sweep("regularized", 8)[0] == (0.0005, 0.002, 0.006, 0.010, 0.02)
+    assert (sae_reg.ORIGINAL["sae_steps"], sae_reg.ORIGINAL["sae_batch_size"]) == (7500, 128 * 128)
+
+
+def test_the_original_sweep_trains_relu_saes_of_its_widths(tmp_path, monkeypatch):
+    monkeypatch.setitem(sae_reg.ORIGINAL, "sae_steps", 5)
+    monkeypatch.setitem(sae_reg.ORIGINAL, "sae_batch_size", 64)
+    monkeypatch.setitem(sae_reg.ORIGINAL, "widths", (8, 8, 16, 32, 32))
+    argv = [a for a in SAE_REG if not a.startswith("--n_layer")] + [
+        "--n_layer=4", "--max_iters=20", "--eval_interval=10", "--sae_reg_kind=relu",
+        "--sae_reg_l1=0.02,0.035,0.085,0.07,0.075", "--sae_reg_widths=8,8,16,32,32", "--sae_reg_lambda=3",
+        "--seeds=0", "--sweep=original", "--sweep_points=2", f"--out_dir={tmp_path}"]
+    sae_reg.main(argv)
+    results = json.loads((tmp_path / "default" / "sae_reg" / "sae_reg.json").read_text())
+    assert results["sweep"] == "original" and results["lambda"] == 3.0
+    labels = [r["label"] for r in results["regularized"]["0"]["sweep"]]
+    assert labels == ["l1=0.0005,0.002,0.006,0.01,0.02", "l1=0.0055,0.014,0.044,0.048,0.06"]
+    assert sorted(results["normal"]["0"]["sweep"][0]["points"]) == ["0", "1", "2", "3", "4"]
 
 
 @pytest.mark.parametrize("argv, message", [(["--k=0"], "each k must be in 1..d_sae"),

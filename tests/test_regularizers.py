@@ -308,11 +308,11 @@ def test_replay_sample_size(add_split):
     assert len(idx) == 4 and len(set(idx.tolist())) == 4
 
 
-def identity_sae(d=2):
+def identity_sae(d=2, l1=0.0):
     """A TopK SAE with W_enc = W_dec = I and zero biases: z = ReLU(x), xhat = z."""
     from sae import SAEConfig, TopKSAE
 
-    sae = TopKSAE(SAEConfig(d_in=d, d_sae=d, k=d))
+    sae = TopKSAE(SAEConfig(d_in=d, d_sae=d, k=d, l1=l1))
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(d))
         sae.W_dec.copy_(torch.eye(d))
@@ -325,9 +325,12 @@ def test_sae_training_penalty_by_hand():
     mean_norm = (5**0.5 + 3) / 2
     penalty = reg.sae_training_penalty({0: x}, {0: identity_sae()}, lam=3.0)
     assert penalty.item() == pytest.approx(3.0 * 2 / mean_norm)
-    # L1 of z per token: 1 and 3 -> mean 2; and the mean over the points that have an SAE
-    with_l1 = reg.sae_training_penalty({0: x, 1: torch.zeros(1, 2, 2) + 1.0}, {0: identity_sae(), 1: identity_sae()},
-                                       lam=3.0, l1_coef=0.5)
+    # the scale-free form: mean squared norm (5 + 9) / 2
+    assert reg.sae_training_penalty({0: x}, {0: identity_sae()}, lam=3.0, norm_power=2).item() == pytest.approx(
+        3.0 * 2 / 7)
+    # L1 of z per token: 1 and 3 -> mean 2, times the SAE's l1; and the mean over the points that have an SAE
+    with_l1 = reg.sae_training_penalty({0: x, 1: torch.zeros(1, 2, 2) + 1.0},
+                                       {0: identity_sae(l1=0.5), 1: identity_sae(l1=0.5)}, lam=3.0)
     assert with_l1.item() == pytest.approx((3.0 * 2 / mean_norm + 0.5 * 2 + 0.0 + 0.5 * 2) / 2)
 
 

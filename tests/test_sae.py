@@ -223,3 +223,71 @@ def test_sae_that_does_not_fit_the_model_is_refused(tiny_model):
 def test_k_out_of_range_is_refused():
     with pytest.raises(ValueError, match="k=40"):
         TopKSAE(SAEConfig(d_in=8, d_sae=32, k=40))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ReLU + L1 SAEs
+
+
+def test_relu_sae_loss_on_a_hand_made_case():
+    from sae import make_sae
+
+    sae = make_sae(SAEConfig(d_in=2, d_sae=2, k=0, kind="relu", l1=0.5))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.W_dec.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))  # row norms 2 and 1
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    x = torch.tensor([[1.0, -2.0], [3.0, 1.0]])
+    # z = ReLU(x) = [[1, 0], [3, 1]]; xhat = z W_dec = [[2, 0], [6, 1]]
+    # squared error per token: (1 + 4) and (9 + 0) -> mean 7; sparsity per token: 1*2 = 2 and 3*2 + 1*1 = 7
+    total, fvu_, sparsity, z = sae.loss(x)
+    assert torch.equal(z, torch.tensor([[1.0, 0.0], [3.0, 1.0]]))
+    assert sparsity.item() == pytest.approx(0.5 * (2 + 7) / 2)
+    assert total.item() == pytest.approx(7 + 0.5 * 4.5)
+    assert l0(z) == pytest.approx(1.5)  # every positive pre-activation is kept: no fixed k
+
+
+def test_relu_sae_training_lowers_its_loss_and_leaves_decoder_norms_free():
+    from sae import make_sae
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 8) @ torch.randn(8, 8)
+    config = SAEConfig(d_in=8, d_sae=32, k=0, kind="relu", l1=1e-3)
+    first = make_sae(config).loss(x)[0].item()
+    sae, history = train_sae(x, config, steps=300, batch_size=256, lr=1e-2)
+    assert sae.loss(x)[0].item() < 0.2 * first and history[-1]["fvu"] < 0.2
+    assert "sparsity" in history[-1]
+    norms = sae.W_dec.norm(dim=1)
+    assert not torch.allclose(norms, torch.ones_like(norms), atol=1e-2)  # no unit-norm constraint
+    assert sae.input_scale.item() == 1.0  # raw activations, as the original
+
+
+def test_a_stronger_l1_gives_a_sparser_relu_sae():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 8)
+    l0s = []
+    for l1 in (1e-4, 1.0):
+        sae, _ = train_sae(x, SAEConfig(d_in=8, d_sae=32, k=0, kind="relu", l1=l1), steps=300, batch_size=256,
+                           lr=1e-2)
+        l0s.append(l0(sae.encode(x)))
+    assert l0s[1] < 0.8 * l0s[0]  # 12.5 -> 8.5 active latents of 32
+
+
+def test_sae_kinds_round_trip_and_an_unknown_kind_is_refused():
+    from sae import ReluSAE, make_sae, sae_from_dict, sae_to_dict
+
+    sae = make_sae(SAEConfig(d_in=4, d_sae=8, k=0, kind="relu", l1=0.1))
+    again = sae_from_dict(sae_to_dict(sae))
+    assert isinstance(again, ReluSAE) and torch.equal(again.W_dec, sae.W_dec)
+    with pytest.raises(ValueError, match="choose one of topk, relu"):
+        make_sae(SAEConfig(d_in=4, d_sae=8, k=2, kind="gated"))
+
+
+def test_sae_lr_schedule_warms_up_then_decays_to_min_lr():
+    from sae import sae_lr_at
+
+    assert sae_lr_at(0, 100, 1e-3) == 1e-3  # no min_lr: constant
+    assert sae_lr_at(0, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-4)
+    assert sae_lr_at(9, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-3)
+    assert sae_lr_at(100, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-4)

@@ -267,3 +267,16 @@ def test_the_instruction_phase_makes_the_base_answer_held_out_auxiliary_prompts(
     assert train.aux_accuracy(with_phase, suite, "cpu") >= 0.2  # held-out prompts: the tag selects the answer
     assert summary["aux_accuracy"] == pytest.approx(train.aux_accuracy(with_phase, suite, "cpu"))
     assert "aux_accuracy" in summary["history"][-1] and "aux_accuracy" not in summary["history"][0]
+
+
+def test_pretraining_with_relu_saes_of_per_point_widths_and_the_scale_free_form(tmp_path):
+    config = tiny_config(tmp_path, "--sae_reg_lambda=3", "--sae_reg_kind=relu", "--sae_reg_widths=16,48",
+                         "--sae_reg_l1=0.02,0.05", "--sae_reg_norm=norm2")
+    checkpoint = train.pretrain(config, "cpu")
+    assert [checkpoint["joint_saes"][p]["W_dec"].shape[0] for p in (0, 1)] == [16, 48]
+    norms = [checkpoint["joint_saes"][p]["W_dec"].norm(dim=1) for p in (0, 1)]
+    assert not all(torch.allclose(n, torch.ones_like(n), atol=1e-3) for n in norms)  # ReLU SAEs: rows free in norm
+    history = json.loads((tmp_path / "default" / "pretrain.json").read_text())["history"]
+    assert all(set(h["norms"]) == {"0", "1"} and min(h["norms"].values()) > 0 for h in history)
+    with pytest.raises(ValueError, match="--sae_reg_widths: give 0 or 2 values"):
+        train.parse_args(["--n_layer=1", "--sae_reg_widths=16,16,16"])
