@@ -5,7 +5,7 @@ the next task needs (collateral constraint), do SAE features line up with the wo
 which the paper cannot have), what does each method keep between tasks as the model grows (memory), and which
 parts of SAE-guided regularization matter (ablations).
 
-    python evidence.py --jobs=2                            # all five on the default run: out/default/evidence/
+    python evidence.py --jobs=2                            # all five on the default run, ablations over seeds 0-2
     python evidence.py --parts=separability,ground_truth   # some of them (separability, collateral, ground_truth,
                                                            # memory, ablations); other --key=value go to train.Config
 
@@ -245,7 +245,8 @@ def plot_separability(result, path):
 
 
 def separability_table(result):
-    lines = ["| basis | point | probe: mean AUC | min | best single unit: mean AUC | min |", "|---|---|---|---|---|---|"]
+    lines = ["| basis | point | probe: mean AUC | min | best single unit: mean AUC | min |",
+             "|---|---|---|---|---|---|"]
     for name, by_point in result["auc"].items():
         for p, aucs in by_point.items():
             units = result["unit_auc"][name][p]
@@ -463,8 +464,8 @@ def plot_ground_truth(result, path):
 
 def ground_truth_table(result):
     points = list(next(iter(result.values())))
-    lines = ["| variable | values (lines) | " + " | ".join(f"point {p}: SAE feature | neuron | residual probe"
-                                                       for p in points) + " |", "|---|---" + "|---|---|---" * len(points) + "|"]
+    header = " | ".join(f"point {p}: SAE feature | neuron | residual probe" for p in points)
+    lines = [f"| variable | values (lines) | {header} |", "|---|---" + "|---|---|---" * len(points) + "|"]
     for variable, by_point in result.items():
         first = by_point[points[0]]
         lines.append(f"| {variable} | {first['values']} ({first['lines']}) | " + " | ".join(
@@ -523,10 +524,10 @@ def plot_memory(rows, path):
     fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4.5), squeeze=False, sharey=True)
     for ax, regime in zip(axes[0], regimes):
         mine = [r for r in rows if r["regime"] == regime]
-        for name in methods:
+        for i, name in enumerate(methods):  # markers and dashes tell apart the lines that coincide (SI, MAS)
             sizes = [(r["n_params"], r[name]) for r in mine if r[name] > 0]
             if sizes:
-                ax.plot(*zip(*sizes), marker="o", label=name)
+                ax.plot(*zip(*sizes), marker="osD^v<>p*"[i % 9], linestyle="-" if i % 2 else "--", label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("model parameters (widths " + ", ".join(str(r["width"]) for r in mine) + ")")
@@ -575,8 +576,9 @@ def slug(variant):
 
 
 def ablations(config, device, base, sae_checkpoint):
-    """{variant: {'OP', 'BWT': (mean, std) over the config's seeds, 'settings'}}: every variant's continual-learning
-    runs (cached under out/<run>/evidence_<variant>/, without the forgetting diagnostic), config.jobs at a time."""
+    """{variant: {'OP', 'BWT': (mean, std) over the config's seeds, 'settings', 'seeds'}}: every variant's continual-
+    learning runs (cached under out/<run>/evidence_<variant>/, without the forgetting diagnostic), config.jobs at a
+    time."""
     variants = ablation_variants(config)
     configs = [dataclasses.replace(config, methods=(method,), cl_dir="evidence_" + slug(variant), diagnose=False,
                                    **settings) for variant, (method, settings) in variants.items()]
@@ -619,10 +621,14 @@ def ablations_table(result):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+ABLATION_SEEDS = (0, 1, 2)  # the ablations' seeds unless --seeds is given
+
+
 def parse_args(argv):
-    """(parts, train.Config): --parts=a,b picks analyses (default all five), every other --key=value is the run's."""
+    """(parts, train.Config): --parts=a,b picks analyses (default all five), every other --key=value is the run's
+    (--seeds, the ablations' seeds, defaults to ABLATION_SEEDS here)."""
     parts = PARTS
-    rest = []
+    rest = [] if any(a.startswith("--seeds=") for a in argv) else ["--seeds=" + ",".join(map(str, ABLATION_SEEDS))]
     for arg in argv:
         if arg.startswith("--parts="):
             parts = tuple(p for p in arg.split("=", 1)[1].split(",") if p)
@@ -674,8 +680,9 @@ def main(argv):
                 model_a = train.model_from_checkpoint(base, device)
                 generator = torch.Generator().manual_seed(0)
                 with progress(total=config.steps_per_task, desc=f"collateral: learn {task_a}", leave=False) as bar:
-                    train.train_steps(model_a, suite[task_a]["train"], config.steps_per_task, reg.SeqFT(config, model_a),
-                                      config=config, device=device, generator=generator, bar=bar)
+                    train.train_steps(model_a, suite[task_a]["train"], config.steps_per_task,
+                                      reg.SeqFT(config, model_a), config=config, device=device, generator=generator,
+                                      bar=bar)
                 results.append(collateral(config, model_a, saes, suite, task_a, task_b, device=device))
             table = save(part, results, collateral_table(results), out_dir, plot_collateral)
         elif part == "ground_truth":

@@ -200,8 +200,8 @@ STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those
                  "grad_clip", "eval_interval", "eval_iters", "instruct_tags", "instruct_iters", "instruct_lr",
                  "instruct_examples", "sae_reg_lambda", "sae_reg_kind", "sae_reg_k", "sae_reg_l1",
                  "sae_reg_expansion", "sae_reg_widths", "sae_reg_norm"),
-    "sae": ("sae_kind", "sae_l1", "sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size", "sae_tokens", "sae_auxk",
-            "sae_aux_k", "sae_dead_firings"),
+    "sae": ("sae_kind", "sae_l1", "sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size",
+            "sae_tokens", "sae_auxk", "sae_aux_k", "sae_dead_firings"),
     "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "finetune", "lora_rank", "lora_alpha", "lora_targets",
            "content_tokens", "n_train", "n_val", "n_test", "eval_split", "diagnose", "diagnose_examples"),
 }  # and each method's own fields, '<method>_*' (regularizers.Method.config_keys)
@@ -220,8 +220,8 @@ RENAMED_KEYS = {old: "sae_guided_" + new for old, new in (
 
 def validate(config):
     """Everything that can be checked before compute is spent; ValueError names the key and what is allowed."""
-    cfg.validate(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "sae_guided_points", "corpus_lines",
-                                                    "instruct_tags"))
+    cfg.validate(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "sae_guided_points",
+                                                "corpus_lines", "instruct_tags"))
     aux_task_names(config.instruct_tags)
     if config.n_embd % config.n_head:
         raise ValueError(f"--n_embd={config.n_embd} must be divisible by --n_head={config.n_head}")

@@ -240,7 +240,8 @@ def plot(results, out):
 def table(results):
     """Markdown: val CE and, per sweep point, total L0 and compound CE increase, normal vs regularized (mean ± std
     over seeds); then the mean activation norm at each point at the end of pretraining."""
-    lines = ["| model | val CE | ms/iter | sweep point | total L0 | compound CE increase |", "|---|---|---|---|---|---|"]
+    lines = ["| model | val CE | ms/iter | sweep point | total L0 | compound CE increase |",
+             "|---|---|---|---|---|---|"]
     for variant in COLORS:
         runs = list(results[variant].values())
         val = mean_std([r["val_ce"] for r in runs])

@@ -144,7 +144,8 @@ def test_ablation_variants_are_valid_configs_and_change_one_thing_each():
 
 def test_parts_are_checked_and_the_rest_goes_to_the_run_config():
     parts, config = evidence.parse_args(["--parts=memory,ablations", "--n_embd=48"])
-    assert parts == ("memory", "ablations") and config.n_embd == 48
+    assert parts == ("memory", "ablations") and config.n_embd == 48 and config.seeds == (0, 1, 2)
+    assert evidence.parse_args(["--seeds=4"])[1].seeds == (4,)
     with pytest.raises(ValueError, match="valid parts: separability"):
         evidence.parse_args(["--parts=memroy"])
 
