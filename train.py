@@ -110,7 +110,7 @@ class Config:
     n_test: int = 200  # test examples per task (at most)
     eval_split: str = "test"  # the split R is measured on; 'val' is for tuning hyperparameters
     cl_dir: str = "cl"  # results go to out/<run>/<cl_dir>/<method>_seed<seed>.json
-    jobs: int = 1  # (method, seed) runs at once, in processes of one thread each
+    jobs: int = 2  # (method, seed) runs at once, in processes; each run uses one thread, whatever this is
     # EWC: w = diagonal Fisher
     ewc_lambda: float = 1e5  # penalty weight (chosen on val by bench/tune.py, docs/tuning.md)
     ewc_mode: str = "separate"  # one (F, theta*) per task, or 'online': F <- gamma F_old + F_new
@@ -703,16 +703,22 @@ def method_key(config, name, seed, device, base, sae_checkpoint):
     return key, shared, json.loads(json.dumps(settings))
 
 
-def run_and_save(job, *, device, base, sae_checkpoint, threads=None):
+def run_and_save(job, *, device, base, sae_checkpoint):
     """run_method for one job (a dict: name, seed, config, and the path, key, shared key and method settings its
-    result is saved with); in a worker process, threads=1."""
-    if threads:
+    result is saved with), on one CPU thread: a run's numbers then depend on its seed, not on how many cores the
+    machine has or how many runs share them (--jobs), since the thread count changes the order of floating-point
+    sums and training amplifies the difference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = job["config"]
+        model = model_from_checkpoint(base, device)
+        uses_saes = METHODS[job["name"]].uses_saes or config.diagnose
+        saes = load_saes(sae_checkpoint, model, device) if uses_saes else None
+        result = run_method(job["name"], job["seed"], config=config, device=device, base=base, saes=saes,
+                            suite=task_suite(config), lm_val_ids=corpus_of(config)[1])
+    finally:
         torch.set_num_threads(threads)
-    config = job["config"]
-    model = model_from_checkpoint(base, device)
-    saes = load_saes(sae_checkpoint, model, device) if METHODS[job["name"]].uses_saes or config.diagnose else None
-    result = run_method(job["name"], job["seed"], config=config, device=device, base=base, saes=saes,
-                        suite=task_suite(config), lm_val_ids=corpus_of(config)[1])
     cfg.save_json({**result, "key": job["key"], "shared": job["shared"], "method_settings": job["settings"]},
                   job["path"])
 
@@ -732,10 +738,11 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
                     todo.append({"name": name, "seed": seed, "config": config, "path": path, "key": key,
                                  "shared": shared, "settings": settings})
     stages = dict(device=device, base=base, sae_checkpoint=sae_checkpoint)
-    if jobs > 1 and len(todo) > 1:  # processes of one thread each, spawned (a fork is unsafe once torch has run)
+    todo.sort(key=lambda job: not METHODS[job["name"]].uses_saes)  # the longer runs first: no long one left alone
+    if jobs > 1 and len(todo) > 1:  # processes, spawned (a fork is unsafe once torch has run)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context) as pool:
-            for future in [pool.submit(run_and_save, job, **stages, threads=1) for job in todo]:
+            for future in [pool.submit(run_and_save, job, **stages) for job in todo]:
                 future.result()
     else:
         for job in todo:

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import train
 from conftest import TINY_PIPELINE
@@ -112,12 +113,16 @@ def test_a_damaged_result_file_is_named_and_redone(tmp_path, capsys):
 
 def test_parallel_jobs_give_the_same_results_as_one_process(tmp_path):
     argv = TINY_PIPELINE + ["--methods=seqft,ewc", "--seeds=0,1"]
-    assert train.main(argv + [f"--out_dir={tmp_path / 'one'}"]) == 0
+    threads = torch.get_num_threads()
+    assert train.main(argv + [f"--out_dir={tmp_path / 'one'}", "--jobs=1"]) == 0
+    assert torch.get_num_threads() == threads  # the runs in this process used one thread, then gave it back
     assert train.main(argv + [f"--out_dir={tmp_path / 'two'}", "--jobs=2"]) == 0
     for name in ("seqft_seed0", "seqft_seed1", "ewc_seed0", "ewc_seed1"):
         one = json.loads((tmp_path / "one" / "default" / "cl" / f"{name}.json").read_text())
         two = json.loads((tmp_path / "two" / "default" / "cl" / f"{name}.json").read_text())
         assert one["R"] == two["R"] and one["retained_bytes"] == two["retained_bytes"]
+        # every run on one thread, in the main process or a worker: the same floats to the last bit
+        assert one["lm_loss_after"] == two["lm_loss_after"]
 
 
 def test_lora_fine_tuning_runs_every_method_on_the_adapters_only(tmp_path):
