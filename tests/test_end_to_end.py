@@ -71,7 +71,8 @@ def test_sae_checkpoint_for_another_model_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("option", ["--sae_guided_protect_past=true", "--sae_guided_mask_binary=true",
-                                    "--sae_guided_codes=dense", "--sae_guided_reference=base"])
+                                    "--sae_guided_codes=dense", "--sae_guided_reference=base",
+                                    "--sae_guided_mask_random=true"])
 def test_sae_guided_ablation_options_run_end_to_end(tmp_path, option):
     argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=sae_guided", "--sae_guided_lambda_p=100", option]
     assert train.main(argv) == 0
@@ -147,3 +148,20 @@ def test_content_tokens_without_the_template_reach_the_penalties(tmp_path):
     for method in ("lwf", "sae_guided"):
         result = json.loads((tmp_path / "default" / "cl" / f"{method}_seed0.json").read_text())
         assert result["shared"]["config"]["content_tokens"] == "no_template" and len(result["R"]) == 3
+
+
+def test_relu_base_saes_run_through_the_pipeline_with_dense_codes(tmp_path):
+    from sae import ReluSAE
+
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft,sae_guided", "--sae_kind=relu",
+                            "--sae_l1=0.01", "--sae_guided_codes=dense"]
+    assert train.main(argv) == 0
+    config = train.parse_args(argv)
+    base = train.pretrain(config, "cpu")
+    saes = train.load_saes(train.train_sae_stage(config, "cpu", base), train.model_from_checkpoint(base, "cpu"),
+                           "cpu")
+    assert all(isinstance(sae, ReluSAE) for sae in saes.values())
+    metrics = json.loads((tmp_path / "default" / "sae.json").read_text())["by_k"]["8"]["points"]["1"]
+    assert 0 < metrics["l0"] < 4 * 32  # L0 follows the L1 weight, not a fixed k
+    assert json.loads((tmp_path / "default" / "cl" / "sae_guided_seed0.json").read_text())["R"]
+    assert train.main(argv[:-1]) == 2  # cached sparse TopK codes need TopK SAEs: a one-line error
