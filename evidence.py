@@ -42,6 +42,13 @@ from sae import SAEConfig, TopKSAE  # noqa: E402
 PARTS = ("separability", "collateral", "ground_truth", "memory", "ablations")
 MEMORY_WIDTHS = (24, 48, 96, 192)  # the default model is 96 wide
 
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # a linear probe and its score, written out (no scikit-learn)
 
@@ -239,9 +246,7 @@ def plot_separability(result, path):
         ax.set_title(f"Tell two tasks' inputs apart with {title}", fontsize=10)
     axes[0].set_ylabel(f"held-out AUC\n(mean over {len(result['pairs'])} task pairs, bars: min to max)")
     axes[0].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def separability_table(result):
@@ -377,9 +382,7 @@ def plot_collateral(results, path):
         ax.set_title(f"protect A in {title}")
     axes[0].set_ylabel("restriction of drift\n1 - drift protected / drift unprotected")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def collateral_table(results):
@@ -457,9 +460,7 @@ def plot_ground_truth(result, path):
         ax.set_title(f"point {p}: the world's variables, one value against the rest")
     axes[0][0].set_ylabel("held-out AUC (mean over the values)")
     axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def ground_truth_table(result):
@@ -535,9 +536,7 @@ def plot_memory(rows, path):
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("bytes kept between tasks (after the whole sequence)")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def memory_table(rows):
@@ -604,9 +603,7 @@ def plot_ablations(result, path):
     ax.set_xlabel("overall performance OP (test, mean ± std over seeds)")
     ax.set_title("Ablations of SAE-guided regularization")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def ablations_table(result):
