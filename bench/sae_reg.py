@@ -9,14 +9,15 @@ increase against the total L0). Both models of a seed, and their fresh SAEs, use
     python bench/sae_reg.py                                   # the tiny world, seeds 0 and 1, TopK k = 4, 8, 16
     python bench/sae_reg.py --seeds=0,1 --k=4,8,16 --lambda=1 --corpus=../shared/data/tinyshakespeare.txt ...
     python bench/sae_reg.py --preset=gpt_circuits --sweep=original --corpus=../shared/data/tinyshakespeare.txt \
-        --run=gpt_circuits --seeds=0,1,2               # the original study's settings (hours on a GPU, days on CPU)
+        --run=gpt_circuits --seeds=0,1,2               # the original study's settings (meant for a GPU)
+    python bench/sae_reg.py --preset=gpt_circuits --sweep=original --corpus=... --estimate   # its cost here
 
 Sweeps: `--sweep=k` (default) trains fresh TopK SAEs with the run's SAE settings, one sweep point per --k;
 `--sweep=original` trains the original's: ReLU + L1 SAEs of its per-point widths, 8 sets of L1 coefficients from
 its start to its end values (its ranges differ for the normal and the regularized model), with its SAE training
 schedule (ORIGINAL below, read from peterlai/gpt-circuits). Options of this script: --seeds, --k, --lambda (the
-regularized model's sae_reg_lambda; default: the run's, or 1), --sweep, --sweep_points; any other --key=value is a
-train.py override. Each model is a cached pretraining run that resumes from its last checkpoint, and each sweep
+regularized model's sae_reg_lambda; default: the run's, or 1), --sweep, --sweep_points, --estimate (time a few steps
+of each stage, print the projected hours, train nothing); any other --key=value is a train.py override. Each model is a cached pretraining run that resumes from its last checkpoint, and each sweep
 point of each model is cached on its own (out/<run>/sae_reg/<variant>_seed<s>/sweep_<i>.json), so an interrupted
 study resumes per model and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
 """
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,6 +34,8 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+import torch  # noqa: E402
 
 import configurator as cfg  # noqa: E402
 import train  # noqa: E402
@@ -69,6 +73,8 @@ def parse(argv):
     parser.add_argument("--sweep", choices=("k", "original"), default="k", help="which fresh SAEs to train")
     parser.add_argument("--sweep_points", type=int, default=ORIGINAL["sweep_points"],
                         help="--sweep=original: points of the L1 sweep (the original: 8)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="time a few steps of each stage and print the projected hours per seed; train nothing")
     options, rest = parser.parse_known_args(argv)
     config = train.parse_args(rest)
     options.lam = options.lam if options.lam is not None else (config.sae_reg_lambda or 1.0)
@@ -105,6 +111,35 @@ def sweep(config, options, variant):
              {p: SAEConfig(d_in=config.n_embd, d_sae=ORIGINAL["widths"][p], k=0, kind="relu", l1=l1s[p],
                            auxk_coef=0.0) for p in points}, schedule)
             for l1s in l1_sweep(variant, options.sweep_points)]
+
+
+ESTIMATE_STEPS = 3  # steps timed per stage by --estimate
+
+
+def estimate(config, options, device):
+    """{stage: seconds per step} and the projected hours of one seed, from ESTIMATE_STEPS timed steps of each:
+    pretraining of the normal and the regularized model (pretrain itself, its schedule cut short, in a scratch
+    run), and the fresh SAEs of one sweep point (train_sae on random activations of the right width)."""
+    per_step, hours = {}, 0.0
+    for variant, lam in (("normal", 0.0), ("regularized", options.lam)):
+        short = dataclasses.replace(config, sae_reg_lambda=lam, max_iters=ESTIMATE_STEPS, warmup_iters=1,
+                                    eval_interval=ESTIMATE_STEPS, eval_iters=1,
+                                    run=os.path.join(config.run, "sae_reg", f"estimate_{variant}"))
+        train.pretrain(short, device)
+        summary = cfg.read_json(os.path.join(short.out_dir, short.run, "pretrain.json"))
+        per_step[f"pretrain {variant}"] = summary["ms_per_iter"] / 1000
+        hours += per_step[f"pretrain {variant}"] * config.max_iters / 3600
+    label, sae_configs, schedule = sweep(config, options, "normal")[0]
+    seconds = 0.0
+    for p, sae_config in sae_configs.items():
+        activations = torch.randn(schedule["batch_size"], sae_config.d_in, device=device)
+        t0 = time.time()
+        train_sae(activations, sae_config, **{**schedule, "steps": ESTIMATE_STEPS}, desc=f"estimate point {p}")
+        seconds += (time.time() - t0) / ESTIMATE_STEPS
+    per_step["fresh SAEs of one sweep point"] = seconds  # every residual point
+    n_points = len(sweep(config, options, "normal"))
+    hours += 2 * n_points * schedule["steps"] * seconds / 3600  # both models' sweeps
+    return per_step, hours
 
 
 def fresh_sae_sweep(config, points_of_sweep, device):
@@ -150,6 +185,13 @@ def main(argv):
     except ValueError as error:
         sys.exit(f"error: {error}")
     device = train.resolve_device(config)
+    if options.estimate:
+        per_step, hours = estimate(config, options, device)
+        for stage, seconds in per_step.items():
+            print(f"{stage}: {seconds:.2f} s per step")
+        print(f"one seed (two models, {config.max_iters} steps each, and their sweeps): about {hours:.1f} h on "
+              f"{device} ({torch.get_num_threads()} threads)")
+        return
     out = os.path.join(config.out_dir, config.run, "sae_reg")
     results = {"normal": {}, "regularized": {}, "sweep": options.sweep, "lambda": options.lam,
                "norm": config.sae_reg_norm}
@@ -239,7 +281,7 @@ def plot(results, out):
 
 def table(results):
     """Markdown: val CE and, per sweep point, total L0 and compound CE increase, normal vs regularized (mean ± std
-    over seeds); then the mean activation norm at each point at the end of pretraining."""
+    over seeds); then the mean activation norm at each point along pretraining (first, middle, last evaluation)."""
     lines = ["| model | val CE | ms/iter | sweep point | total L0 | compound CE increase |",
              "|---|---|---|---|---|---|"]
     for variant in COLORS:
@@ -250,12 +292,16 @@ def table(results):
         for label, (l0, _), ce in zip(c["labels"], c["compound"][0], c["compound"][1]):
             lines.append(f"| {variant} | {fmt(*val)} | {ms[0]:.1f} | {label} | {l0:.1f} | {fmt(*ce)} |")
     points = list(next(iter(results["normal"].values()))["norms"])
-    lines += ["", "| model | " + " | ".join(f"mean norm at point {p}" for p in points) + " |",
-              "|---|" + "---|" * len(points)]
+    history = next(iter(results["normal"].values()))["norms_during_training"]
+    shown = sorted({0, len(history) // 2, len(history) - 1})  # the first, a middle and the last evaluation
+    steps = [history[i]["iter"] for i in shown]
+    lines += ["", "| model | " + " | ".join(f"mean norm at point {p}, steps {' / '.join(map(str, steps))}"
+                                            for p in points) + " |", "|---|" + "---|" * len(points)]
     for variant in COLORS:
         runs = list(results[variant].values())
-        lines.append(f"| {variant} | " + " | ".join(fmt(*mean_std([r["norms"][p] for r in runs]), digits=2)
-                                                    for p in points) + " |")
+        lines.append(f"| {variant} | " + " | ".join(" / ".join(
+            fmt(*mean_std([r["norms_during_training"][i][p] for r in runs]), digits=2) for i in shown)
+            for p in points) + " |")
     return "\n".join(lines)
 
 

@@ -116,3 +116,12 @@ def test_a_calibration_point_fits_only_with_partial_forgetting(tmp_path, final_f
     assert row["multitask_avg"] == pytest.approx(0.95) and min(row["seqft_diagonal"]) == 1
     assert row["seqft_bwt"] == pytest.approx(final_first - 1)
     assert row["seqft_aux"] == [0.5, 0.2, 0.0] and row["fits"] is fits
+
+
+def test_the_estimate_times_each_stage_and_trains_nothing_it_keeps(tmp_path, capsys):
+    sae_reg.main(SAE_REG + [f"--out_dir={tmp_path}", "--k=2", "--estimate"])
+    out = capsys.readouterr().out
+    for stage in ("pretrain normal", "pretrain regularized", "fresh SAEs of one sweep point"):
+        assert f"{stage}: " in out and " s per step" in out
+    assert "one seed (two models, 60 steps each, and their sweeps): about" in out
+    assert not (tmp_path / "default" / "sae_reg" / "sae_reg.json").exists()  # no study was run
