@@ -197,10 +197,11 @@ def gradient_importance(model, split, point):
 def separability(model, saes, suite, tasks, n_examples=100, seed=0):
     """{'pairs': [[a, b], ...], 'auc': {basis: {point: [cross-validated AUC of each pair]}}, 'unit_auc': the same
     for the best single unit of the basis (best_unit_auc)} for every pair of tasks: the probe tells task a's
-    training inputs from task b's, features averaged over the content tokens
-    without the template (no tag, no ' > ': the probe must read the task's own text). Bases: SAE features, MLP
-    neurons, and per-example gradient importance of the MLP weights (the weight basis EWC protects in)."""
+    training inputs from task b's, features averaged over the content tokens without the template (no tag, no
+    ' > ': the probe must read the task's own text). Bases: SAE features, MLP neurons, and per-example gradient
+    importance of the MLP weights (the weight basis EWC protects in)."""
     model.eval()
+    n_examples = min([n_examples] + [len(suite[task]["train"]) for task in tasks])  # as many of each task
     features = {}
     for task in tasks:
         split = suite[task]["train"].subset(torch.arange(n_examples))
@@ -419,6 +420,7 @@ def ground_truth(model, saes, n_lines=4000, seed=99, device="cpu"):
     that have the variable, the held-out AUC of the best single SAE feature and of the best single MLP neuron
     (best_unit_auc), and the cross-validated AUC of a probe on the residual stream; each the mean over values."""
     texts, values = latent_lines(n_lines, seed)
+    texts = [text[: model.config.block_size] for text in texts]  # a line longer than the model reads: its start
     length = max(len(t) for t in texts)
     x = torch.full((len(texts), length), NEWLINE, dtype=torch.long)
     mask = torch.zeros(len(texts), length)

@@ -1,5 +1,7 @@
 """The evidence analyses: memory retained between tasks, against hand counts."""
 
+import json
+
 import evidence
 import regularizers as reg
 import train
@@ -192,3 +194,25 @@ def test_weight_protection_freezes_exactly_the_protected_weights_and_collateral_
         assert set(result[name]) == {"restriction_a", "restriction_b", "ratio"}
         assert all(torch.isfinite(torch.tensor(v)) for v in result[name].values())
     assert result["features_a"] > 0 and result["features_b"] > 0 and result["drift_free"] > 0
+
+
+def test_one_command_writes_every_part_with_its_plot_and_table(tmp_path, monkeypatch):
+    from conftest import TINY_PIPELINE
+
+    monkeypatch.setattr(evidence, "MEMORY_WIDTHS", (16, 32))
+    monkeypatch.setattr(evidence, "ablation_variants", lambda config: {  # two of the variants: the loop, not the list
+        "seqft (no penalty)": ("seqft", {}), "random mask, same mass": ("sae_guided", {"sae_guided_mask_random": True})})
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--seeds=0"]
+    assert evidence.main(argv) == 0
+    out = tmp_path / "default" / "evidence"
+    for part in evidence.PARTS:
+        assert (out / f"{part}.json").exists() and (out / f"{part}.png").stat().st_size > 0
+    report = (out / "evidence.md").read_text()
+    assert all(f"## {part} (" in report for part in evidence.PARTS)
+    separability = json.loads((out / "separability.json").read_text())
+    assert separability["pairs"] == [["add", "reverse"]] and set(separability["auc"]) == {"sae", "neurons",
+                                                                                          "gradient"}
+    ablations = json.loads((out / "ablations.json").read_text())
+    assert set(ablations) == {"seqft (no penalty)", "random mask, same mass"}
+    assert all(0.0 <= row["OP"][0] <= 1.0 and row["seeds"] == [0] for row in ablations.values())
+    assert evidence.main(argv + ["--parts=nothing"]) == 2  # a bad part: a one-line error
