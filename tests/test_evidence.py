@@ -1,4 +1,4 @@
-"""The evidence analyses: memory retained between tasks, against hand counts."""
+"""The evidence analyses: the probe and its AUC, the collateral ratio, the features, memory by hand, the command."""
 
 import json
 
