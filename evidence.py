@@ -688,8 +688,11 @@ def main(argv):
             result = ground_truth(model, saes, device=device)
             table = save(part, result, ground_truth_table(result), out_dir, plot_ground_truth)
         elif part == "memory":
+            # what a method keeps does not depend on how many examples its importance or mask is estimated on, nor
+            # on SAE-guided's codes: dense ones hold the reference as a frozen copy during the task instead of
+            # encoding every training example at task start (both are dropped when the task ends)
             memory_config = dataclasses.replace(config, ewc_fisher_examples=8, mas_examples=8,
-                                                sae_guided_mask_examples=32)  # sizes do not depend on these
+                                                sae_guided_mask_examples=32, sae_guided_codes="dense")
             rows = memory_by_width(memory_config, widths=MEMORY_WIDTHS)
             table = save(part, rows, memory_table(rows), out_dir, plot_memory)
         else:

@@ -244,26 +244,29 @@ def build_feature_masks(reference, saes, split, *, n_examples, knn, alpha, codes
 
 
 @torch.no_grad()
-def sparse_codes(model, saes, x, batch_size=128):
-    """{point: (values, indices), each (N, T, k)}: the model's TopK SAE codes on the inputs x (N, T), kept sparse."""
+def sparse_codes(model, saes, x, content_mask=None, batch_size=128):
+    """{point: (values, indices), each (N, T, k)}: the model's TopK SAE codes on the inputs x (N, T), kept sparse;
+    with a content_mask (N, T), only those tokens are encoded (content_codes), the others left zero."""
     points = sorted(saes)
     values, indices = {p: [] for p in points}, {p: [] for p in points}
     for start in range(0, len(x), batch_size):
-        _, _, residuals = model(x[start : start + batch_size], read=points)
+        rows = slice(start, start + batch_size)
+        _, _, residuals = model(x[rows], read=points)
+        content = torch.ones_like(x[rows], dtype=torch.bool) if content_mask is None else content_mask[rows].bool()
         for p in points:
-            v, i = saes[p].encode_sparse(residuals[p])
-            values[p].append(v)
-            indices[p].append(i)
+            v, i = content_codes(saes[p], residuals[p], content)  # (n_tokens, k) each
+            values[p].append(v.new_zeros(*content.shape, v.size(-1)).index_put_((content,), v))
+            indices[p].append(i.new_zeros(*content.shape, i.size(-1)).index_put_((content,), i))
     return {p: (torch.cat(values[p]), torch.cat(indices[p])) for p in points}
 
 
 def reference_codes(reference, saes, split):
-    """{'rows': {example key: row}, 'codes': sparse_codes of every example of the split}. The reference is frozen
-    while a task trains, so its codes on the task's training examples are computed once, when the task starts, and
-    looked up per batch (lookup_codes)."""
+    """{'rows': {example key: row}, 'codes': sparse_codes of every example of the split at its content tokens}.
+    The reference is frozen while a task trains, so its codes on the task's training examples are computed once,
+    when the task starts, and looked up per batch (lookup_codes)."""
     device = next(reference.parameters()).device
     rows = {key: row for row, key in enumerate(example_keys(split.rows(slice(None))))}
-    return {"rows": rows, "codes": sparse_codes(reference, saes, split.x.to(device))}
+    return {"rows": rows, "codes": sparse_codes(reference, saes, split.x.to(device), split.content_mask.to(device))}
 
 
 def lookup_codes(cache, batch):

@@ -413,25 +413,29 @@ def test_sae_fd_is_zero_after_its_snapshot_and_positive_after_a_change(tiny_mode
     assert len(method.anchors["x"]) == 16 and method.anchors["codes"][1][0].shape == (16, length, 4)
 
 
-def test_cached_reference_codes_equal_recomputed_ones_and_end_with_the_task(tiny_model, add_split):
+def test_cached_reference_codes_equal_recomputed_ones_and_end_with_the_task(tiny_model):
     from data.tasks import trim_padding
 
+    # the template ('add: ', ' > ') is not content here: codes are cached at the content tokens only
+    split = build_task_suite(["add"], n_train=40, n_val=5, n_test=5, template_is_content=False)["add"]["train"]
     config = dataclasses.replace(train.Config(), sae_guided_mask_examples=16, sae_guided_mask_knn=3)
     saes = tiny_saes()
     method = reg.SAEGuided(config, tiny_model, saes)
-    method.before_task(tiny_model, add_split, 0)  # the reference: the model at task start
+    method.before_task(tiny_model, split, 0)  # the reference: the model at task start
     reference = reg.frozen_copy(tiny_model)
     with torch.no_grad():  # training moves the model; the cache must not move with it
         for p in tiny_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    batch = trim_padding(add_split.batch(12, torch.Generator().manual_seed(0), "cpu"))
+    batch = trim_padding(split.batch(12, torch.Generator().manual_seed(0), "cpu"))
     cached = reg.lookup_codes(method.cached_codes, batch)
     _, _, residuals = reference(batch.x, read=(1, 2))
     for p, sae in saes.items():
         values, indices = reg.content_codes(sae, residuals[p], batch.content_mask)
         assert cached[p][0].shape == values.shape == (int(batch.content_mask.sum()), 4)
         assert torch.equal(cached[p][0], values) and torch.equal(cached[p][1], indices)
-    method.after_task(tiny_model, add_split, 0)
+    template = ~split.content_mask.bool()
+    assert template.any() and all((v[template] == 0).all() for v, _ in method.cached_codes["codes"].values())
+    method.after_task(tiny_model, split, 0)
     assert method.cached_codes is None
     state = {k: v for k, v in vars(method).items() if k not in ("saes", "config")}
     assert reg.tensor_bytes(state) == reg.tensor_bytes(method.masks) == 2 * 64 * 4  # the mask, nothing else
