@@ -17,9 +17,11 @@ out/<run>/evidence/ as <part>.json and <part>.png, with the tables in evidence.m
 import copy
 import dataclasses
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import matplotlib
 
@@ -576,11 +578,10 @@ def slug(variant):
     return "".join(c if c.isalnum() else "_" for c in variant.lower()).strip("_")
 
 
-def ablations(config, device, base, sae_checkpoint):
-    """{variant: {'OP', 'BWT': (mean, std) over the config's seeds, 'settings', 'seeds'}}: every variant's continual-
-    learning runs (cached under out/<run>/evidence_<variant>/, without the forgetting diagnostic), config.jobs at a
-    time."""
-    variants = ablation_variants(config)
+def ablations(config, device, base, sae_checkpoint, variants):
+    """{variant: {'OP', 'BWT': (mean, std) over the config's seeds, 'settings', 'seeds'}}: the continual-learning runs
+    of every variant of ablation_variants (cached under out/<run>/evidence_<variant>/, without the forgetting
+    diagnostic), config.jobs at a time."""
     configs = [dataclasses.replace(config, methods=(method,), cl_dir="evidence_" + slug(variant), diagnose=False,
                                    **settings) for variant, (method, settings) in variants.items()]
     for c in configs:
@@ -621,6 +622,10 @@ def ablations_table(result):
 
 
 ABLATION_SEEDS = (0, 1, 2)  # the ablations' seeds unless --seeds is given
+TABLES = {"separability": separability_table, "collateral": collateral_table, "ground_truth": ground_truth_table,
+          "memory": memory_table, "ablations": ablations_table}
+PLOTS = {"separability": plot_separability, "collateral": plot_collateral, "ground_truth": plot_ground_truth,
+         "memory": plot_memory, "ablations": plot_ablations}
 
 
 def parse_args(argv):
@@ -640,12 +645,20 @@ def parse_args(argv):
     return parts, train.parse_args(rest)
 
 
-def save(name, result, table, out_dir, plot):
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+def timed(function, *args):
+    """(function(*args), the seconds it took)."""
+    t0 = time.time()
+    return function(*args), time.time() - t0
+
+
+def save(part, result, seconds, out_dir):
+    """Write a part's JSON and plot, print its table; returns its section of evidence.md."""
+    with open(os.path.join(out_dir, f"{part}.json"), "w") as f:
         json.dump(result, f, indent=2)
-    plot(result, os.path.join(out_dir, f"{name}.png"))
+    PLOTS[part](result, os.path.join(out_dir, f"{part}.png"))
+    table = TABLES[part](result)
     print(table)
-    return table
+    return f"## {part} ({seconds:.0f} s)\n\n{table}\n\n![{part}]({part}.png)\n"
 
 
 def main(argv):
@@ -667,43 +680,51 @@ def main(argv):
     os.makedirs(out_dir, exist_ok=True)
     suite = build_task_suite(config.tasks, config.n_train, config.n_val, config.n_test, seed=0,
                              block_size=config.block_size, template_is_content=False)
-    report, seconds = [], {}
-    for part in parts:
-        t0 = time.time()
+
+    def analyse(part):
+        """The result of one analysis other than the ablations."""
         if part == "separability":
-            result = separability(model, saes, suite, config.tasks)
-            table = save(part, result, separability_table(result), out_dir, plot_separability)
-        elif part == "collateral":
-            results = []
-            for task_a, task_b in zip(config.tasks, config.tasks[1:]):
-                model_a = train.model_from_checkpoint(base, device)
-                generator = torch.Generator().manual_seed(0)
-                with progress(total=config.steps_per_task, desc=f"collateral: learn {task_a}", leave=False) as bar:
-                    train.train_steps(model_a, suite[task_a]["train"], config.steps_per_task,
-                                      reg.SeqFT(config, model_a), config=config, device=device, generator=generator,
-                                      bar=bar)
-                results.append(collateral(config, model_a, saes, suite, task_a, task_b, device=device))
-            table = save(part, results, collateral_table(results), out_dir, plot_collateral)
-        elif part == "ground_truth":
-            result = ground_truth(model, saes, device=device)
-            table = save(part, result, ground_truth_table(result), out_dir, plot_ground_truth)
-        elif part == "memory":
+            return separability(model, saes, suite, config.tasks)
+        if part == "ground_truth":
+            return ground_truth(model, saes, device=device)
+        if part == "memory":
             # what a method keeps does not depend on how many examples its importance or mask is estimated on, nor
             # on SAE-guided's codes: dense ones hold the reference as a frozen copy during the task instead of
             # encoding every training example at task start (both are dropped when the task ends)
             memory_config = dataclasses.replace(config, ewc_fisher_examples=8, mas_examples=8,
                                                 sae_guided_mask_examples=32, sae_guided_codes="dense")
-            rows = memory_by_width(memory_config, widths=MEMORY_WIDTHS)
-            table = save(part, rows, memory_table(rows), out_dir, plot_memory)
-        else:
-            result = ablations(config, device, base, sae_checkpoint)
-            table = save(part, result, ablations_table(result), out_dir, plot_ablations)
-        seconds[part] = time.time() - t0
-        report.append(f"## {part} ({seconds[part]:.0f} s)\n\n{table}\n\n![{part}]({part}.png)\n")
+            return memory_by_width(memory_config, widths=MEMORY_WIDTHS)
+        results = []  # collateral
+        for task_a, task_b in zip(config.tasks, config.tasks[1:]):
+            model_a = train.model_from_checkpoint(base, device)
+            generator = torch.Generator().manual_seed(0)
+            with progress(total=config.steps_per_task, desc=f"collateral: learn {task_a}", leave=False) as bar:
+                train.train_steps(model_a, suite[task_a]["train"], config.steps_per_task, reg.SeqFT(config, model_a),
+                                  config=config, device=device, generator=generator, bar=bar)
+            results.append(collateral(config, model_a, saes, suite, task_a, task_b, device=device))
+        return results
+
+    # Every analysis runs on one thread, as every continual-learning run does (train.run_and_save), so that its
+    # numbers do not depend on the machine's core count; meanwhile the ablations' runs go on in a process of their
+    # own (with its config.jobs workers), so that the cores stay busy.
+    t_start, threads, report = time.time(), torch.get_num_threads(), []
+    torch.set_num_threads(1)
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as background:
+            if "ablations" in parts:
+                ablation_run = background.submit(timed, ablations, config, device, base, sae_checkpoint,
+                                                 ablation_variants(config))
+            for part in parts:
+                if part != "ablations":  # the ablations come last, when their runs are done
+                    report.append(save(part, *timed(analyse, part), out_dir))
+            if "ablations" in parts:
+                report.append(save("ablations", *ablation_run.result(), out_dir))
+    finally:
+        torch.set_num_threads(threads)
     with open(os.path.join(out_dir, "evidence.md"), "w") as f:
         f.write(f"# Evidence: `python evidence.py {' '.join(argv)}`\n\n" + "\n".join(report))
-    print(f"evidence: {', '.join(f'{p} {s:.0f} s' for p, s in seconds.items())}; tables in "
-          f"{os.path.join(out_dir, 'evidence.md')}")
+    print(f"evidence: {len(report)} parts in {time.time() - t_start:.0f} s (the ablations beside the others); tables "
+          f"in {os.path.join(out_dir, 'evidence.md')}")
     return 0
 
 
