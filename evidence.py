@@ -10,7 +10,8 @@ parts of SAE-guided regularization matter (ablations).
                                                            # memory, ablations); other --key=value go to train.Config
 
 The base model and SAEs are the pipeline's own (train.pretrain, train.train_sae_stage: reused when cached); the
-ablation runs are cached like any continual-learning run, under out/<run>/evidence_<variant>/. Results go to
+ablation runs are cached like any continual-learning run, under out/<run>/evidence_<variant>/, and go on in a
+process of their own (with its --jobs workers) while the other analyses run, each on one thread. Results go to
 out/<run>/evidence/ as <part>.json and <part>.png, with the tables in evidence.md.
 """
 
