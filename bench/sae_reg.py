@@ -17,9 +17,10 @@ Sweeps: `--sweep=k` (default) trains fresh TopK SAEs with the run's SAE settings
 its start to its end values (its ranges differ for the normal and the regularized model), with its SAE training
 schedule (ORIGINAL below, read from peterlai/gpt-circuits). Options of this script: --seeds, --k, --lambda (the
 regularized model's sae_reg_lambda; default: the run's, or 1), --sweep, --sweep_points, --estimate (time a few steps
-of each stage, print the projected hours, train nothing); any other --key=value is a train.py override. Each model is a cached pretraining run that resumes from its last checkpoint, and each sweep
-point of each model is cached on its own (out/<run>/sae_reg/<variant>_seed<s>/sweep_<i>.json), so an interrupted
-study resumes per model and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
+of each stage, print the projected hours, train nothing); any other --key=value is a train.py override. Each
+model is a cached pretraining run that resumes from its last checkpoint, and each sweep point of each model is
+cached on its own (out/<run>/sae_reg/<variant>_seed<s>/sweep_<i>.json), so an interrupted study resumes per model
+and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
 """
 
 import argparse

@@ -201,9 +201,15 @@ def test_one_command_writes_every_part_with_its_plot_and_table(tmp_path, monkeyp
 
     monkeypatch.setattr(evidence, "MEMORY_WIDTHS", (16, 32))
     monkeypatch.setattr(evidence, "ablation_variants", lambda config: {  # two of the variants: the loop, not the list
-        "seqft (no penalty)": ("seqft", {}), "random mask, same mass": ("sae_guided", {"sae_guided_mask_random": True})})
+        "seqft (no penalty)": ("seqft", {}),
+        "random mask, same mass": ("sae_guided", {"sae_guided_mask_random": True})})
     argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--seeds=0"]
+    threads_seen, separability = [], evidence.separability
+    monkeypatch.setattr(evidence, "separability", lambda *args, **kwargs: threads_seen.append(
+        torch.get_num_threads()) or separability(*args, **kwargs))
+    threads = torch.get_num_threads()
     assert evidence.main(argv) == 0
+    assert threads_seen == [1] and torch.get_num_threads() == threads  # an analysis on one thread, then all back
     out = tmp_path / "default" / "evidence"
     for part in evidence.PARTS:
         assert (out / f"{part}.json").exists() and (out / f"{part}.png").stat().st_size > 0
