@@ -59,6 +59,26 @@ def test_auc_matches_hand_counts_with_and_without_ties():
         evidence.auc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1]))
 
 
+def test_average_ranks_share_ties_column_by_column():
+    scores = torch.tensor([[3.0, 0.0], [1.0, 0.0], [3.0, 5.0], [2.0, 0.0]])
+    # column 0: 1 < 2 < 3 = 3, the tie sharing ranks 3 and 4; column 1: three zeros share ranks 1-3, then 5
+    expected = torch.tensor([[3.5, 2.0], [1.0, 2.0], [3.5, 4.0], [2.0, 2.0]], dtype=torch.float64)
+    assert torch.equal(evidence.average_ranks(scores), expected)
+    assert torch.equal(evidence.average_ranks(scores[:, 0]), expected[:, 0])
+
+
+def test_the_probe_reaches_the_minimum_of_its_objective_in_both_forms():
+    generator = torch.Generator().manual_seed(3)
+    for n, d in ((80, 5), (30, 60)):  # fewer features than examples (primal), more (in the examples' span)
+        X = torch.randn(n, d, generator=generator, dtype=torch.float64)
+        y = (X[:, 0] + 0.3 * torch.randn(n, generator=generator, dtype=torch.float64) > 0).float()
+        w, b = evidence.fit_logistic(X, y, l2=0.05)
+        w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        objective = torch.nn.functional.binary_cross_entropy_with_logits(X @ w + b, y) + 0.05 * w.square().sum()
+        grad_w, grad_b = torch.autograd.grad(objective, (w, b))
+        assert grad_w.abs().max() < 1e-8 and grad_b.abs() < 1e-8, (n, d)
+
+
 def test_probe_auc_is_about_one_on_separable_data_and_one_half_with_shuffled_labels():
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(400) % 2
