@@ -734,7 +734,8 @@ class Multitask(Method):
     joint = True
 
 
-METHODS = {cls.name: cls for cls in (SeqFT, EWC, SI, MAS, LwF, OLoRA, SAEFD, SAEGuided, Replay, Multitask)}  # report order
+# every method by its name, in the order of the reports
+METHODS = {cls.name: cls for cls in (SeqFT, EWC, SI, MAS, LwF, OLoRA, SAEFD, SAEGuided, Replay, Multitask)}
 RENAMED_METHODS = {"sae": "sae_guided"}  # old name -> new name, accepted with a warning
 
 
