@@ -172,26 +172,6 @@ def test_parts_are_checked_and_the_rest_goes_to_the_run_config():
         evidence.parse_args(["--parts=memroy"])
 
 
-def test_the_gram_form_of_the_probe_fits_the_same_weights_as_the_primal_form():
-    generator = torch.Generator().manual_seed(2)
-    X = torch.randn(30, 60, generator=generator, dtype=torch.float64)  # more features than examples: Gram form
-    y = (X[:, 0] + 0.5 * torch.randn(30, generator=generator, dtype=torch.float64) > 0).float()
-    w_gram, b_gram = evidence.fit_logistic(X, y, l2=0.1, max_iter=500)
-    # the primal problem, d weights minimized directly: the same minimizer
-    w = torch.zeros(60, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe", tolerance_grad=1e-12)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w + b, y) + 0.1 * w.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    assert torch.allclose(w_gram, w.detach(), atol=1e-4) and abs(b_gram.item() - b.item()) < 1e-4
-
-
 def test_weight_protection_freezes_exactly_the_protected_weights_and_collateral_runs_end_to_end():
     model, saes = tiny_model_and_saes()
     config = train.parse_args(["--n_layer=2", "--n_head=2", "--n_embd=16", "--block_size=32", "--steps_per_task=3",
