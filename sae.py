@@ -50,7 +50,11 @@ class SAEConfig:
 
     @property
     def dead_tokens(self):
-        """Tokens without firing after which a latent is dead: an average latent fires k / d_sae times a token."""
+        """Tokens without firing after which a latent is dead: an average latent fires k / d_sae times a token.
+        Only a TopK SAE has this count (AuxK's); a ReLU SAE's firing rate follows l1, not a k."""
+        if self.kind != "topk":
+            raise ValueError(f"dead_tokens counts expected TopK firings (k / d_sae a token); a {self.kind} SAE "
+                             "has none")
         return math.ceil(self.dead_firings * self.d_sae / self.k)
 
 

@@ -575,7 +575,7 @@ def train_sae_stage(config, device, base):
         checkpoint["saes"][k] = {p: sae_to_dict(sae) for p, sae in saes.items()}
         metrics = sae_metrics(model, saes, val_ids, config.block_size, device)
         metrics["train_dead_fraction"] = {p: (sae.tokens_since_fired >= sae.config.dead_tokens).float().mean().item()
-                                          for p, sae in saes.items()}
+                                          for p, sae in saes.items() if sae.config.kind == "topk"}  # AuxK's count
         metrics["history"] = histories
         results["by_k"][k] = metrics
         for p, m in metrics["points"].items():

@@ -161,7 +161,8 @@ def test_relu_base_saes_run_through_the_pipeline_with_dense_codes(tmp_path):
     saes = train.load_saes(train.train_sae_stage(config, "cpu", base), train.model_from_checkpoint(base, "cpu"),
                            "cpu")
     assert all(isinstance(sae, ReluSAE) for sae in saes.values())
-    metrics = json.loads((tmp_path / "default" / "sae.json").read_text())["by_k"]["8"]["points"]["1"]
-    assert 0 < metrics["l0"] < 4 * 32  # L0 follows the L1 weight, not a fixed k
+    by_k = json.loads((tmp_path / "default" / "sae.json").read_text())["by_k"]["8"]
+    assert 0 < by_k["points"]["1"]["l0"] < 4 * 32  # L0 follows the L1 weight, not a fixed k
+    assert by_k["train_dead_fraction"] == {}  # AuxK's dead count needs a k; a ReLU SAE has none
     assert json.loads((tmp_path / "default" / "cl" / "sae_guided_seed0.json").read_text())["R"]
     assert train.main(argv[:-1]) == 2  # cached sparse TopK codes need TopK SAEs: a one-line error

@@ -117,6 +117,8 @@ def test_both_loss_terms_are_normalised_by_their_targets_variance():
 def test_dead_threshold_is_in_expected_firings():
     assert SAEConfig(d_in=8, d_sae=768, k=8, dead_firings=1000).dead_tokens == 96_000
     assert SAEConfig(d_in=8, d_sae=768, k=4, dead_firings=1000).dead_tokens == 192_000  # rarer firing, longer wait
+    with pytest.raises(ValueError, match="relu SAE has none"):  # no k: no expected firing rate to count in
+        SAEConfig(d_in=8, d_sae=768, k=0, kind="relu", l1=0.01).dead_tokens
 
 
 def test_loss_uses_encode():
