@@ -2,6 +2,8 @@
 Metrics, plots and the report.
 
 - Task accuracy: exact match of the greedy-decoded answer (computed teacher-forced, in one pass).
+- What a method keeps beyond what greedy answers show: forced-choice accuracy (does the correct answer outrank
+  answers of the same task and format?) and, from the relearning curves train.py measures, kept@n.
 - Continual-learning metrics from the accuracy matrix R, where R[t][i] is the accuracy on task i after training
   task t (row 0: before any task): OP, plasticity, BWT, forgetting.
 - SAE metrics on held-out text: L0, FVU, explained variance, dead fraction, cosine(x, xhat), CE increase when a
@@ -14,6 +16,7 @@ Metrics, plots and the report.
 
 import json
 import os
+import random
 import re
 import sys
 from collections import defaultdict
@@ -25,9 +28,9 @@ matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt
 import torch
 
-from data.tasks import Batch, answer_format, format_example, trim_padding
+from data.tasks import Batch, answer_format, format_example, to_tensors, trim_padding
 from data.tokenizer import NEWLINE, decode, encode
-from regularizers import METHODS, propagate_mask  # the report lists methods in the registry's order
+from regularizers import METHODS, answer_log_likelihood, propagate_mask  # the report lists methods in this order
 
 # ----------------------------------------------------------------------------------------------------------------
 # task accuracy
@@ -56,6 +59,68 @@ def task_accuracy(model, split, device, batch_size=256):
 def mean_accuracy(model, splits, device):
     """(1/S) sum_s task_accuracy(split s): the mean over tasks, each counted once whatever its size."""
     return sum(task_accuracy(model, split, device) for split in splits) / len(splits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forced choice: knowledge without the answer's format
+
+
+def choice_candidates(split, pool, k, seed=0):
+    """For each example of the split, [its answer, then up to k distractors]: answers of other examples of the same
+    task (pool, a list of answers with their repeats) that have the same answer_format (character classes and
+    length), differ from the correct answer and from each other. Distractors are drawn example by example from the
+    pool, so a common answer is drawn more often: a model that knows only how often each answer occurs scores about
+    chance. A task with fewer distinct answers of a format gets fewer distractors (stance: one)."""
+    rng = random.Random(seed)
+    by_format = {}
+    for answer in pool:
+        by_format.setdefault(answer_format(answer), []).append(answer)
+    candidates = []
+    for _, answer in split.examples:
+        same_format = by_format.get(answer_format(answer), [])
+        n_distractors = min(k, len(set(same_format) - {answer}))
+        chosen = []
+        while len(chosen) < n_distractors:
+            other = rng.choice(same_format)
+            if other != answer and other not in chosen:
+                chosen.append(other)
+        candidates.append([answer] + chosen)
+    return candidates
+
+
+@torch.no_grad()
+def forced_choice_accuracy(model, split, candidates, device, batch_size=512):
+    """(accuracy, chance): the share of examples whose correct answer scores highest among its candidates, with
+
+        score(a) = sum over the completion's tokens (the answer and its newline) of log p(a_t | prompt, a_<t)
+
+    teacher-forced, every candidate of every example in one batched pass; a tie of the correct answer with m - 1
+    others for the highest score counts 1/m (the expected credit of a random tie-break). chance is the mean over
+    examples of 1 / (number of candidates)."""
+    was_training = model.training
+    model.eval()
+    rows = [(question, c) for (question, _), cs in zip(split.examples, candidates) for c in cs]
+    tensors = to_tensors(split.name, rows, split.x.size(1))
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        batch = trim_padding(Batch(*(t.to(device) for t in tensors.rows(slice(start, start + batch_size)))))
+        scores.append(answer_log_likelihood(model(batch.x)[0].double(), batch.y, batch.answer_mask).cpu())
+    model.train(was_training)
+    per_example = torch.cat(scores).split([len(cs) for cs in candidates])
+    credit = [(s[0] == s.max()).item() / (s == s.max()).sum().item() for s in per_example]
+    return sum(credit) / len(credit), sum(1 / len(cs) for cs in candidates) / len(candidates)
+
+
+def forced_choice(model, suite, tasks, split_name, device, k, seed=0):
+    """{task: {'accuracy', 'chance'}} of forced choice on each task's `split_name` split, the distractors drawn
+    from the answers of the task's training and evaluation examples (the same candidates for every model)."""
+    results = {}
+    for task in tasks:
+        split = suite[task][split_name]
+        pool = [a for _, a in suite[task]["train"].examples + split.examples]
+        accuracy, chance = forced_choice_accuracy(model, split, choice_candidates(split, pool, k, seed), device)
+        results[task] = {"accuracy": accuracy, "chance": chance}
+    return results
 
 
 @torch.no_grad()
@@ -323,6 +388,44 @@ def load_cl_results(run_dir, cl_dir="cl"):
     return results
 
 
+BASE_DIR = "base"  # out/<run>/<cl_dir>/base/seed<n>.json: the base model relearned and in forced choice, per seed
+
+
+def load_base_results(folder):
+    """{seed: result} of the base model's relearning and forced choice in a results folder (train.base_reference),
+    shared by every method of the folder; {} if there are none."""
+    folder = os.path.join(folder, BASE_DIR)
+    results = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if re.fullmatch(r"seed\d+\.json", name):
+            with open(os.path.join(folder, name)) as f:
+                r = json.load(f)
+            results[r["seed"]] = r
+    return results
+
+
+def knowledge_metrics(run, base):
+    """What one run's final model keeps of the earlier tasks i < T (every task but the last), beside exact match:
+
+        exact_match     = mean_i R[T][i]
+        forced_choice   = mean_i (forced-choice accuracy on task i)
+        relearn@n       = mean_i acc_i(final model + n steps of fine-tuning on task i alone)
+        kept@n          = relearn@n(this run) - relearn@n(the base model, same seed and steps)
+
+    base: the base model's result of the same seed (train.base_reference), or None (no kept@n)."""
+    earlier = run["tasks"][:-1]
+    metrics = {"exact_match": sum(run["R"][-1][:-1]) / len(earlier)}
+    if run.get("forced_choice"):
+        metrics["forced_choice"] = sum(run["forced_choice"][t]["accuracy"] for t in earlier) / len(earlier)
+        metrics["forced_choice_chance"] = sum(run["forced_choice"][t]["chance"] for t in earlier) / len(earlier)
+    if run.get("relearn"):
+        for j, n in enumerate(run["relearn_steps"]):
+            metrics[f"relearn@{n}"] = sum(run["relearn"][t][j] for t in earlier) / len(earlier)
+            if base is not None:
+                metrics[f"kept@{n}"] = metrics[f"relearn@{n}"] - knowledge_metrics(base, None)[f"relearn@{n}"]
+    return metrics
+
+
 def differing_keys(dicts):
     """The keys whose values are not the same in all of dicts."""
     return sorted(k for k in set().union(*dicts) if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1)
@@ -359,15 +462,25 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
         raise ValueError(f"no continual-learning results for methods {methods} and seeds {seeds} in "
                          f"{os.path.join(run_dir, cl_dir)}")
     check_comparable(results)
+    shared = next(iter(results.values()))[0]["shared"]  # a base reference of other settings is a stale one
+    base = {seed: b for seed, b in load_base_results(os.path.join(run_dir, cl_dir)).items() if b["shared"] == shared}
     if cl_dir != "cl":
         run_dir = os.path.join(run_dir, cl_dir)
     seqft_step = {r["seed"]: r["step_seconds"] for r in results.get("seqft", [])}
     summary = {}
     for method, runs in results.items():
-        per_seed = [cl_metrics(r["R"]) for r in runs]
+        per_seed = [cl_metrics(r["R"]) | knowledge_metrics(r, base.get(r["seed"])) for r in runs]
         row = {"seeds": [r["seed"] for r in runs], "tasks": runs[0]["tasks"], "eval_split": runs[0]["eval_split"]}
         for key in ("op", "bwt", "plasticity", "forgetting"):
             row[key], row[key + "_std"] = mean_std([m[key] for m in per_seed])
+        knowledge = {key for m in per_seed for key in m if key == "exact_match" or "@" in key or "forced" in key}
+        for key in sorted(knowledge):  # kept@n only where every seed has its base result
+            if all(key in m for m in per_seed):
+                row[key], row[key + "_std"] = mean_std([m[key] for m in per_seed])
+        base_runs = [base[r["seed"]] for r in runs if r["seed"] in base]
+        if base_runs and len(base_runs) == len(runs):  # the base model, on the same seeds: the reference row
+            base_metrics = [knowledge_metrics(b, None) for b in base_runs]
+            row["base"] = {key: mean_std([m[key] for m in base_metrics])[0] for key in base_metrics[0]}
         row["lm_loss_before"], _ = mean_std([r["lm_loss_before"] for r in runs])
         row["lm_loss_after"], row["lm_loss_after_std"] = mean_std([r["lm_loss_after"] for r in runs])
         row["retained_bytes"], _ = mean_std([r["retained_bytes"] for r in runs])
@@ -387,6 +500,7 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
     print(table)
     plot_cl(summary, run_dir)
     plot_forgetting(summary, run_dir)
+    plot_knowledge(summary, run_dir)
     write_report(summary, table, run_dir)
     return summary
 
@@ -397,18 +511,57 @@ def fmt(mean, std=None, digits=3):
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
 
 
+def relearn_steps(summary):
+    """The n > 0 of relearn@n in a summary, in order."""
+    steps = {int(match[1]) for row in summary.values() for key in row if (match := re.fullmatch(r"relearn@(\d+)", key))}
+    return sorted(n for n in steps if n > 0)
+
+
 def results_table(summary):
-    """Markdown table: OP, BWT, plasticity, forgetting, LM loss after, retained bytes, step-time ratio."""
-    lines = ["| method | OP | BWT | plasticity | forgetting | LM loss after (before) | retained bytes "
-             "| step time vs seqft |", "|---|---|---|---|---|---|---|---|"]
+    """Two markdown tables: what is kept (OP, BWT, and on the earlier tasks forced choice, relearn@n, kept@n, with
+    the base model as the reference row), then what it costs (plasticity, forgetting, LM loss, bytes, step time)."""
+    steps = relearn_steps(summary)
+    header = ["method", "OP", "BWT", "forced-choice"] + [c for n in steps for c in (f"relearn@{n}", f"kept@{n}")]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+
+    def cell(row, key):
+        return fmt(row.get(key), row.get(key + "_std"))
+
+    for method, r in summary.items():
+        cells = [method, cell(r, "op"), cell(r, "bwt"), cell(r, "forced_choice")]
+        lines.append("| " + " | ".join(cells + [cell(r, f"{k}@{n}") for n in steps for k in ("relearn", "kept")]) + " |")
+    base = next((r["base"] for r in summary.values() if "base" in r), None)
+    if base:  # the base model, never trained on the tasks: what relearning and forced choice give without them
+        cells = ["*base model*", "-", "-", fmt(base.get("forced_choice"))]
+        lines.append("| " + " | ".join(cells + [c for n in steps for c in (fmt(base.get(f"relearn@{n}")), "0")])
+                     + " |")
+    chance = next((r["forced_choice_chance"] for r in summary.values() if "forced_choice_chance" in r), None)
+    if chance is not None:
+        lines += ["", f"Forced choice, relearn@n and kept@n are means over the earlier tasks (all but the last); "
+                      f"forced choice's chance level there is {chance:.3f}."]
+    lines += ["", "| method | plasticity | forgetting | LM loss after (before) | retained bytes | step time vs seqft |",
+              "|---|---|---|---|---|---|"]
     for method, r in summary.items():
         ratio = "-" if r["step_time_ratio"] is None else f"{r['step_time_ratio']:.2f}x"
         lines.append(
-            f"| {method} | {fmt(r['op'], r['op_std'])} | {fmt(r['bwt'], r['bwt_std'])} | "
-            f"{fmt(r['plasticity'], r['plasticity_std'])} | {fmt(r['forgetting'], r['forgetting_std'])} | "
+            f"| {method} | {fmt(r['plasticity'], r['plasticity_std'])} | {fmt(r['forgetting'], r['forgetting_std'])} | "
             f"{fmt(r['lm_loss_after'], r['lm_loss_after_std'])} ({r['lm_loss_before']:.3f}) | "
             f"{int(r['retained_bytes']):,} | {ratio} |")
     return "\n".join(lines)
+
+
+LEGEND = """Reading the columns (R[t][i]: exact-match accuracy on task i after training task t; T tasks):
+- OP = mean_i R[T][i]: accuracy on every task after the whole sequence. BWT = mean_{i<T} (R[T][i] - R[i][i]):
+  what the earlier tasks lost by the end (-1 total forgetting, 0 none).
+- forced-choice: on the earlier tasks, the share of evaluation examples whose correct answer has a higher
+  log-likelihood than every distractor (answers of other examples of the task, same format): knowledge that does
+  not need the answer's format.
+- relearn@n: on the earlier tasks, accuracy after n steps of plain fine-tuning on that task alone, from the final
+  model. kept@n = relearn@n - the base model's relearn@n (same steps, same seed): what the final model holds of the
+  tasks beyond what the base already had. Forgetting that relearning undoes quickly was hidden, not lost.
+- plasticity = mean_i R[i][i]; forgetting = mean_{i<T} (max_{t<T} R[t][i] - R[T][i]); LM loss: base-corpus
+  cross-entropy after (before) the sequence; retained bytes: what the method keeps between tasks; step time:
+  against seqft's, seed by seed."""
 
 
 def panel_grid(n, width, height, columns=4, **kwargs):
@@ -504,13 +657,59 @@ def plot_forgetting(summary, run_dir):
     plt.close(fig)
 
 
+def plot_knowledge(summary, run_dir):
+    """knowledge.png: the relearning curves (mean accuracy on the earlier tasks after n steps, per method, with the
+    base model dashed), and forced-choice against exact-match accuracy on the earlier tasks, per method."""
+    methods = [m for m in summary if "relearn@0" in summary[m] or "forced_choice" in summary[m]]
+    if not methods:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = {m: f"C{i}" for i, m in enumerate(summary)}
+    steps = [0] + relearn_steps(summary)
+    for method in methods:
+        if "relearn@0" in summary[method]:
+            r = summary[method]
+            ax1.errorbar(steps, [r[f"relearn@{n}"] for n in steps], yerr=[r[f"relearn@{n}_std"] or 0 for n in steps],
+                         marker="o", capsize=3, color=colours[method], label=method)
+    base = next((r["base"] for r in summary.values() if "base" in r), None)
+    if base and "relearn@0" in base:
+        ax1.plot(steps, [base[f"relearn@{n}"] for n in steps], "k--", marker="s", label="base model")
+    ax1.set(xlabel="steps of fine-tuning on the task alone", ylabel="accuracy on the earlier tasks",
+            title="relearning from the final model", ylim=(-0.03, 1.03))
+    ax1.set_xticks(steps)
+    ax1.legend(fontsize=7, ncol=2)
+    for method in methods:
+        r = summary[method]
+        if "forced_choice" in r:
+            ax2.errorbar(r["exact_match"], r["forced_choice"], xerr=r["exact_match_std"] or 0,
+                         yerr=r["forced_choice_std"] or 0, marker="o", capsize=3, color=colours[method])
+            ax2.annotate(method, (r["exact_match"], r["forced_choice"]), fontsize=8, xytext=(4, 4),
+                         textcoords="offset points")
+    chance = next((r["forced_choice_chance"] for r in summary.values() if "forced_choice_chance" in r), None)
+    if chance is not None:
+        ax2.axhline(chance, color="grey", ls=":", label=f"chance ({chance:.2f})")
+    if base and "forced_choice" in base:
+        ax2.axhline(base["forced_choice"], color="k", ls="--", label=f"base model ({base['forced_choice']:.2f})")
+    ax2.plot([0, 1], [0, 1], color="lightgrey", lw=0.8)
+    ax2.set(xlabel="exact match (greedy answer)", ylabel="forced choice (correct answer ranked first)",
+            title="the earlier tasks after the sequence", xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
+    ax2.legend(fontsize=7, loc="lower right")
+    seeds = summary[methods[0]]["seeds"]
+    fig.suptitle(f"what each method keeps of the tasks before the last (mean ± std over seeds {seeds})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "knowledge.png"), dpi=120)
+    plt.close(fig)
+
+
 def write_report(summary, table, run_dir):
     first = next(iter(summary.values()))
-    lines = [f"# Continual learning: {os.path.basename(os.path.normpath(run_dir))}", "",
+    lines = [f"# Continual learning: {os.path.basename(os.path.normpath(run_dir))}", "", LEGEND, "",
              f"Tasks in order: {', '.join(first['tasks'])}. Accuracy on the `{first['eval_split']}` split; "
              f"seeds {first['seeds']}.", "", table, "",
              "![accuracy matrices](cl_matrix.png)", "", "![accuracy along the sequence](cl_curves.png)", "",
              "![OP and BWT](cl_bars.png)", ""]
+    if os.path.exists(os.path.join(run_dir, "knowledge.png")):
+        lines += ["![what each method keeps](knowledge.png)", ""]
     if os.path.exists(os.path.join(run_dir, "forgetting.png")):
         lines += ["![the forgetting diagnostic](forgetting.png)", ""]
     with open(os.path.join(run_dir, "report.md"), "w") as f:

@@ -5,7 +5,8 @@ the next task needs (collateral constraint), do SAE features line up with the wo
 which the paper cannot have), what does each method keep between tasks as the model grows (memory), and which
 parts of SAE-guided regularization matter (ablations).
 
-    python evidence.py --jobs=2                            # all five on the default run, ablations over seeds 0-2
+    python evidence.py --jobs=2                            # all five on the default run; ablations and collateral
+                                                           # over seeds 0-2
     python evidence.py --parts=separability,ground_truth   # some of them (separability, collateral, ground_truth,
                                                            # memory, ablations); other --key=value go to train.Config
 
@@ -38,7 +39,7 @@ from configurator import progress  # noqa: E402
 from data.tasks import build_task_suite, trim_padding  # noqa: E402
 from data.tokenizer import NEWLINE, VOCAB_SIZE, encode  # noqa: E402
 from data.world import generate_lines  # noqa: E402
-from evaluate import fmt  # noqa: E402
+from evaluate import fmt, mean_std  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sae import SAEConfig, TopKSAE  # noqa: E402
 
@@ -359,10 +360,11 @@ def code_drifts(model, reference, saes, split):
                               sae.config.d_sae) for p, sae in saes.items()}
 
 
-def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, feature_lambda=1e4, device="cpu"):
+def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, feature_lambda=1e4, device="cpu", seed=0):
     """Protect task A (the model after training on it, model_a) while task B trains, in weight space and in feature
     space, and measure how each restricts the drift of A's features and of B's. A's features (B's) are the top-q
     share by relevance on A's inputs (B's) that are not also B's (A's); drift is measured on both tasks' eval inputs.
+    The seed draws B's training batches and the Fisher's samples.
     Returns {restriction and collateral ratio of each protection, the drifts' sizes}."""
     split_a, split_b = suite[task_a]["train"], suite[task_b]["train"]
     with reg.evaluating(model_a):
@@ -372,7 +374,7 @@ def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, feature_l
     top_b = {p: top_share(r, q) for p, r in relevance_b.items()}
     only_a = torch.cat([top_a[p] * (1 - top_b[p]) for p in sorted(saes)])
     only_b = torch.cat([top_b[p] * (1 - top_a[p]) for p in sorted(saes)])
-    fisher = reg.fisher_diagonal(model_a, split_a, config.ewc_fisher_examples, config.ewc_fisher_labels)
+    fisher = reg.fisher_diagonal(model_a, split_a, config.ewc_fisher_examples, config.ewc_fisher_labels, seed=seed)
     theta_a = reg.flat_parameters(model_a).detach().clone()
     with reg.evaluating(model_a):
         codes_b = reg.reference_codes(model_a, saes, split_b)
@@ -382,7 +384,7 @@ def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, feature_l
     drift = {}
     for name, make in protections.items():
         model = copy.deepcopy(model_a)
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(seed)
         with progress(total=config.steps_per_task, desc=f"collateral {task_a}->{task_b} {name}", leave=False) as bar:
             train.train_steps(model, split_b, config.steps_per_task, make(model), config=config, device=device,
                               generator=generator, bar=bar)
@@ -393,7 +395,7 @@ def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, feature_l
             for p, d in code_drifts(model, model_a, saes, inputs).items():
                 by_point[p] = by_point[p] + d / 2
         drift[name] = torch.cat([by_point[p] for p in sorted(saes)])
-    result = {"task_a": task_a, "task_b": task_b, "q": q, "features_a": int(only_a.sum()),
+    result = {"task_a": task_a, "task_b": task_b, "seed": seed, "q": q, "features_a": int(only_a.sum()),
               "features_b": int(only_b.sum()), "drift_free": drift["none"].sum().item()}
     for name in ("weights", "features"):
         result[name] = {"restriction_a": restriction(drift["none"], drift[name], only_a),
@@ -402,29 +404,56 @@ def collateral(config, model_a, saes, suite, task_a, task_b, *, q=0.1, feature_l
     return result
 
 
+COLLATERAL_VALUES = ("restriction_a", "restriction_b", "ratio")
+
+
+def collateral_over_seeds(results):
+    """{(task_a, task_b) or 'all pairs': {protection: {value: (mean, std) over seeds}}} from collateral results of
+    several seeds. For 'all pairs' each seed's value is first averaged over the pairs, then mean and std are taken
+    over the seeds."""
+    by_pair = {}
+    for r in results:
+        by_pair.setdefault((r["task_a"], r["task_b"]), []).append(r)
+    seeds = sorted({r["seed"] for r in results})
+    rows = {pair: {name: {v: mean_std([r[name][v] for r in rs]) for v in COLLATERAL_VALUES}
+                   for name in ("weights", "features")} for pair, rs in by_pair.items()}
+    per_seed = {name: {v: [sum(r[name][v] for r in results if r["seed"] == s) / len(by_pair) for s in seeds]
+                       for v in COLLATERAL_VALUES} for name in ("weights", "features")}
+    rows["all pairs"] = {name: {v: mean_std(values) for v, values in vs.items()} for name, vs in per_seed.items()}
+    return rows
+
+
 def plot_collateral(results, path):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    labels = [f"{r['task_a']}->{r['task_b']}" for r in results]
+    rows = collateral_over_seeds(results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    labels = ["->".join(pair) if isinstance(pair, tuple) else pair for pair in rows]
+    seeds = sorted({r["seed"] for r in results})
     for ax, name, title in zip(axes, ("weights", "features"), ("weight space: top-q Fisher weights frozen",
                                                                  "feature space: A's SAE features")):
-        x = torch.arange(len(results)).float()
-        ax.bar(x - 0.2, [r[name]["restriction_a"] for r in results], 0.4, label="A's features (the protected task)")
-        ax.bar(x + 0.2, [r[name]["restriction_b"] for r in results], 0.4, label="B's features (the task learned)")
+        x = torch.arange(len(rows)).float()
+        for offset, value, label in ((-0.2, "restriction_a", "A's features (the protected task)"),
+                                     (0.2, "restriction_b", "B's features (the task learned)")):
+            means, stds = zip(*(row[name][value] for row in rows.values()))
+            ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3, label=label)
         ax.set_xticks(x.tolist(), labels, rotation=30, ha="right", fontsize=8)
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_title(f"protect A in {title}")
-    axes[0].set_ylabel("restriction of drift\n1 - drift protected / drift unprotected")
+        ax.set_title(f"protect A in {title}", fontsize=10)
+    axes[0].set_ylabel(f"restriction of drift (mean ± std, seeds {seeds})\n1 - drift protected / drift unprotected")
     axes[0].legend(fontsize=8)
     save_figure(fig, path)
 
 
 def collateral_table(results):
-    lines = ["| A -> B | weights: restriction A | B | ratio B/A | features: restriction A | B | ratio B/A |",
+    rows = collateral_over_seeds(results)
+    seeds = sorted({r["seed"] for r in results})
+    lines = [f"Mean ± std over seeds {seeds}; 'all pairs': each seed's mean over the pairs, then mean ± std over "
+             "the seeds.", "",
+             "| A -> B | weights: restriction A | B | ratio B/A | features: restriction A | B | ratio B/A |",
              "|---|---|---|---|---|---|---|"]
-    for r in results:
-        w, f = r["weights"], r["features"]
-        lines.append(f"| {r['task_a']} -> {r['task_b']} | {w['restriction_a']:.2f} | {w['restriction_b']:.2f} | "
-                     f"{w['ratio']:.2f} | {f['restriction_a']:.2f} | {f['restriction_b']:.2f} | {f['ratio']:.2f} |")
+    for pair, row in rows.items():
+        label = " -> ".join(pair) if isinstance(pair, tuple) else f"**{pair}**"
+        cells = [fmt(*row[name][v], digits=2) for name in ("weights", "features") for v in COLLATERAL_VALUES]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -724,14 +753,17 @@ def main(argv):
             memory_config = dataclasses.replace(config, ewc_fisher_examples=8, mas_examples=8,
                                                 sae_guided_mask_examples=32, sae_guided_codes="dense")
             return memory_by_width(memory_config, widths=MEMORY_WIDTHS)
-        results = []  # collateral
-        for task_a, task_b in zip(config.tasks, config.tasks[1:]):
-            model_a = train.model_from_checkpoint(base, device)
-            generator = torch.Generator().manual_seed(0)
-            with progress(total=config.steps_per_task, desc=f"collateral: learn {task_a}", leave=False) as bar:
-                train.train_steps(model_a, suite[task_a]["train"], config.steps_per_task, reg.SeqFT(config, model_a),
-                                  config=config, device=device, generator=generator, bar=bar)
-            results.append(collateral(config, model_a, saes, suite, task_a, task_b, device=device))
+        results = []  # collateral: every pair of consecutive tasks, for each seed (A's and B's batches, Fisher)
+        for seed in config.seeds:
+            for task_a, task_b in zip(config.tasks, config.tasks[1:]):
+                model_a = train.model_from_checkpoint(base, device)
+                generator = torch.Generator().manual_seed(seed)
+                with progress(total=config.steps_per_task, desc=f"collateral: learn {task_a}, seed {seed}",
+                              leave=False) as bar:
+                    train.train_steps(model_a, suite[task_a]["train"], config.steps_per_task,
+                                      reg.SeqFT(config, model_a), config=config, device=device, generator=generator,
+                                      bar=bar)
+                results.append(collateral(config, model_a, saes, suite, task_a, task_b, device=device, seed=seed))
         return results
 
     # Every analysis runs on one thread, as every continual-learning run does (train.run_and_save), so that its

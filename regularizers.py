@@ -32,6 +32,7 @@ with s = +1 for an upper bound ("drift at most bound") and s = -1 for a lower bo
   orthogonal to the earlier, frozen sets'.
 - SAE-FD (SAE feature distillation, Zhang et al. 2026) keeps a few inputs of each finished task (anchors) with
   their SAE codes and pulls the codes back to them: the feature-space analogue of replay, storing task data.
+- Freeze (after Zheng et al. 2025) trains nothing below a chosen block: no penalty, no data.
 - Replay keeps a small buffer of earlier tasks' examples; multitask trains on all tasks at once.
 """
 
@@ -698,6 +699,25 @@ class OLoRA(Method):
         return [list(layer.past) for layer in self.layers]
 
 
+class Freeze(Method):
+    """Freeze the bottom (after Zheng et al. 2025, "spurious forgetting"): the token and position embeddings and the
+    first freeze_layers blocks are not trained during the sequence (under LoRA: those blocks' adapters); no penalty.
+    The output head is tied to the token embedding, so it stays fixed too."""
+
+    name = "freeze"
+
+    def __init__(self, config, model, saes=None, seed=0):
+        super().__init__(config, model, saes, seed)
+        for module in [model.wte, model.wpe, *model.blocks[: config.freeze_layers]]:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    @classmethod
+    def check(cls, config):
+        if not config.freeze_layers <= config.n_layer:
+            raise ValueError(f"--freeze_layers={config.freeze_layers}: must be in 0..n_layer={config.n_layer}")
+
+
 class Replay(Method):
     """Keeps a random replay_fraction of each finished task's training examples and appends replay_batch_size of
     them to every batch of the later tasks. It stores data: a reference point, not a data-free method."""
@@ -735,7 +755,8 @@ class Multitask(Method):
 
 
 # every method by its name, in the order of the reports
-METHODS = {cls.name: cls for cls in (SeqFT, EWC, SI, MAS, LwF, OLoRA, SAEFD, SAEGuided, Replay, Multitask)}
+METHODS = {cls.name: cls for cls in (SeqFT, EWC, SI, MAS, LwF, OLoRA, SAEFD, SAEGuided, Freeze, Replay,
+                                     Multitask)}
 RENAMED_METHODS = {"sae": "sae_guided"}  # old name -> new name, accepted with a warning
 
 

@@ -12,6 +12,7 @@ whose config, code, data, device and upstream checkpoint are unchanged and redoe
 written atomically, and an interrupted pretraining resumes from its last checkpoint.
 """
 
+import copy
 import dataclasses
 import functools
 import json
@@ -31,10 +32,10 @@ from data.corpus import get_batch, load_corpus
 from data.instructions import AUX_TASKS, aux_task_names
 from data.tasks import DEFAULT_ORDER, TASKS, answer_format, build_task_suite, concat_splits, trim_padding
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
-from evaluate import (forgetting_diagnostic, forgetting_snapshot, mean_accuracy, plot_sae_metrics, sae_metrics,
-                      summarize_run, task_accuracy)
+from evaluate import (BASE_DIR, forced_choice, forgetting_diagnostic, forgetting_snapshot, mean_accuracy,
+                      plot_sae_metrics, sae_metrics, summarize_run, task_accuracy)
 from model import GPT, LORA_TARGETS, GPTConfig
-from regularizers import METHODS, RENAMED_METHODS, sae_training_penalty, tensor_bytes
+from regularizers import METHODS, RENAMED_METHODS, Method, sae_training_penalty, tensor_bytes
 from sae import SAE_KINDS, SAEConfig, check_sae_fits, make_sae, sae_from_dict, sae_to_dict, train_saes
 
 
@@ -111,6 +112,9 @@ class Config:
     eval_split: str = "test"  # the split R is measured on; 'val' is for tuning hyperparameters
     cl_dir: str = "cl"  # results go to out/<run>/<cl_dir>/<method>_seed<seed>.json
     jobs: int = 2  # (method, seed) runs at once, in processes; each run uses one thread, whatever this is
+    # what a method keeps of the earlier tasks, measured after the sequence (never fed to training)
+    relearn_steps: tuple[int, ...] = (0, 5, 20)  # relearn@n: n steps of fine-tuning on one earlier task; empty = off
+    forced_choice_k: int = 9  # distractors per example in forced choice (fewer if a task has fewer answers); 0 = off
     # EWC: w = diagonal Fisher
     ewc_lambda: float = 1e5  # penalty weight (chosen on val by bench/tune.py, docs/tuning.md)
     ewc_mode: str = "separate"  # one (F, theta*) per task, or 'online': F <- gamma F_old + F_new
@@ -128,6 +132,8 @@ class Config:
     lwf_temperature: float = 2.0  # softmax temperature T of both distributions
     # O-LoRA: an adapter set per task (lora_rank, lora_alpha, lora_targets; its own under finetune=full), all summed
     o_lora_lambda: float = 0.1  # weight of the orthogonality loss sum_{s<t} ||A_t A_s^T||_F^2 (chosen on val)
+    # freeze (Zheng et al. 2025): the bottom of the model is not trained during the sequence
+    freeze_layers: int = 1  # blocks frozen from the bottom, with the embeddings (and so the tied head; chosen on val)
     # SAE-FD: distillation of SAE codes on stored anchors of finished tasks (stores data)
     sae_fd_lambda: float = 1.0  # weight of the squared code distance on the anchors (chosen on val)
     sae_fd_anchors: int = 64  # training inputs of each finished task kept, with their SAE codes
@@ -203,7 +209,8 @@ STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those
     "sae": ("sae_kind", "sae_l1", "sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size",
             "sae_tokens", "sae_auxk", "sae_aux_k", "sae_dead_firings"),
     "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "finetune", "lora_rank", "lora_alpha", "lora_targets",
-           "content_tokens", "n_train", "n_val", "n_test", "eval_split", "diagnose", "diagnose_examples"),
+           "content_tokens", "n_train", "n_val", "n_test", "eval_split", "diagnose", "diagnose_examples",
+           "relearn_steps", "forced_choice_k"),
 }  # and each method's own fields, '<method>_*' (regularizers.Method.config_keys)
 NOT_RESULT_KEYS = ("run", "out_dir", "preset", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device,
 # preset: in the keys as the resolved device and as the values the preset set
@@ -221,7 +228,11 @@ RENAMED_KEYS = {old: "sae_guided_" + new for old, new in (
 def validate(config):
     """Everything that can be checked before compute is spent; ValueError names the key and what is allowed."""
     cfg.validate(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "sae_guided_points",
-                                                "corpus_lines", "instruct_tags"))
+                                                "corpus_lines", "instruct_tags", "relearn_steps", "forced_choice_k",
+                                                "freeze_layers"))
+    if list(config.relearn_steps) != sorted(set(config.relearn_steps)):
+        raise ValueError(f"--relearn_steps={','.join(map(str, config.relearn_steps))}: give increasing step counts, "
+                         "each once (e.g. 0,5,20)")
     aux_task_names(config.instruct_tags)
     if config.n_embd % config.n_head:
         raise ValueError(f"--n_embd={config.n_embd} must be divisible by --n_head={config.n_head}")
@@ -601,10 +612,15 @@ def evaluate_tasks(model, suite, config, device):
     return [task_accuracy(model, suite[name][config.eval_split], device) for name in config.tasks]
 
 
-def train_steps(model, split, n_steps, method, *, config, device, generator, bar):
-    """n_steps of AdamW (a fresh optimizer) on the answer-token cross-entropy of split plus the method's penalty.
-    Returns the seconds spent in the steps (for the step-time comparison)."""
-    optimizer = model.configure_optimizer(config.cl_lr, 0.0, (config.beta1, config.beta2), device)
+def cl_optimizer(model, config, device):
+    """A fresh AdamW on the parameters being trained: constant cl_lr, no weight decay."""
+    return model.configure_optimizer(config.cl_lr, 0.0, (config.beta1, config.beta2), device)
+
+
+def train_steps(model, split, n_steps, method, *, config, device, generator, bar, optimizer=None):
+    """n_steps of AdamW (a fresh optimizer, unless one is given) on the answer-token cross-entropy of split plus the
+    method's penalty. Returns the seconds spent in the steps (for the step-time comparison)."""
+    optimizer = optimizer or cl_optimizer(model, config, device)
     model.train()
     seconds = 0.0
     for step in range(n_steps):
@@ -646,13 +662,72 @@ def diagnose_earlier_tasks(model, saes, suite, t, snapshots, *, config, device):
             for task in config.tasks[:t]}
 
 
-def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
-    """Learn the tasks in order with one method; returns the results dict (accuracy matrix R and timings)."""
+def relearnable(model, finetune):
+    """Let relearning train what the regime trains: every parameter under full fine-tuning (a method's frozen blocks
+    and adapters too), the current LoRA adapters only under LoRA. Returns the model."""
+    adapters = {id(p) for layer in model.lora_layers() for p in (layer.A, layer.B)}
+    for p in model.parameters():
+        p.requires_grad_(finetune == "full" or id(p) in adapters)
+    return model
+
+
+def relearn(model, suite, config, device, seed, desc):
+    """{task: [accuracy after n steps, for n in relearn_steps]} for every task but the last: a copy of the model is
+    fine-tuned on that task alone (its training split, a fresh AdamW at cl_lr, cl_batch_size, cross-entropy only,
+    batches drawn by the seed) and scored on the task's evaluation split after n steps, for each n in turn (one
+    run to the largest n). Measurement only: the model itself is not changed."""
+    tasks = config.tasks[:-1]
+    curves = {}
+    with progress(total=len(tasks) * config.relearn_steps[-1], desc=desc) as bar:
+        for task in tasks:
+            student = relearnable(copy.deepcopy(model), config.finetune)
+            optimizer, generator = cl_optimizer(student, config, device), torch.Generator().manual_seed(seed)
+            curves[task], done = [], 0
+            for n in config.relearn_steps:
+                train_steps(student, suite[task]["train"], n - done, Method(config, student), config=config,
+                            device=device, generator=generator, bar=bar, optimizer=optimizer)
+                curves[task].append(task_accuracy(student, suite[task][config.eval_split], device))
+                done = n
+    return curves
+
+
+def knowledge(model, suite, config, device, seed, desc):
+    """What a model holds of the tasks beyond its greedy answers (evaluate.knowledge_metrics reads it): forced
+    choice on every task, and the relearning curves of the tasks before the last."""
+    result = {}
+    if config.forced_choice_k:
+        result["forced_choice"] = forced_choice(model, suite, config.tasks, config.eval_split, device,
+                                                config.forced_choice_k)
+    if config.relearn_steps and len(config.tasks) > 1:
+        result["relearn_steps"] = list(config.relearn_steps)
+        result["relearn"] = relearn(model, suite, config, device, seed, desc)
+    return result
+
+
+def start_model(base, config, device, seed):
+    """The model a sequence starts from: the base model, with one fresh set of LoRA adapters under --finetune=lora
+    (the base weights frozen; the adapters' random A drawn after torch.manual_seed(seed))."""
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     model = model_from_checkpoint(base, device)
-    if config.finetune == "lora":  # the base weights are frozen; one adapter set learns the whole sequence
+    if config.finetune == "lora":
         model.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
+    return model
+
+
+def base_reference(seed, *, config, device, base, suite):
+    """The base model, never trained on the tasks, measured as a final model is (knowledge): the reference of
+    kept@n, computed once per base, seed and setting and shared by every method."""
+    model = start_model(base, config, device, seed)
+    return {"method": "base", "seed": seed, "tasks": list(config.tasks), "eval_split": config.eval_split,
+            "R": [evaluate_tasks(model, suite, config, device)],
+            **knowledge(model, suite, config, device, seed, desc=f"relearn base seed {seed}")}
+
+
+def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
+    """Learn the tasks in order with one method; returns the results dict (accuracy matrix R, timings, and what the
+    final model keeps beyond its greedy answers)."""
+    generator = torch.Generator().manual_seed(seed)
+    model = start_model(base, config, device, seed)
     lm_loss_before = estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters)
     R = [evaluate_tasks(model, suite, config, device)]
     aux = aux_suite(config)  # with an instruction-following base: is the tag still followed along the sequence?
@@ -682,11 +757,13 @@ def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
                                                              device=device))
                 bar.write(f"{name} seed {seed} after {task}: " + " ".join(
                     f"{n}={a:.2f}" for n, a in zip(config.tasks, R[-1])))
+    wall_seconds = time.time() - t_start
     return {"method": name, "seed": seed, "tasks": list(config.tasks), "eval_split": config.eval_split, "R": R,
             "lm_loss_before": lm_loss_before,
             "lm_loss_after": estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters),
-            "retained_bytes": tensor_bytes(method.retained()), "step_seconds": step_seconds / total_steps,
-            "wall_seconds": time.time() - t_start, "aux_accuracy": aux_R, "diagnostic": diagnostic}
+            "retained_bytes": tensor_bytes(method.retained()), "step_seconds": step_seconds / max(1, total_steps),
+            "wall_seconds": wall_seconds, "aux_accuracy": aux_R, "diagnostic": diagnostic,
+            **knowledge(model, suite, config, device, seed, desc=f"relearn {name} seed {seed}")}
 
 
 def method_key(config, name, seed, device, base, sae_checkpoint):
@@ -712,11 +789,14 @@ def run_and_save(job, *, device, base, sae_checkpoint):
     torch.set_num_threads(1)
     try:
         config = job["config"]
-        model = model_from_checkpoint(base, device)
-        uses_saes = METHODS[job["name"]].uses_saes or config.diagnose
-        saes = load_saes(sae_checkpoint, model, device) if uses_saes else None
-        result = run_method(job["name"], job["seed"], config=config, device=device, base=base, saes=saes,
-                            suite=task_suite(config), lm_val_ids=corpus_of(config)[1])
+        if job["name"] is None:  # the base model's reference for kept@n
+            result = base_reference(job["seed"], config=config, device=device, base=base, suite=task_suite(config))
+        else:
+            model = model_from_checkpoint(base, device)
+            uses_saes = METHODS[job["name"]].uses_saes or config.diagnose
+            saes = load_saes(sae_checkpoint, model, device) if uses_saes else None
+            result = run_method(job["name"], job["seed"], config=config, device=device, base=base, saes=saes,
+                                suite=task_suite(config), lm_val_ids=corpus_of(config)[1])
     finally:
         torch.set_num_threads(threads)
     cfg.save_json({**result, "key": job["key"], "shared": job["shared"], "method_settings": job["settings"]},
@@ -728,17 +808,29 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
     write its report; returns the summaries. The runs not cached go to one list, `jobs` at a time."""
     todo = []
     for config in configs:
+        folder = os.path.join(config.out_dir, config.run, config.cl_dir)
         for name in config.methods:
             for seed in config.seeds:
-                path = os.path.join(config.out_dir, config.run, config.cl_dir, f"{name}_seed{seed}.json")
+                path = os.path.join(folder, f"{name}_seed{seed}.json")
                 key, shared, settings = method_key(config, name, seed, device, base, sae_checkpoint)
                 if cfg.load_json_result(path, key) is not None:
                     print(f"cl: reusing {path}")
                 else:
                     todo.append({"name": name, "seed": seed, "config": config, "path": path, "key": key,
                                  "shared": shared, "settings": settings})
+        for seed in config.seeds if config.relearn_steps or config.forced_choice_k else ():
+            path = os.path.join(folder, BASE_DIR, f"seed{seed}.json")  # the base model's reference, once a seed
+            shared = cfg.result_key(stage_config(config, "pretrain", "cl"), device, config.corpus,
+                                    {"base": base["sha"]})
+            key = {**shared, "seed": seed}
+            if cfg.load_json_result(path, key) is not None:
+                print(f"cl: reusing {path}")
+            elif all(job["path"] != path for job in todo):
+                todo.append({"name": None, "seed": seed, "config": config, "path": path, "key": key,
+                             "shared": shared, "settings": {}})
     stages = dict(device=device, base=base, sae_checkpoint=sae_checkpoint)
-    todo.sort(key=lambda job: not METHODS[job["name"]].uses_saes)  # the longer runs first: no long one left alone
+    # the longer runs first, so that no long one is left alone at the end; the base references last
+    todo.sort(key=lambda job: 2 if job["name"] is None else int(not METHODS[job["name"]].uses_saes))
     if jobs > 1 and len(todo) > 1:  # processes, spawned (a fork is unsafe once torch has run)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context) as pool:

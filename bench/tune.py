@@ -2,7 +2,8 @@
 Fair hyperparameter selection for the continual-learning methods, on the validation split only.
 
 Each method gets the same number of trials (6): its penalty weight over a log grid (SAE-guided: three weights,
-with and without the guide term; O-LoRA: 0, no orthogonality, and five weights). A trial is a full run of the task
+with and without the guide term; O-LoRA: 0, no orthogonality, and five weights); freeze has only its three choices
+of frozen blocks on the 2-block model. A trial is a full run of the task
 sequence with one seed, scored by OP on the `val` split (carved from the training data); the test split is never
 looked at. Ties keep the first trial in grid order. Writes out/<run>/tune/tuning.md and tuning.json, whose
 `chosen_args` are the overrides to give bench/cl_benchmark.py.
@@ -37,6 +38,8 @@ GRIDS = {  # method -> trials, each a dict of config overrides; the same number 
     "sae_fd": [{"sae_fd_lambda": lam} for lam in (1e-3, 1e-2, 1e-1, 1, 10, 1e2)],
     # with and without the guide term; eps 0.005 is of the order of the protected drift per point under the paper
     # preset (docs/tuning.md), so the protect hinge binds part of the time; the first pass used eps 0.02, delta 0.2
+    # freeze: every choice there is on the 2-block model (0 = the embeddings and tied head only)
+    "freeze": [{"freeze_layers": n} for n in (0, 1, 2)],
     "sae_guided": [
         {"sae_guided_lambda_p": lp, "sae_guided_lambda_g": lg, "sae_guided_eps": eps, "sae_guided_delta": delta}
         for lp in (1e2, 1e4, 1e6)

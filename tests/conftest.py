@@ -18,7 +18,8 @@ TINY_PIPELINE = TINY + ["--sae_steps=40", "--sae_tokens=4000", "--sae_batch_size
                         "--tasks=add,reverse", "--steps_per_task=8", "--n_train=64", "--n_val=8", "--n_test=16",
                         "--ewc_fisher_examples=8", "--mas_examples=8", "--sae_guided_mask_examples=16",
                         "--replay_batch_size=4", "--sae_fd_anchors=8", "--sae_fd_batch_size=4",
-                        "--methods=seqft,ewc,si,mas,lwf,o_lora,sae_fd,sae_guided,replay,multitask",
+                        "--methods=seqft,ewc,si,mas,lwf,o_lora,sae_fd,sae_guided,freeze,replay,multitask",
+                        "--relearn_steps=0,2",
                         "--jobs=1"]  # in this process: no worker start-up, and test-local methods need no pickling
 
 

@@ -6,8 +6,9 @@ import torch
 
 from data.tasks import answer_format, build_task_suite, concat_splits, format_example, to_tensors
 from data.tokenizer import NEWLINE, decode, encode
-from evaluate import (cl_metrics, drift_split, forgetting_diagnostic, forgetting_snapshot, format_confusion,
-                      greedy_answers, load_cl_results, summarize_run, task_accuracy)
+from evaluate import (choice_candidates, cl_metrics, drift_split, forced_choice_accuracy, forgetting_diagnostic,
+                      forgetting_snapshot, format_confusion, greedy_answers, knowledge_metrics, load_cl_results,
+                      summarize_run, task_accuracy)
 from model import GPT
 from sae import SAEConfig, TopKSAE
 
@@ -89,6 +90,52 @@ def test_long_answers_are_scored_in_full():
     split = to_tensors("translate", [("tr: white banana", "platano blanco")], length=40)  # a 14-character answer
     assert task_accuracy(Oracle(split), split, "cpu") == 1.0
     assert task_accuracy(Oracle(split, {"tr: white banana": "platano blancos\n"}), split, "cpu") == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forced choice
+
+
+def test_distractors_share_the_tasks_format_and_differ_from_the_answer_and_each_other():
+    suite = build_task_suite(["reverse", "stance", "count"], n_train=200, n_val=5, n_test=50)
+    for task, k in (("reverse", 9), ("stance", 9), ("count", 3)):
+        split = suite[task]["test"]
+        pool = [a for _, a in suite[task]["train"].examples + split.examples]
+        candidates = choice_candidates(split, pool, k)
+        for (_, answer), (first, *distractors) in zip(split.examples, candidates):
+            assert first == answer and answer not in distractors and len(set(distractors)) == len(distractors)
+            assert all(answer_format(d) == answer_format(answer) and d in pool for d in distractors)
+            available = len({a for a in pool if answer_format(a) == answer_format(answer)} - {answer})
+            assert len(distractors) == min(k, available)
+        if task == "stance":  # two answers, 'pos' and 'neg': one distractor each, chance 1/2
+            assert all(len(c) == 2 for c in candidates)
+    assert candidates == choice_candidates(split, pool, 3)  # seeded: the same candidates for every model
+
+
+def test_forced_choice_is_one_for_a_memorised_task_and_about_chance_with_shuffled_answers():
+    split = build_task_suite(["reverse"], n_train=200, n_val=5, n_test=200)["reverse"]["test"]
+    pool = [a for _, a in split.examples]
+    candidates = choice_candidates(split, pool, 9)
+    accuracy, chance = forced_choice_accuracy(Oracle(split), split, candidates, "cpu", batch_size=300)
+    assert accuracy == 1.0 and chance == pytest.approx(0.1)  # reverse's answers are many: 9 distractors each
+    # the same oracle with the answers shuffled among the questions: it knows answers of the format, not which
+    answers = [a for _, a in split.examples]
+    shuffled = [answers[i] for i in torch.randperm(len(answers), generator=torch.Generator().manual_seed(0))]
+    oracle = Oracle(split, {q: a + "\n" for (q, _), a in zip(split.examples, shuffled)})
+    accuracy, _ = forced_choice_accuracy(oracle, split, candidates, "cpu", batch_size=300)
+    assert abs(accuracy - chance) < 0.06  # 200 examples: chance 0.1, one standard deviation 0.02
+
+
+def test_kept_is_relearning_beyond_the_base_models_on_the_earlier_tasks():
+    run = {"tasks": ["a", "b", "c"], "R": [[0, 0, 0], [0.2, 0.0, 1.0]], "relearn_steps": [0, 5],
+           "relearn": {"a": [0.2, 0.9], "b": [0.0, 0.5]},
+           "forced_choice": {t: {"accuracy": acc, "chance": 0.1} for t, acc in (("a", 0.6), ("b", 0.4), ("c", 1.0))}}
+    base = {"tasks": ["a", "b", "c"], "R": [[0, 0, 0]], "relearn_steps": [0, 5],
+            "relearn": {"a": [0.0, 0.3], "b": [0.0, 0.1]}}
+    m = knowledge_metrics(run, base)
+    assert m["exact_match"] == pytest.approx(0.1) and m["forced_choice"] == pytest.approx(0.5)  # tasks a and b
+    assert m["relearn@5"] == pytest.approx(0.7) and m["kept@5"] == pytest.approx(0.7 - 0.2)
+    assert m["kept@0"] == pytest.approx(0.1) and "kept@5" not in knowledge_metrics(run, None)
 
 
 def fake_result(method, seed, cl_lr=3e-4, settings=None, step_seconds=0.01):

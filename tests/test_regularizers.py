@@ -170,8 +170,8 @@ def test_lwf_is_zero_at_task_start_and_positive_after_a_change(tiny_model, add_s
 def test_every_method_has_a_unique_name_and_its_config_keys_exist():
     config = train.Config()
     fields = {f.name for f in dataclasses.fields(config)}
-    assert list(reg.METHODS) == ["seqft", "ewc", "si", "mas", "lwf", "o_lora", "sae_fd", "sae_guided", "replay",
-                                 "multitask"]
+    assert list(reg.METHODS) == ["seqft", "ewc", "si", "mas", "lwf", "o_lora", "sae_fd", "sae_guided", "freeze",
+                                 "replay", "multitask"]
     assert reg.EWC.config_keys(config) == ("ewc_lambda", "ewc_mode", "ewc_gamma", "ewc_fisher_examples",
                                            "ewc_fisher_labels")
     assert "sae_guided_lambda_p" in reg.SAEGuided.config_keys(config) and reg.SeqFT.config_keys(config) == ()
@@ -451,3 +451,20 @@ def test_sparse_drift_equals_the_dense_drift():
     assert torch.allclose(reg.sparse_feature_drift(code, ref_code, d_sae), dense, atol=1e-6)
     assert torch.allclose(reg.code_drift(code, ref_code, d_sae), dense, atol=1e-6)
     assert reg.sparse_feature_drift(code, code, d_sae).abs().max() == 0  # a code does not drift from itself
+
+
+def test_freeze_leaves_the_bottom_bit_identical_and_trains_the_rest(tiny_model, add_split):
+    config = dataclasses.replace(train.Config(), freeze_layers=1, cl_batch_size=8)
+    method = reg.Freeze(config, tiny_model)
+    frozen = {n: p.detach().clone() for n, p in tiny_model.named_parameters()
+              if n.startswith(("wte.", "wpe.", "blocks.0."))}
+    others = {n: p.detach().clone() for n, p in tiny_model.named_parameters() if n not in frozen}
+    assert frozen and others
+    bar = type("Bar", (), {"update": lambda *a: None, "set_postfix": lambda *a, **k: None})()
+    train.train_steps(tiny_model, add_split, 3, method, config=config, device="cpu",
+                      generator=torch.Generator().manual_seed(0), bar=bar)
+    params = dict(tiny_model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())  # embeddings (and the tied head), block 1
+    assert all(not torch.equal(params[n], p) for n, p in others.items())  # block 2 and the final LayerNorm
+    with pytest.raises(ValueError, match="--freeze_layers=3: must be in 0..n_layer=2"):
+        reg.Freeze.check(dataclasses.replace(train.Config(), freeze_layers=3))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import torch
 import configurator as cfg
 import train
 from conftest import TINY, TINY_PIPELINE
+from evaluate import knowledge_metrics
 from train import main, parse_args
 
 
@@ -280,3 +282,61 @@ def test_pretraining_with_relu_saes_of_per_point_widths_and_the_scale_free_form(
     assert all(set(h["norms"]) == {"0", "1"} and min(h["norms"].values()) > 0 for h in history)
     with pytest.raises(ValueError, match="--sae_reg_widths: give 0 or 2 values"):
         train.parse_args(["--n_layer=1", "--sae_reg_widths=16,16,16"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a method keeps: relearning and forced choice, measured after the sequence
+
+
+def test_relearning_starts_at_the_final_accuracy_and_the_base_reference_is_made_once(tmp_path, monkeypatch, capsys):
+    calls, original = [], train.base_reference
+    monkeypatch.setattr(train, "base_reference", lambda seed, **kw: calls.append(seed) or original(seed, **kw))
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft,freeze", "--seeds=0,1", "--diagnose=false"]
+    assert main(argv) == 0
+    assert calls == [0, 1]  # once per seed, for both methods
+    folder = tmp_path / "default" / "cl"
+    for name in ("seqft", "freeze"):
+        result = json.loads((folder / f"{name}_seed0.json").read_text())
+        assert result["relearn_steps"] == [0, 2] and list(result["relearn"]) == ["add"]  # the tasks before the last
+        assert result["relearn"]["add"][0] == result["R"][-1][0]  # relearn@0 is the final accuracy
+        assert set(result["forced_choice"]) == {"add", "reverse"}
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert "kept@2" in summary["seqft"] and "forced_choice" in summary["freeze"]
+    capsys.readouterr()
+    assert main(argv[:-3] + ["--methods=seqft,ewc", "--seeds=0,1", "--diagnose=false"]) == 0  # a new method
+    assert calls == [0, 1] and "reusing " + str(folder / "base" / "seed0.json") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_kept_is_exactly_zero_for_the_base_model_run_through_the_methods_path(tmp_path, monkeypatch, finetune):
+    def answer_likelihood(model, split, device):  # a score that moves with every weight, unlike a tiny model's 0.0
+        with torch.no_grad():
+            return -model(split.x, split.y, split.answer_mask)[1].item()
+
+    monkeypatch.setattr(train, "task_accuracy", answer_likelihood)
+    config = tiny_config(tmp_path, "--tasks=add,reverse,sort", "--n_train=64", "--n_test=16", "--n_val=8",
+                         "--relearn_steps=0,1,3", "--sae_steps=5", "--sae_tokens=2000", f"--finetune={finetune}")
+    base = train.pretrain(config, "cpu")
+    suite = train.task_suite(config)
+    # a sequence of zero steps leaves the final model equal to the start model: kept@n must come out 0, exactly
+    still = dataclasses.replace(config, steps_per_task=0, diagnose=False)
+    result = train.run_method("seqft", 3, config=still, device="cpu", base=base, saes=None, suite=suite,
+                              lm_val_ids=train.corpus_of(config)[1])
+    reference = train.base_reference(3, config=still, device="cpu", base=base, suite=suite)
+    assert result["relearn"] == reference["relearn"] and result["forced_choice"] == reference["forced_choice"]
+    assert all(knowledge_metrics(result, reference)[f"kept@{n}"] == 0.0 for n in (0, 1, 3))
+    assert all(curve[0] < curve[1] < curve[2] for curve in reference["relearn"].values())  # relearning trains
+
+
+def test_relearning_trains_a_copy_as_the_regime_trains(tmp_path):
+    config = tiny_config(tmp_path, "--tasks=add,reverse", "--n_train=32", "--n_test=8", "--n_val=4",
+                         "--relearn_steps=0,2", "--finetune=lora", "--lora_targets=mlp_in")
+    base = train.pretrain(config, "cpu")
+    model = train.start_model(base, config, "cpu", seed=0)
+    model.stack_adapters()  # as O-LoRA leaves it: an earlier, frozen adapter set and a current one
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train.relearn(model, train.task_suite(config), config, "cpu", 0, desc="relearn")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # measurement only
+    trained = {n for n, p in train.relearnable(model, "lora").named_parameters() if p.requires_grad}
+    assert trained == {"blocks.0.mlp.c_fc.A", "blocks.0.mlp.c_fc.B"}  # the current adapters, not the past ones
+    assert all(p.requires_grad for p in train.relearnable(model, "full").parameters())
