@@ -468,3 +468,80 @@ def test_freeze_leaves_the_bottom_bit_identical_and_trains_the_rest(tiny_model, 
     assert all(not torch.equal(params[n], p) for n, p in others.items())  # block 2 and the final LayerNorm
     with pytest.raises(ValueError, match="--freeze_layers=3: must be in 0..n_layer=2"):
         reg.Freeze.check(dataclasses.replace(train.Config(), freeze_layers=3))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the core math, each against a computation by hand (each fails on a plausible slip in the code it checks)
+
+
+def test_sae_guided_penalty_is_zero_at_task_start_and_measured_against_the_task_start_codes(tiny_model, add_split):
+    from data.tasks import trim_padding
+
+    config = dataclasses.replace(train.Config(), sae_guided_mask_examples=16, sae_guided_mask_knn=3,
+                                 sae_guided_lambda_p=5.0, sae_guided_lambda_g=0.0, sae_guided_eps=0.0,
+                                 sae_guided_delta=0.0)
+    saes = tiny_saes()
+    method = reg.SAEGuided(config, tiny_model, saes)
+    method.before_task(tiny_model, add_split, 0)
+    reference = reg.frozen_copy(tiny_model)  # the model at task start
+    batch = trim_padding(add_split.batch(8, torch.Generator().manual_seed(0), "cpu"))
+
+    def penalty():
+        _, _, residuals = tiny_model(batch.x, read=method.reads)
+        return method.penalty(tiny_model, batch, {"residuals": residuals})[0]
+
+    assert penalty().item() == 0.0  # nothing has moved yet
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _, _, now = tiny_model(batch.x, read=(1, 2))
+    _, _, start = reference(batch.x, read=(1, 2))
+    drifts = {p: reg.code_drift(reg.content_codes(sae, now[p], batch.content_mask),
+                                reg.content_codes(sae, start[p], batch.content_mask), 64) for p, sae in saes.items()}
+    # by hand: 5 * sum_l (sum_j (1 - m_j) d_j / sum_j (1 - m_j))^2
+    expected = sum(5.0 * (((1 - method.mask[p]) * d).sum() / (1 - method.mask[p]).sum()) ** 2
+                   for p, d in drifts.items())
+    assert expected.item() > 0 and penalty().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mask_propagation_takes_the_strongest_of_several_neighbours():
+    decoder = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.6, 0.0, 0.8], [0.0, 0.0, 1.0]])
+    relevance = torch.tensor([0.0, 0.5, 1.0, 0.0])
+    # cosines: S01 = 0.8, S02 = 0.6, S12 = 0.48, S23 = 0.8, S03 = S13 = 0. With knn = 2 and alpha = 1:
+    # m_0 = max(0, 0.8 * 0.5, 0.6 * 1.0) = 0.6     m_1 = max(0.5, 0.8 * 0, 0.48 * 1.0) = 0.5
+    # m_2 = max(1.0, ...) = 1.0                      m_3 = max(0, 0.8 * 1.0, 0 * ...) = 0.8
+    mask = reg.propagate_mask(relevance, decoder, knn=2, alpha=1.0)
+    assert torch.allclose(mask, torch.tensor([0.6, 0.5, 1.0, 0.8]))
+
+
+def test_feature_relevance_is_the_mean_absolute_topk_code_over_content_tokens(tiny_model, add_split):
+    saes = tiny_saes()
+    relevance = reg.feature_relevance(tiny_model, saes, add_split, n_examples=12, batch_size=5)
+    _, _, residuals = tiny_model(add_split.x[:12], read=(1, 2))
+    content = add_split.content_mask[:12].bool()
+    for p, sae in saes.items():
+        r = sae.encode(residuals[p][content]).abs().mean(0)  # mean over the content tokens of |z_j|
+        assert torch.allclose(relevance[p], r / r.max(), atol=1e-6)
+        assert (relevance[p] == 0).sum() > 0  # TopK codes: latents that never win have relevance 0
+
+
+def test_sae_fd_distance_is_the_squared_code_distance_by_hand(tiny_model, add_split):
+    config = dataclasses.replace(train.Config(), sae_fd_lambda=2.0, sae_fd_anchors=8, sae_fd_batch_size=4)
+    saes = tiny_saes()
+    method = reg.SAEFD(config, tiny_model, saes, seed=0)
+    method.after_task(tiny_model, add_split, 0)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    draw = torch.Generator().set_state(method.generator.get_state())  # the anchors the penalty will draw
+    penalty, logs = method.penalty(tiny_model, None, {})
+    idx = torch.randint(8, (4,), generator=draw)
+    x, content = method.anchors["x"][idx], method.anchors["content_mask"][idx].bool()
+    _, _, residuals = tiny_model(x, read=(1, 2))
+    distance = 0.0
+    for p, sae in saes.items():
+        stored = reg.sparse_to_dense(*(c[idx][content] for c in method.anchors["codes"][p]), 64)
+        z = sae.encode(residuals[p][content])
+        distance += (z - stored).pow(2).sum(-1).mean().item()  # mean over tokens of ||z - z*||^2, summed over points
+    assert distance > 0 and logs["fd"] == pytest.approx(distance, rel=1e-4)
+    assert penalty.item() == pytest.approx(2.0 * distance, rel=1e-4)

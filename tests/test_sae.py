@@ -293,3 +293,14 @@ def test_sae_lr_schedule_warms_up_then_decays_to_min_lr():
     assert sae_lr_at(0, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-4)
     assert sae_lr_at(9, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-3)
     assert sae_lr_at(100, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-4)
+
+
+def test_total_loss_adds_auxk_with_its_coefficient_when_latents_are_dead():
+    sae = make_sae(d_sae=32, k=3, aux_k=4)
+    sae.tokens_since_fired[:12] = sae.config.dead_tokens  # 12 latents dead
+    x = torch.randn(64, 8)
+    total, main, auxk, _ = sae.loss(x)
+    x_n = x * sae.input_scale
+    residual = (x_n - sae.decode(sae.encode(x))).detach()
+    assert auxk.item() > 0 and torch.allclose(auxk, sae.auxk_loss(sae.pre_activations(x), residual))
+    assert torch.allclose(total, main + auxk / 32) and total.item() > main.item()
