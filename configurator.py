@@ -1,21 +1,24 @@
 """
-The command line of train.py and the cached results of its stages (nanoGPT names its version of this file so).
+The configuration of the pipeline and the cache of its stages (nanoGPT names its version of this file so).
 
-    parse_args(Config, argv)   Config from ['--key=value', ...]; unknown keys and bad values are one-line errors
+    Config                     every setting, one dataclass grouped by stage; PRESETS name sets of them
+    parse_args(argv)           Config from ['--key=value', ...]; unknown keys and bad values are one-line errors
     help_text(Config)          every key with its default and the comment beside it, grouped by stage
     validate(config)           choices, ranges, finiteness; raises ValueError naming the key and what is allowed
-    result_key(...)            what a stage's result depends on: its config keys, the source code, the data, the
+    result_key(...)            what a stage's result depends on: its config keys, the code it runs, the data, the
                                device, and the checkpoint it was built from
     load_cached / save_*       read a cached result only if its key matches; write atomically (temp file, rename)
 
 A cached result is reused only if the code, data, device and config that made it are unchanged: the key of every
-stage holds a hash of the project's source files, a hash of the corpus file, the device and the torch version,
-and the content hash of the checkpoint it was built from, so that a redone pretraining invalidates the SAEs and
-continual-learning results made from the old one.
+stage holds its config fields, a hash of the files whose code it runs (STAGE_CODE: a stage's own and those of the
+stages it is built from), a hash of the corpus file, the device and the torch version, and the content hash of the
+checkpoint it was built from, so that a redone pretraining invalidates the SAEs and continual-learning results
+made from the old one, while an edit of a method redoes only the continual-learning runs.
 """
 
 import dataclasses
 import difflib
+import glob
 import hashlib
 import inspect
 import json
@@ -24,11 +27,289 @@ import os
 import re
 import sys
 import typing
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from data.instructions import aux_task_names
+from data.tasks import DEFAULT_ORDER, TASKS
+from model import LORA_TARGETS
+from regularizers import METHODS
+from sae import SAE_KINDS, SAEConfig
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------------------------------------------
+# the configuration: every setting, grouped by stage
+
+
+@dataclass
+class Config:
+    # where and how
+    run: str = "default"  # results go to out_dir/run/
+    preset: str = ""  # a named set of the keys below (PRESETS); 'paper' = the paper's regime; given keys override it
+    out_dir: str = "out"  # the folder all runs go to
+    stage: str = "all"  # stop after this stage: pretrain | sae | cl (= all)
+    device: str = "auto"  # auto = cuda if available, else cpu
+    seed: int = 0  # seed of pretraining, the generated corpus and the SAEs
+    corpus: str = ""  # path of a text file; empty = the generated tiny-world corpus
+    corpus_lines: int = 60_000  # lines of the generated corpus
+    # model
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 96  # width of the residual stream (chosen by bench/calibrate.py, docs/calibration.md)
+    block_size: int = 64  # longest sequence, in characters
+    dropout: float = 0.0  # dropout probability in pretraining
+    bias: bool = True  # biases in Linear and LayerNorm layers (nanoGPT's default is False)
+    # pretraining (AdamW, cosine schedule with linear warmup)
+    batch_size: int = 32  # windows per pretraining step
+    max_iters: int = 1600  # pretraining steps
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # learning rate at the end of the cosine
+    warmup_iters: int = 100  # steps of linear warmup
+    weight_decay: float = 0.1  # AdamW weight decay on matrices
+    beta1: float = 0.9  # AdamW beta1 (pretraining and continual learning)
+    beta2: float = 0.99  # AdamW beta2 (pretraining and continual learning)
+    grad_clip: float = 1.0  # clip the gradient norm to this in every stage; 0 = no clipping
+    eval_interval: int = 200  # steps between evaluations and checkpoints
+    eval_iters: int = 20  # batches per loss estimate
+    # instruction phase, the end of the base stage: tag-routed auxiliary tasks (data/instructions.py)
+    instruct_tags: int = 0  # auxiliary tasks learned (the first n of AUX_TASKS); 0 = no instruction phase
+    instruct_iters: int = 1000  # steps of the phase: each an auxiliary batch (answer tokens) plus a corpus batch
+    instruct_lr: float = 1e-3  # its peak learning rate, cosine-decayed to min_lr
+    instruct_examples: int = 500  # training prompts per auxiliary task (32 more per task are held out)
+    # SAE-regularized pretraining: an SAE at every point 0..n_layer trained jointly with the model
+    sae_reg_lambda: float = 0.0  # weight of the reconstruction term; 0 = off
+    sae_reg_kind: str = "topk"  # the joint SAEs: 'topk', or 'relu' (ReLU + L1, the original study's kind)
+    sae_reg_k: int = 8  # TopK of joint TopK SAEs
+    sae_reg_l1: tuple[float, ...] = (0.0,)  # sparsity weight per point 0..n_layer, or one for all (TopK: optional)
+    sae_reg_expansion: int = 8  # d_sae of the joint SAEs = sae_reg_expansion * n_embd, unless sae_reg_widths
+    sae_reg_widths: tuple[int, ...] = ()  # d_sae per point 0..n_layer; empty = sae_reg_expansion * n_embd
+    sae_reg_norm: str = "norm"  # reconstruction / ||x|| ('norm', the original's) or / ||x||^2 ('norm2', scale-free)
+    # SAEs on the base model's residual stream
+    sae_kind: str = "topk"  # 'topk', or 'relu' (ReLU + L1: L0 follows sae_l1; sae_k then takes one, unused, value)
+    sae_l1: float = 0.01  # a ReLU SAE's sparsity weight
+    sae_points: tuple[int, ...] = ()  # residual points; empty = every point after a block, 1..n_layer
+    sae_expansion: int = 8  # d_sae = sae_expansion * n_embd
+    sae_k: tuple[int, ...] = (8,)  # TopK; several values train a k sweep, the first is the one used later
+    sae_steps: int = 2000  # training steps per SAE
+    sae_batch_size: int = 512  # tokens per SAE step
+    sae_tokens: int = 200_000  # activations collected per point to train on
+    sae_auxk: bool = True  # the auxiliary loss that revives dead latents
+    sae_aux_k: int = 64  # dead latents AuxK may use per token
+    sae_dead_firings: float = 1000.0  # dead after this many expected firings without one (d_sae / k tokens each)
+    # continual learning
+    tasks: tuple[str, ...] = DEFAULT_ORDER  # the order tasks are learned in
+    methods: tuple[str, ...] = ("seqft", "ewc", "sae_guided")  # methods to run (regularizers.METHODS)
+    seeds: tuple[int, ...] = (0,)  # fine-tuning seeds: batch order, importance samples, replay buffer
+    steps_per_task: int = 200  # AdamW steps per task
+    cl_batch_size: int = 32  # examples per step
+    cl_lr: float = 3e-4  # AdamW, constant, a fresh optimizer per task, no weight decay
+    finetune: str = "full"  # 'full': every weight learns; 'lora': adapters on frozen weights (model.add_lora)
+    lora_rank: int = 8  # rank r of each adapter
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # projections of every block that get an adapter
+    content_tokens: str = "all"  # where SAE-guided and LwF look: 'all' real tokens, or 'no_template' (no tag, no ' > ')
+    n_train: int = 2000  # training examples per task
+    n_val: int = 100  # validation examples per task (at most; carved from training questions)
+    n_test: int = 200  # test examples per task (at most)
+    eval_split: str = "test"  # the split R is measured on; 'val' is for tuning hyperparameters
+    cl_dir: str = "cl"  # results go to out/<run>/<cl_dir>/<method>_seed<seed>.json
+    jobs: int = 2  # (method, seed) runs at once, in processes; each run uses one thread, whatever this is
+    # what a method keeps of the earlier tasks, measured after the sequence (never fed to training)
+    relearn_steps: tuple[int, ...] = (0, 5, 20)  # relearn@n: n steps of fine-tuning on one earlier task; empty = off
+    forced_choice_k: int = 9  # distractors per example in forced choice (fewer if a task has fewer answers); 0 = off
+    # EWC: w = diagonal Fisher
+    ewc_lambda: float = 1e5  # penalty weight (chosen on val by bench/tune.py, docs/tuning.md)
+    ewc_mode: str = "separate"  # one (F, theta*) per task, or 'online': F <- gamma F_old + F_new
+    ewc_gamma: float = 1.0  # online mode's decay of the old Fisher
+    ewc_fisher_examples: int = 256  # examples the Fisher is estimated on
+    ewc_fisher_labels: str = "true"  # true: y sampled from the model; empirical: ground truth
+    # SI: w = path integral of -g * delta_theta over the task
+    si_lambda: float = 1e3  # penalty weight (chosen on val by bench/tune.py)
+    si_xi: float = 1e-3  # damping of the division by the squared total change
+    # MAS: w = mean |gradient of the squared output norm|
+    mas_lambda: float = 1.0  # penalty weight (chosen on val by bench/tune.py)
+    mas_examples: int = 256  # examples the importance is estimated on
+    # LwF: distillation of the task-start model's outputs
+    lwf_lambda: float = 1.0  # weight of the KL term (chosen on val by bench/tune.py)
+    lwf_temperature: float = 2.0  # softmax temperature T of both distributions
+    # O-LoRA: an adapter set per task (lora_rank, lora_alpha, lora_targets; its own under finetune=full), all summed
+    o_lora_lambda: float = 0.1  # weight of the orthogonality loss sum_{s<t} ||A_t A_s^T||_F^2 (chosen on val)
+    # freeze (Zheng et al. 2025): the bottom of the model is not trained during the sequence
+    freeze_layers: int = 1  # blocks frozen from the bottom, with the embeddings (and so the tied head; chosen on val)
+    # SAE-FD: distillation of SAE codes on stored anchors of finished tasks (stores data)
+    sae_fd_lambda: float = 1.0  # weight of the squared code distance on the anchors (chosen on val)
+    sae_fd_anchors: int = 64  # training inputs of each finished task kept, with their SAE codes
+    sae_fd_batch_size: int = 16  # anchors in each step's distillation batch
+    # SAE-guided activation regularization
+    sae_guided_lambda_p: float = 100.0  # weight of the protect hinge (these four chosen on val by bench/tune.py)
+    sae_guided_lambda_g: float = 1.0  # weight of the guide hinge; 0 turns it off
+    sae_guided_eps: float = 0.005  # protected features may drift this much for free
+    sae_guided_delta: float = 0.05  # relevant features should drift at least this much
+    sae_guided_mask_examples: int = 256  # examples of the current task the mask is built from
+    sae_guided_mask_knn: int = 4  # decoder neighbours a feature's relevance spreads to
+    sae_guided_mask_alpha: float = 0.5  # how much relevance spreads to a neighbour
+    sae_guided_mask_binary: bool = False  # ablation: threshold the mask at sae_guided_mask_threshold
+    sae_guided_mask_threshold: float = 0.5  # the threshold of a binary mask
+    sae_guided_mask_random: bool = False  # ablation: the mask's values on randomly permuted features (same mass)
+    sae_guided_protect_past: bool = False  # ablation: also protect features earlier tasks' masks marked
+    sae_guided_points: tuple[int, ...] = ()  # ablation: the SAE points the penalty uses; empty = every SAE point
+    sae_guided_codes: str = "topk"  # drift on the TopK codes, or 'dense' ReLU pre-activations
+    sae_guided_reference: str = "task_start"  # theta_ref: the model at task start, or the 'base' model
+    # replay (stores data; a reference point)
+    replay_fraction: float = 0.05  # share of each finished task's training examples kept
+    replay_batch_size: int = 16  # replayed examples appended to each batch
+    # the forgetting diagnostic (evaluate.forgetting_diagnostic): measurement only, never fed to training
+    diagnose: bool = True  # after every task, on each earlier task: drift in its SAE features and the rest, ...
+    diagnose_examples: int = 64  # evaluation examples per task it looks at
+
+
+PRESETS = {  # name -> the keys it sets
+    # the paper's regime as calibrated on the 2-core CPU (README, "The paper's regime"): an instruction-following
+    # base (32 auxiliary tags), one set of LoRA adapters on every projection of the frozen base, the frozen base with
+    # the adapters off as SAE-guided's reference, drift measured on content tokens without the template; the
+    # penalty weights chosen for it on val (docs/tuning.md; where the choice is the default, it is not repeated here)
+    "paper": {"instruct_tags": 32, "finetune": "lora", "lora_rank": 8, "cl_lr": 1e-3, "sae_guided_reference": "base",
+              "content_tokens": "no_template", "ewc_lambda": 100.0, "lwf_lambda": 0.1, "o_lora_lambda": 100.0,
+              "sae_fd_lambda": 10.0, "sae_guided_lambda_p": 1e4, "sae_guided_lambda_g": 0.0, "sae_guided_eps": 0.0,
+              "sae_guided_delta": 0.0},
+    # the original SAE-regularization study (peterlai/gpt-circuits, experiments/regularization/setup.py,
+    # RegularizeAllLayersExperiment, with its config/gpt and config/sae settings for shakespeare_64x4): 4 layers,
+    # 64 wide, character level, block 128, batch 128, 15,000 steps, lr 1e-3 (750 warmup) decaying to 1e-5; ReLU + L1
+    # SAEs at all 5 points, of its widths and L1 coefficients, lambda 3, reconstruction / ||x||. The normal model is
+    # the same with --sae_reg_lambda=0; the corpus is tinyshakespeare (--corpus); bench/sae_reg.py --sweep=original
+    # trains its sweep of fresh SAEs. Weight decay, betas and gradient clipping stay ours (README).
+    "gpt_circuits": {"n_layer": 4, "n_head": 4, "n_embd": 64, "block_size": 128, "dropout": 0.0, "batch_size": 128,
+                     "max_iters": 15_000, "lr": 1e-3, "min_lr": 1e-5, "warmup_iters": 750, "eval_interval": 250,
+                     "eval_iters": 100, "sae_reg_lambda": 3.0, "sae_reg_kind": "relu",
+                     "sae_reg_widths": (512, 512, 2048, 4096, 4096), "sae_reg_l1": (0.020, 0.035, 0.085, 0.07, 0.075),
+                     "sae_reg_norm": "norm", "sae_points": (0, 1, 2, 3, 4), "sae_tokens": 1_000_000},
+}
+CHOICES = {  # fields whose value must be one of a fixed set
+    "preset": ("",) + tuple(PRESETS),
+    "stage": ("all", "pretrain", "sae", "cl"),
+    "device": ("auto", "cpu", "cuda"),
+    "tasks": tuple(TASKS),
+    "methods": tuple(METHODS),
+    "eval_split": ("test", "val"),
+    "ewc_mode": ("separate", "online"),
+    "ewc_fisher_labels": ("true", "empirical"),
+    "sae_guided_codes": ("topk", "dense"),
+    "sae_guided_reference": ("task_start", "base"),
+    "finetune": ("full", "lora"),
+    "content_tokens": ("all", "no_template"),
+    "lora_targets": LORA_TARGETS,
+    "sae_kind": tuple(SAE_KINDS),
+    "sae_reg_kind": tuple(SAE_KINDS),
+    "sae_reg_norm": ("norm", "norm2"),
+}
+STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those of the stages it is built from
+    "pretrain": ("seed", "corpus", "corpus_lines", "n_layer", "n_head", "n_embd", "block_size", "dropout",
+                 "bias", "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
+                 "grad_clip", "eval_interval", "eval_iters", "instruct_tags", "instruct_iters", "instruct_lr",
+                 "instruct_examples", "sae_reg_lambda", "sae_reg_kind", "sae_reg_k", "sae_reg_l1",
+                 "sae_reg_expansion", "sae_reg_widths", "sae_reg_norm"),
+    "sae": ("sae_kind", "sae_l1", "sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size",
+            "sae_tokens", "sae_auxk", "sae_aux_k", "sae_dead_firings"),
+    "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "finetune", "lora_rank", "lora_alpha", "lora_targets",
+           "content_tokens", "n_train", "n_val", "n_test", "eval_split", "diagnose", "diagnose_examples",
+           "relearn_steps", "forced_choice_k"),
+}  # and each method's own fields, '<method>_*' (regularizers.Method.config_keys)
+NOT_RESULT_KEYS = ("run", "out_dir", "preset", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device,
+# preset: in the keys as the resolved device and as the values the preset set
+
+STAGE_CODE = {  # the project's files whose code each stage runs, beside the files of the stages it is built from
+    "pretrain": ("model.py", "data/*.py", "pretrain.py"),  # + sae.py with joint SAEs, evaluate.py with instructions
+    "sae": ("sae.py", "evaluate.py", "train.py"),
+    "cl": ("regularizers.py", "evaluate.py", "train.py"),
+}  # report.py, configurator.py, evidence.py, bench/ and tests/ make no stage's result; other files are not read
+
+
+def validate(config):
+    """Everything that can be checked before compute is spent; ValueError names the key and what is allowed."""
+    check_fields(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "sae_guided_points",
+                                                "corpus_lines", "instruct_tags", "relearn_steps", "forced_choice_k",
+                                                "freeze_layers"))
+    if list(config.relearn_steps) != sorted(set(config.relearn_steps)):
+        raise ValueError(f"--relearn_steps={','.join(map(str, config.relearn_steps))}: give increasing step counts, "
+                         "each once (e.g. 0,5,20)")
+    aux_task_names(config.instruct_tags)
+    if config.n_embd % config.n_head:
+        raise ValueError(f"--n_embd={config.n_embd} must be divisible by --n_head={config.n_head}")
+    if config.lr <= 0 or config.cl_lr <= 0:
+        raise ValueError(f"--lr={config.lr} and --cl_lr={config.cl_lr} must be above 0")
+    if config.min_lr > config.lr:
+        raise ValueError(f"--min_lr={config.min_lr} must be at most --lr={config.lr}")
+    for key in ("beta1", "beta2", "dropout"):
+        if not getattr(config, key) < 1.0:
+            raise ValueError(f"--{key}={getattr(config, key)} must be below 1")
+    for point in config.sae_points:
+        if not 0 <= point <= config.n_layer:
+            raise ValueError(f"--sae_points: {point} is not a residual point; valid points are 0..{config.n_layer}")
+    d_sae = config.sae_expansion * config.n_embd
+    if not all(0 < k <= d_sae for k in config.sae_k):
+        raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: each k must be in 1..d_sae={d_sae}")
+    n_points = config.n_layer + 1  # the jointly trained SAEs, one per point 0..n_layer
+    for key, allowed in (("sae_reg_l1", (1, n_points)), ("sae_reg_widths", (0, n_points))):
+        if len(getattr(config, key)) not in allowed:
+            raise ValueError(f"--{key}: give {' or '.join(map(str, allowed))} values (points 0..{config.n_layer}), "
+                             f"not {len(getattr(config, key))}")
+    widths = [s.d_sae for s in joint_sae_configs(config).values()]
+    if config.sae_reg_kind == "topk" and not config.sae_reg_k <= min(widths):
+        raise ValueError(f"--sae_reg_k={config.sae_reg_k} must be in 1..d_sae={min(widths)}")
+    if config.sae_kind == "relu" and len(config.sae_k) > 1:
+        raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: a sweep of k needs --sae_kind=topk "
+                         "(a ReLU SAE's L0 follows --sae_l1)")
+    if not config.tasks or len(set(config.tasks)) != len(config.tasks):
+        raise ValueError(f"--tasks={','.join(config.tasks)}: name each task once; valid tasks: {', '.join(TASKS)}")
+    if not config.methods or not config.seeds or not config.sae_k:
+        raise ValueError("--methods, --seeds and --sae_k need at least one value each")
+    for method in METHODS.values():
+        method.check(config)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda was asked for, but no CUDA device is available; use --device=cpu or auto")
+
+
+def parse_args(argv):
+    """Config from ['--key=value', ...], validated."""
+    config = parse_fields(Config, argv, presets=PRESETS)
+    validate(config)
+    return config
+
+
+def resolve_device(config):
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def joint_sae_configs(config):
+    """{point: SAEConfig} of the SAEs trained jointly with the model, points 0..n_layer: the width and sparsity
+    weight of each point (one value given = every point), no AuxK."""
+    points = range(config.n_layer + 1)
+    widths = config.sae_reg_widths or [config.sae_reg_expansion * config.n_embd] * len(points)
+    l1s = config.sae_reg_l1 if len(config.sae_reg_l1) > 1 else config.sae_reg_l1 * len(points)
+    return {p: SAEConfig(d_in=config.n_embd, d_sae=widths[p], k=config.sae_reg_k, kind=config.sae_reg_kind, l1=l1s[p],
+                         auxk_coef=0.0) for p in points}
+
+
+def stage_config(config, *stages):
+    """The config fields the given stages' results depend on."""
+    return {key: getattr(config, key) for stage in stages for key in STAGE_KEYS[stage]}
+
+
+
+def stage_code(config, *stages):
+    """The files whose code the given stages run (STAGE_CODE), in a fixed order."""
+    files = [f for stage in stages for f in STAGE_CODE[stage]]
+    if "pretrain" in stages and config.sae_reg_lambda > 0:
+        files.append("sae.py")  # the SAEs trained jointly with the model
+    if "pretrain" in stages and config.instruct_tags:
+        files.append("evaluate.py")  # the instruction phase measures its held-out accuracy
+    return sorted({path for pattern in files for path in glob.glob(pattern, root_dir=ROOT)})
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # --key=value
@@ -56,10 +337,10 @@ def parse_value(key, text, annotation):
     raise ValueError(f"--{key}={text!r}: expected a {type_name}")
 
 
-def parse_args(config_class, argv, renamed=None, presets=None):
-    """A config_class instance from ['--key=value', ...]. renamed = {old key: new key} for deprecated keys (a
-    warning names the new key). presets = {name: {key: value}}: `--preset=name` sets those keys first, and any
-    key given on the command line overrides them. Checking the values is `validate`'s job."""
+def parse_fields(config_class, argv, presets=None, command="python train.py"):
+    """A config_class instance from ['--key=value', ...]. presets = {name: {key: value}}: `--preset=name` sets
+    those keys first, and any key given on the command line overrides them. Checking the values is `check_fields`'
+    job (and, for Config, `validate`'s)."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     hints = typing.get_type_hints(config_class)
     overrides = {}
@@ -67,13 +348,10 @@ def parse_args(config_class, argv, renamed=None, presets=None):
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"arguments look like --key=value (or --help), got {arg!r}")
         key, text = arg[2:].split("=", 1)
-        if renamed and key in renamed:
-            print(f"warning: --{key} is deprecated; it is now --{renamed[key]}", file=sys.stderr)
-            key = renamed[key]
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=3)
             hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
-            raise ValueError(f"unknown config key --{key}{hint}; `python train.py --help` lists the keys")
+            raise ValueError(f"unknown config key --{key}{hint}; `{command} --help` lists the keys")
         overrides[key] = parse_value(key, text, hints[key])
     if overrides.get("preset"):
         if overrides["preset"] not in (presets or {}):
@@ -82,11 +360,11 @@ def parse_args(config_class, argv, renamed=None, presets=None):
     return config_class(**overrides)
 
 
-def help_text(config_class):
+def help_text(config_class, command="python train.py"):
     """The keys of config_class with their defaults and meanings, read from its source: a comment line opens a
     group, and the comment after a field is its meaning."""
     defaults = config_class()
-    lines = ["usage: python train.py [--key=value ...]", ""]
+    lines = [f"usage: {command} [--key=value ...]", ""]
     for line in inspect.getsource(config_class).splitlines()[1:]:
         group = re.fullmatch(r"\s+# (.+)", line)
         field = re.fullmatch(r"\s+(\w+): [^=]+= .*?(?:#\s*(.*))?", line)
@@ -104,7 +382,7 @@ def help_text(config_class):
 # validation: every check that can be made before compute is spent
 
 
-def validate(config, choices, at_least_zero=()):
+def check_fields(config, choices, at_least_zero=()):
     """Choices, ranges and finiteness, by rules that hold for every field of the given kind:
 
     - a field listed in `choices` takes one of its values (each item, for a tuple field);
@@ -138,28 +416,14 @@ def check_out_dir(path):
 # what a result depends on
 
 
-MAKES_NO_STAGE = ("evidence.py",)  # top-level modules that only read results (its runs are train.py's, keyed there)
-
-
-def source_files():
-    """The project's source: the top-level modules and data/ (not tests/, bench/ or MAKES_NO_STAGE: no stage's
-    result depends on them)."""
-    names = [n for n in os.listdir(ROOT) if n.endswith(".py") and n not in MAKES_NO_STAGE]
-    names += [os.path.join("data", n) for n in os.listdir(os.path.join(ROOT, "data")) if n.endswith(".py")]
-    return sorted(names)
-
-
-def sha256_of_files(paths, root=ROOT):
+def sha256_of_files(paths):
+    """A hash of the project's files at these paths (relative to the project's root), names and contents."""
     digest = hashlib.sha256()
     for name in paths:
         digest.update(name.encode())
-        with open(os.path.join(root, name), "rb") as f:
+        with open(os.path.join(ROOT, name), "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
-
-
-def source_hash():
-    return sha256_of_files(source_files())
 
 
 def file_hash(path):
@@ -187,9 +451,10 @@ def tensor_hash(obj):
     return digest.hexdigest()[:16]
 
 
-def result_key(config_part, device, corpus, built_from=None):
-    """The full key of a cached result; JSON-normal so that it compares equal after a round trip."""
-    key = {"config": config_part, "code": source_hash(), "torch": torch.__version__, "device": device,
+def result_key(config_part, code_files, device, corpus, built_from=None):
+    """The full key of a cached result; JSON-normal so that it compares equal after a round trip. code_files: the
+    project files whose code made it (stage_code)."""
+    key = {"config": config_part, "code": sha256_of_files(code_files), "torch": torch.__version__, "device": device,
            "corpus": file_hash(corpus) if corpus else "generated", "built_from": built_from or {}}
     return json.loads(json.dumps(key))
 
@@ -269,6 +534,18 @@ def load_checkpoint(path, key):
 
 def load_json_result(path, key):
     return load_cached(path, key, read_json)
+
+
+def summary_is_there(stage, path, summary_path, key):
+    """A finished stage is reused only with its summary JSON, made with the same key, beside it; else it is redone
+    (and the summary written again)."""
+    if load_json_result(summary_path, key) is not None:
+        print(f"{stage}: reusing {path}")
+        return True
+    print(f"{stage}: {summary_path} is missing or stale; redoing the stage")
+    return False
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------------

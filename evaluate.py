@@ -1,9 +1,10 @@
 """
-Metrics, plots and the report.
+Measurements: what a model does on the tasks, what an SAE keeps of the activations, and the continual-learning
+metrics. (report.py turns saved results into tables, plots and the report.)
 
 - Task accuracy: exact match of the greedy-decoded answer (computed teacher-forced, in one pass).
-- What a method keeps beyond what greedy answers show: forced-choice accuracy (does the correct answer outrank
-  answers of the same task and format?) and, from the relearning curves train.py measures, kept@n.
+- What a model knows beyond its greedy answers: forced-choice accuracy (does the correct answer outrank answers of
+  the same task and format?); with the relearning curves train.py measures, kept@n (knowledge_metrics).
 - Continual-learning metrics from the accuracy matrix R, where R[t][i] is the accuracy on task i after training
   task t (row 0: before any task): OP, plasticity, BWT, forgetting.
 - SAE metrics on held-out text: L0, FVU, explained variance, dead fraction, cosine(x, xhat), CE increase when a
@@ -11,26 +12,15 @@ Metrics, plots and the report.
 - The forgetting diagnostic: after each task, on every earlier task's evaluation inputs, where the forgetting is:
   in the SAE features that task relied on or in the rest, in the part of the activation the SAE does not
   reconstruct, in the output distribution, and in the answers' format. Measurement only; it never feeds training.
-- Plots (PNG) and a markdown report. `python evaluate.py out/<run>` rebuilds the report from the saved JSON.
 """
 
-import json
-import os
 import random
-import re
-import sys
-from collections import defaultdict
 
-import matplotlib
-import matplotlib.ticker
-
-matplotlib.use("Agg")  # files only, no window
-import matplotlib.pyplot as plt
 import torch
 
 from data.tasks import Batch, answer_format, format_example, to_tensors, trim_padding
 from data.tokenizer import NEWLINE, decode, encode
-from regularizers import METHODS, answer_log_likelihood, propagate_mask  # the report lists methods in this order
+from regularizers import answer_log_likelihood, propagate_mask
 
 # ----------------------------------------------------------------------------------------------------------------
 # task accuracy
@@ -59,6 +49,35 @@ def task_accuracy(model, split, device, batch_size=256):
 def mean_accuracy(model, splits, device):
     """(1/S) sum_s task_accuracy(split s): the mean over tasks, each counted once whatever its size."""
     return sum(task_accuracy(model, split, device) for split in splits) / len(splits)
+
+
+@torch.no_grad()
+def greedy_answers(model, split, device, n_examples=None):
+    """The greedy-decoded answers (text up to the newline) of a TaskSplit's first n_examples prompts, all decoded
+    side by side: each step runs the batch once and appends every unfinished row's argmax at its own position (a
+    causal model never looks at the padding to the right of a row). At most 4 characters more than the longest
+    true answer and its newline, within the block size."""
+    was_training = model.training
+    model.eval()
+    examples = split.examples[:n_examples]
+    prompts = [encode(format_example(q, a)[0]) for q, a in examples]
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    max_new = min(max(len(a) for _, a in examples) + 5, model.config.block_size - int(lengths.max()))
+    x = torch.full((len(prompts), int(lengths.max()) + max_new), NEWLINE, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        x[i, : len(p)] = torch.tensor(p)
+    position, done = lengths.clone(), torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    rows = torch.arange(len(prompts), device=device)
+    for _ in range(max_new):
+        logits = model(x[:, : int(position.max())])[0]
+        next_token = logits[rows, position - 1].argmax(-1)
+        x[rows[~done], position[~done]] = next_token[~done]
+        done |= next_token == NEWLINE
+        position = torch.where(done, position, position + 1)
+        if done.all():
+            break
+    model.train(was_training)
+    return [decode(x[i, n : int(position[i])].tolist()) for i, n in enumerate(lengths.tolist())]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,35 +142,6 @@ def forced_choice(model, suite, tasks, split_name, device, k, seed=0):
     return results
 
 
-@torch.no_grad()
-def greedy_answers(model, split, device, n_examples=None):
-    """The greedy-decoded answers (text up to the newline) of a TaskSplit's first n_examples prompts, all decoded
-    side by side: each step runs the batch once and appends every unfinished row's argmax at its own position (a
-    causal model never looks at the padding to the right of a row). At most 4 characters more than the longest
-    true answer and its newline, within the block size."""
-    was_training = model.training
-    model.eval()
-    examples = split.examples[:n_examples]
-    prompts = [encode(format_example(q, a)[0]) for q, a in examples]
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    max_new = min(max(len(a) for _, a in examples) + 5, model.config.block_size - int(lengths.max()))
-    x = torch.full((len(prompts), int(lengths.max()) + max_new), NEWLINE, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        x[i, : len(p)] = torch.tensor(p)
-    position, done = lengths.clone(), torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    rows = torch.arange(len(prompts), device=device)
-    for _ in range(max_new):
-        logits = model(x[:, : int(position.max())])[0]
-        next_token = logits[rows, position - 1].argmax(-1)
-        x[rows[~done], position[~done]] = next_token[~done]
-        done |= next_token == NEWLINE
-        position = torch.where(done, position, position + 1)
-        if done.all():
-            break
-    model.train(was_training)
-    return [decode(x[i, n : int(position[i])].tolist()) for i, n in enumerate(lengths.tolist())]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the forgetting diagnostic
 
@@ -213,32 +203,6 @@ def forgetting_diagnostic(end, now, own_formats, latest_formats):
             "format_confusion": format_confusion(now["answers"], own_formats, latest_formats)}
 
 
-DIAGNOSTIC_CURVES = {  # curve -> (panel title, its value from one diagnostic entry of an earlier task); drift per
-    # feature: sum_j m_j d_j / sum_j m_j (the task's mask) and sum_j (1 - m_j) d_j / sum_j (1 - m_j), over all points
-    "drift_mask": ("drift per feature: the task's", lambda d: sum(p["drift_mask"] for p in d["points"].values())
-                   / sum(p["mask_mass"] for p in d["points"].values())),
-    "drift_rest": ("drift per feature: the others'", lambda d: sum(p["drift_rest"] for p in d["points"].values())
-                   / sum(p["features"] - p["mask_mass"] for p in d["points"].values())),
-    "error_norm_change": ("SAE error norm, relative change",  # sum_p change_p / sum_p mean ||x - xhat||_end
-                          lambda d: sum(p["error_norm_change"] for p in d["points"].values())
-                          / sum(p["error_norm_end"] for p in d["points"].values())),
-    "answer_kl": ("KL at answer positions", lambda d: d["answer_kl"]),
-    "format_confusion": ("answers in the latest task's format", lambda d: d["format_confusion"]),
-}
-
-
-def diagnostic_curves(runs):
-    """{curve: [value after task t, for t = 2..T]}: each DIAGNOSTIC_CURVES quantity (over all SAE points together)
-    averaged over the earlier tasks s < t and over the runs (seeds), plus the earlier tasks' accuracy."""
-    curves = {"accuracy": []} | {name: [] for name in DIAGNOSTIC_CURVES}
-    for t in range(1, len(runs[0]["diagnostic"])):
-        tasks = runs[0]["tasks"][:t]
-        curves["accuracy"].append(sum(r["R"][t + 1][s] for r in runs for s in range(t)) / (t * len(runs)))
-        for name, (_, value) in DIAGNOSTIC_CURVES.items():
-            curves[name].append(sum(value(r["diagnostic"][t][s]) for r in runs for s in tasks) / (t * len(runs)))
-    return curves
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # SAE metrics
 
@@ -297,47 +261,10 @@ def sae_metrics(model, saes, ids, block_size, device, n_batches=20, batch_size=3
     return results
 
 
-def plot_sae_metrics(results, run_dir):
-    """sae_metrics.png: L0, FVU, dead fraction and CE increase per point (first k); with several k, also
-    sae_k_sweep.png: CE increase against L0 per point, and FVU against k."""
-    ks = list(results["by_k"])
-    first = results["by_k"][ks[0]]["points"]
-    points = list(first)
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3))
-    for ax, (key, title) in zip(axes, [("l0", "L0"), ("fvu", "FVU"), ("dead_fraction", "dead fraction"),
-                                       ("ce_increase", "CE increase (nats)")]):
-        ax.bar([str(p) for p in points], [first[p][key] for p in points], color="tab:blue")
-        ax.set_title(title)
-        ax.set_xlabel("residual point")
-    fig.suptitle(f"TopK SAEs, k={ks[0]}, held-out base-corpus text")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "sae_metrics.png"), dpi=120)
-    plt.close(fig)
-    if len(ks) < 2:
-        return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for p in points:
-        l0s = [results["by_k"][k]["points"][p]["l0"] for k in ks]
-        ce = [results["by_k"][k]["points"][p]["ce_increase"] for k in ks]
-        ax1.plot(l0s, ce, "o-", label=f"point {p}")
-        ax2.plot([int(k) for k in ks], [results["by_k"][k]["points"][p]["fvu"] for k in ks], "o-", label=f"point {p}")
-    ax1.set(xscale="log", xlabel="L0", ylabel="CE increase (nats)", title="CE increase vs L0")
-    ax2.set(xscale="log", xlabel="k", ylabel="FVU", title="FVU vs k")
-    for ax in (ax1, ax2):  # ticks at the k of the sweep (L0 = k for TopK), written as plain numbers
-        ax.set_xticks([int(k) for k in ks], [str(k) for k in ks])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax1.legend()
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "sae_k_sweep.png"), dpi=120)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # continual-learning metrics
 #
 # R has T + 1 rows: R[0] before any task, R[t] after training task t (tasks numbered 1..T); column i-1 is task i.
-
 
 def cl_metrics(R):
     """OP, plasticity, BWT and forgetting from an accuracy matrix (list of rows); see the equations below."""
@@ -355,53 +282,6 @@ def cl_metrics(R):
     metrics["forgetting_per_task"] = forgetting
     metrics["forgetting"] = sum(forgetting) / len(forgetting)
     return metrics
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
-
-
-def load_cl_results(run_dir, cl_dir="cl"):
-    """{method: [result dict per seed]} from out/<run>/<cl_dir>/<method>_seed<seed>.json (other files, such as
-    the summary.json written beside them, are not results). A missing or empty folder, or a damaged file, is an
-    error that names it."""
-    folder = os.path.join(run_dir, cl_dir)
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder} does not exist; run `python train.py` first (or give the run's folder)")
-    results = defaultdict(list)
-    for name in sorted(os.listdir(folder)):
-        if re.fullmatch(r"[a-z_]+_seed\d+\.json", name):
-            path = os.path.join(folder, name)
-            try:
-                with open(path) as f:
-                    r = json.load(f)
-                results[r["method"]].append(r)
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{path} is damaged ({type(error).__name__}: {error}); delete it, or rerun "
-                                 "`python train.py` with the same options to redo it") from None
-    if not results:
-        raise ValueError(f"{folder} holds no continual-learning results (<method>_seed<n>.json)")
-    return results
-
-
-BASE_DIR = "base"  # out/<run>/<cl_dir>/base/seed<n>.json: the base model relearned and in forced choice, per seed
-
-
-def load_base_results(folder):
-    """{seed: result} of the base model's relearning and forced choice in a results folder (train.base_reference),
-    shared by every method of the folder; {} if there are none."""
-    folder = os.path.join(folder, BASE_DIR)
-    results = {}
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if re.fullmatch(r"seed\d+\.json", name):
-            with open(os.path.join(folder, name)) as f:
-                r = json.load(f)
-            results[r["seed"]] = r
-    return results
 
 
 def knowledge_metrics(run, base):
@@ -424,306 +304,3 @@ def knowledge_metrics(run, base):
             if base is not None:
                 metrics[f"kept@{n}"] = metrics[f"relearn@{n}"] - knowledge_metrics(base, None)[f"relearn@{n}"]
     return metrics
-
-
-def differing_keys(dicts):
-    """The keys whose values are not the same in all of dicts."""
-    return sorted(k for k in set().union(*dicts) if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1)
-
-
-def check_comparable(results):
-    """Refuse to average or set side by side results made by different settings: all runs must share the
-    continual-learning settings, code, device and base model (their 'shared' key), and the seeds of one method
-    its own settings. The error names the keys that differ."""
-    runs = [r for rs in results.values() for r in rs]
-    # the shared config fields, and beside them the code, torch, device, corpus and base-model hashes
-    shared = [{**r["shared"]["config"], **{k: v for k, v in r["shared"].items() if k != "config"}} for r in runs]
-    differing = differing_keys(shared)
-    if differing:
-        files = ", ".join(f"{r['method']}_seed{r['seed']}.json" for r in runs)
-        raise ValueError(f"these results were made with different settings ({', '.join(differing)}), so they are "
-                         f"not compared: {files}; keep one setting per folder (--cl_dir)")
-    for method, rs in results.items():
-        differing = differing_keys([r["method_settings"] for r in rs])
-        if differing:
-            raise ValueError(f"the {method} results of seeds {[r['seed'] for r in rs]} were made with different "
-                             f"settings ({', '.join(differing)}), so they are not averaged; keep one setting per "
-                             "folder (--cl_dir)")
-
-
-def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
-    """Aggregate the CL results over seeds, print the comparison table, write summary.json, report.md, plots
-    (into out/<run>/, or out/<run>/<cl_dir>/ for another results folder)."""
-    results = load_cl_results(run_dir, cl_dir)
-    results = {m: [r for r in results[m] if seeds is None or r["seed"] in seeds]
-               for m in METHODS if m in results and (methods is None or m in methods)}
-    results = {m: rs for m, rs in results.items() if rs}
-    if not results:
-        raise ValueError(f"no continual-learning results for methods {methods} and seeds {seeds} in "
-                         f"{os.path.join(run_dir, cl_dir)}")
-    check_comparable(results)
-    shared = next(iter(results.values()))[0]["shared"]  # a base reference of other settings is a stale one
-    base = {seed: b for seed, b in load_base_results(os.path.join(run_dir, cl_dir)).items() if b["shared"] == shared}
-    if cl_dir != "cl":
-        run_dir = os.path.join(run_dir, cl_dir)
-    seqft_step = {r["seed"]: r["step_seconds"] for r in results.get("seqft", [])}
-    summary = {}
-    for method, runs in results.items():
-        per_seed = [cl_metrics(r["R"]) | knowledge_metrics(r, base.get(r["seed"])) for r in runs]
-        row = {"seeds": [r["seed"] for r in runs], "tasks": runs[0]["tasks"], "eval_split": runs[0]["eval_split"]}
-        for key in ("op", "bwt", "plasticity", "forgetting"):
-            row[key], row[key + "_std"] = mean_std([m[key] for m in per_seed])
-        knowledge = {key for m in per_seed for key in m if key == "exact_match" or "@" in key or "forced" in key}
-        for key in sorted(knowledge):  # kept@n only where every seed has its base result
-            if all(key in m for m in per_seed):
-                row[key], row[key + "_std"] = mean_std([m[key] for m in per_seed])
-        base_runs = [base[r["seed"]] for r in runs if r["seed"] in base]
-        if base_runs and len(base_runs) == len(runs):  # the base model, on the same seeds: the reference row
-            base_metrics = [knowledge_metrics(b, None) for b in base_runs]
-            row["base"] = {key: mean_std([m[key] for m in base_metrics])[0] for key in base_metrics[0]}
-        row["lm_loss_before"], _ = mean_std([r["lm_loss_before"] for r in runs])
-        row["lm_loss_after"], row["lm_loss_after_std"] = mean_std([r["lm_loss_after"] for r in runs])
-        row["retained_bytes"], _ = mean_std([r["retained_bytes"] for r in runs])
-        row["step_ms"], _ = mean_std([1000 * r["step_seconds"] for r in runs])
-        # step-time ratio against seqft of the same seed (all runs here share their settings, checked above)
-        ratios = [r["step_seconds"] / seqft_step[r["seed"]] for r in runs if r["seed"] in seqft_step]
-        row["step_time_ratio"], _ = mean_std(ratios)
-        row["R_mean"] = torch.tensor([r["R"] for r in runs], dtype=torch.float64).mean(0).tolist()
-        if all(r.get("aux_accuracy") for r in runs):  # an instruction-following base: the tags along the sequence
-            row["aux_accuracy"] = torch.tensor([r["aux_accuracy"] for r in runs]).mean(0).tolist()
-        if all(r.get("diagnostic") for r in runs):
-            row["diagnostic"] = diagnostic_curves(runs)
-        summary[method] = row
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    table = results_table(summary)
-    print(table)
-    plot_cl(summary, run_dir)
-    plot_forgetting(summary, run_dir)
-    plot_knowledge(summary, run_dir)
-    write_report(summary, table, run_dir)
-    return summary
-
-
-def fmt(mean, std=None, digits=3):
-    if mean is None:
-        return "-"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
-
-
-def relearn_steps(summary):
-    """The n > 0 of relearn@n in a summary, in order."""
-    steps = {int(match[1]) for row in summary.values() for key in row if (match := re.fullmatch(r"relearn@(\d+)", key))}
-    return sorted(n for n in steps if n > 0)
-
-
-def results_table(summary):
-    """Two markdown tables: what is kept (OP, BWT, and on the earlier tasks forced choice, relearn@n, kept@n, with
-    the base model as the reference row), then what it costs (plasticity, forgetting, LM loss, bytes, step time)."""
-    steps = relearn_steps(summary)
-    header = ["method", "OP", "BWT", "forced-choice"] + [c for n in steps for c in (f"relearn@{n}", f"kept@{n}")]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-
-    def cell(row, key):
-        return fmt(row.get(key), row.get(key + "_std"))
-
-    for method, r in summary.items():
-        cells = [method, cell(r, "op"), cell(r, "bwt"), cell(r, "forced_choice")]
-        lines.append("| " + " | ".join(cells + [cell(r, f"{k}@{n}") for n in steps for k in ("relearn", "kept")]) + " |")
-    base = next((r["base"] for r in summary.values() if "base" in r), None)
-    if base:  # the base model, never trained on the tasks: what relearning and forced choice give without them
-        cells = ["*base model*", "-", "-", fmt(base.get("forced_choice"))]
-        lines.append("| " + " | ".join(cells + [c for n in steps for c in (fmt(base.get(f"relearn@{n}")), "0")])
-                     + " |")
-    chance = next((r["forced_choice_chance"] for r in summary.values() if "forced_choice_chance" in r), None)
-    if chance is not None:
-        lines += ["", f"Forced choice, relearn@n and kept@n are means over the earlier tasks (all but the last); "
-                      f"forced choice's chance level there is {chance:.3f}."]
-    lines += ["", "| method | plasticity | forgetting | LM loss after (before) | retained bytes | step time vs seqft |",
-              "|---|---|---|---|---|---|"]
-    for method, r in summary.items():
-        ratio = "-" if r["step_time_ratio"] is None else f"{r['step_time_ratio']:.2f}x"
-        lines.append(
-            f"| {method} | {fmt(r['plasticity'], r['plasticity_std'])} | {fmt(r['forgetting'], r['forgetting_std'])} | "
-            f"{fmt(r['lm_loss_after'], r['lm_loss_after_std'])} ({r['lm_loss_before']:.3f}) | "
-            f"{int(r['retained_bytes']):,} | {ratio} |")
-    return "\n".join(lines)
-
-
-LEGEND = """Reading the columns (R[t][i]: exact-match accuracy on task i after training task t; T tasks):
-- OP = mean_i R[T][i]: accuracy on every task after the whole sequence. BWT = mean_{i<T} (R[T][i] - R[i][i]):
-  what the earlier tasks lost by the end (-1 total forgetting, 0 none).
-- forced-choice: on the earlier tasks, the share of evaluation examples whose correct answer has a higher
-  log-likelihood than every distractor (answers of other examples of the task, same format): knowledge that does
-  not need the answer's format.
-- relearn@n: on the earlier tasks, accuracy after n steps of plain fine-tuning on that task alone, from the final
-  model. kept@n = relearn@n - the base model's relearn@n (same steps, same seed): what the final model holds of the
-  tasks beyond what the base already had. Forgetting that relearning undoes quickly was hidden, not lost.
-- plasticity = mean_i R[i][i]; forgetting = mean_{i<T} (max_{t<T} R[t][i] - R[T][i]); LM loss: base-corpus
-  cross-entropy after (before) the sequence; retained bytes: what the method keeps between tasks; step time:
-  against seqft's, seed by seed."""
-
-
-def panel_grid(n, width, height, columns=4, **kwargs):
-    """A figure with n panels, at most `columns` a row; the panels left over are hidden."""
-    rows = (n + columns - 1) // columns
-    fig, axes = plt.subplots(rows, min(n, columns), figsize=(width * min(n, columns), height * rows),
-                             squeeze=False, **kwargs)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat[:n])
-
-
-def plot_cl(summary, run_dir):
-    """cl_matrix.png (accuracy-matrix heatmaps, mean over seeds), cl_curves.png (each task's accuracy along the
-    sequence), cl_bars.png (OP and BWT with the seed spread)."""
-    methods = list(summary)
-    tasks = summary[methods[0]]["tasks"]
-    fig, axes = panel_grid(len(methods), 4.2, 4)
-    for ax, method in zip(axes, methods):
-        R = summary[method]["R_mean"]
-        ax.imshow(R, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        for t, row in enumerate(R):
-            for i, v in enumerate(row):
-                ax.text(i, t, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
-        ax.set_xticks(range(len(tasks)), tasks, rotation=60, fontsize=7)
-        rows = ["base"] + (tasks if len(R) == len(tasks) + 1 else ["all"])[: len(R) - 1]
-        ax.set_yticks(range(len(R)), ["after " + r if r != "base" else r for r in rows], fontsize=7)
-        ax.set_title(method)
-    fig.suptitle("accuracy R[after row][task column], mean over seeds")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "cl_matrix.png"), dpi=120)
-    plt.close(fig)
-
-    sequential = [m for m in methods if len(summary[m]["R_mean"]) == len(tasks) + 1]
-    if sequential:
-        fig, axes = panel_grid(len(sequential), 4.2, 3.3, sharey=True)
-        for ax, method in zip(axes, sequential):
-            R = torch.tensor(summary[method]["R_mean"])
-            for i, task in enumerate(tasks):
-                ax.plot(range(len(R)), R[:, i], marker=".", label=task)
-            ax.set_xticks(range(len(R)), ["base"] + [f"+{t[:4]}" for t in tasks], rotation=60, fontsize=7)
-            ax.set_title(method)
-            ax.set_ylim(-0.05, 1.05)
-            ax.yaxis.set_tick_params(labelleft=True)
-        axes[0].legend(fontsize=7, loc="upper right", ncol=2)
-        fig.supylabel("accuracy on each task, mean over seeds")
-        fig.tight_layout()
-        fig.savefig(os.path.join(run_dir, "cl_curves.png"), dpi=120)
-        plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    for ax, key in zip(axes, ("op", "bwt")):
-        values = [summary[m][key] if summary[m][key] is not None else 0.0 for m in methods]
-        errors = [summary[m][key + "_std"] or 0.0 for m in methods]
-        ax.bar(methods, values, yerr=errors, capsize=4, color="tab:blue")
-        ax.axhline(0, color="k", lw=0.5)
-        ax.tick_params(axis="x", rotation=30)
-        ax.set_title(key.upper() + f" (mean ± std over {len(summary[methods[0]]['seeds'])} seed(s))")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "cl_bars.png"), dpi=120)
-    plt.close(fig)
-
-
-def plot_forgetting(summary, run_dir):
-    """forgetting.png: the forgetting diagnostic along the sequence, one panel per quantity, a line per method;
-    each point is the mean over the tasks learned before task t (and over seeds)."""
-    methods = [m for m in summary if "diagnostic" in summary[m]]
-    if not methods:
-        return
-    tasks = summary[methods[0]]["tasks"]
-    titles = {"accuracy": "accuracy of earlier tasks"} | {k: v[0] for k, v in DIAGNOSTIC_CURVES.items()}
-    aux = [m for m in methods if "aux_accuracy" in summary[m]]
-    fig, axes = panel_grid(len(titles) + bool(aux), 4.0, 3.2, columns=4)
-    for ax, (key, title) in zip(axes, titles.items()):
-        for method in methods:
-            values = summary[method]["diagnostic"][key]
-            ax.plot(range(2, 2 + len(values)), values, marker=".", label=method)
-        ax.set_title(title, fontsize=10)
-        ax.axhline(0, color="k", lw=0.5)
-    if aux:  # the instruction-following accuracy from the base (x = 0) to the end
-        ax = axes[-1]
-        for method in aux:
-            ax.plot(range(len(summary[method]["aux_accuracy"])), summary[method]["aux_accuracy"], marker=".",
-                    label=method)
-        ax.set_title("auxiliary (instruction) accuracy", fontsize=10)
-        ax.set_ylim(-0.05, 1.05)
-    for ax in axes:
-        ax.set_xticks(range(0, len(tasks) + 1), ["base"] + [f"+{t[:4]}" for t in tasks], rotation=60, fontsize=7)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("forgetting diagnostic: on the tasks learned before, after each task (mean over them and seeds)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "forgetting.png"), dpi=120)
-    plt.close(fig)
-
-
-def plot_knowledge(summary, run_dir):
-    """knowledge.png: the relearning curves (mean accuracy on the earlier tasks after n steps, per method, with the
-    base model dashed), and forced-choice against exact-match accuracy on the earlier tasks, per method."""
-    methods = [m for m in summary if "relearn@0" in summary[m] or "forced_choice" in summary[m]]
-    if not methods:
-        return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {m: f"C{i}" for i, m in enumerate(summary)}
-    steps = [0] + relearn_steps(summary)
-    for method in methods:
-        if "relearn@0" in summary[method]:
-            r = summary[method]
-            ax1.errorbar(steps, [r[f"relearn@{n}"] for n in steps], yerr=[r[f"relearn@{n}_std"] or 0 for n in steps],
-                         marker="o", capsize=3, color=colours[method], label=method)
-    base = next((r["base"] for r in summary.values() if "base" in r), None)
-    if base and "relearn@0" in base:
-        ax1.plot(steps, [base[f"relearn@{n}"] for n in steps], "k--", marker="s", label="base model")
-    ax1.set(xlabel="steps of fine-tuning on the task alone", ylabel="accuracy on the earlier tasks",
-            title="relearning from the final model", ylim=(-0.03, 1.03))
-    ax1.set_xticks(steps)
-    ax1.legend(fontsize=7, ncol=2)
-    for method in methods:
-        r = summary[method]
-        if "forced_choice" in r:
-            ax2.errorbar(r["exact_match"], r["forced_choice"], xerr=r["exact_match_std"] or 0,
-                         yerr=r["forced_choice_std"] or 0, marker="o", capsize=3, color=colours[method])
-            ax2.annotate(method, (r["exact_match"], r["forced_choice"]), fontsize=8, xytext=(4, 4),
-                         textcoords="offset points")
-    chance = next((r["forced_choice_chance"] for r in summary.values() if "forced_choice_chance" in r), None)
-    if chance is not None:
-        ax2.axhline(chance, color="grey", ls=":", label=f"chance ({chance:.2f})")
-    if base and "forced_choice" in base:
-        ax2.axhline(base["forced_choice"], color="k", ls="--", label=f"base model ({base['forced_choice']:.2f})")
-    ax2.plot([0, 1], [0, 1], color="lightgrey", lw=0.8)
-    ax2.set(xlabel="exact match (greedy answer)", ylabel="forced choice (correct answer ranked first)",
-            title="the earlier tasks after the sequence", xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
-    ax2.legend(fontsize=7, loc="lower right")
-    seeds = summary[methods[0]]["seeds"]
-    fig.suptitle(f"what each method keeps of the tasks before the last (mean ± std over seeds {seeds})")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "knowledge.png"), dpi=120)
-    plt.close(fig)
-
-
-def write_report(summary, table, run_dir):
-    first = next(iter(summary.values()))
-    lines = [f"# Continual learning: {os.path.basename(os.path.normpath(run_dir))}", "", LEGEND, "",
-             f"Tasks in order: {', '.join(first['tasks'])}. Accuracy on the `{first['eval_split']}` split; "
-             f"seeds {first['seeds']}.", "", table, "",
-             "![accuracy matrices](cl_matrix.png)", "", "![accuracy along the sequence](cl_curves.png)", "",
-             "![OP and BWT](cl_bars.png)", ""]
-    if os.path.exists(os.path.join(run_dir, "knowledge.png")):
-        lines += ["![what each method keeps](knowledge.png)", ""]
-    if os.path.exists(os.path.join(run_dir, "forgetting.png")):
-        lines += ["![the forgetting diagnostic](forgetting.png)", ""]
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python evaluate.py out/<run>   (rebuilds the report from the saved JSON)", file=sys.stderr)
-        sys.exit(2)
-    try:
-        summarize_run(sys.argv[1])
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

@@ -33,13 +33,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.utils import vector_to_parameters  # noqa: E402
 
+import configurator as cfg  # noqa: E402
 import regularizers as reg  # noqa: E402
 import train  # noqa: E402
 from configurator import progress  # noqa: E402
 from data.tasks import build_task_suite, trim_padding  # noqa: E402
 from data.tokenizer import NEWLINE, VOCAB_SIZE, encode  # noqa: E402
 from data.world import generate_lines  # noqa: E402
-from evaluate import fmt, mean_std  # noqa: E402
+from report import fmt, mean_std  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sae import SAEConfig, TopKSAE  # noqa: E402
 
@@ -644,7 +645,7 @@ def ablations(config, device, base, sae_checkpoint, variants):
     configs = [dataclasses.replace(config, methods=(method,), cl_dir="evidence_" + slug(variant), diagnose=False,
                                    **settings) for variant, (method, settings) in variants.items()]
     for c in configs:
-        train.validate(c)
+        cfg.validate(c)
     summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=config.jobs)
     result = {}
     for (variant, (method, settings)), summary in zip(variants.items(), summaries):

@@ -298,3 +298,36 @@ def cross_entropy(logits, targets, loss_mask=None):
         return per_token.mean()
     loss_mask = loss_mask.reshape(-1).to(per_token.dtype)
     return (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models made from a model: a checkpoint's, a frozen reference, the base under the adapters
+
+
+def model_from_checkpoint(checkpoint, device):
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device)
+
+
+
+
+def frozen_copy(model):
+    """A copy of the model that takes no gradient: a reference theta_ref."""
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
+class AdaptersOff(nn.Module):
+    """The frozen base of a model with LoRA adapters, as a module of its own: the same model, run with its adapters
+    switched off. A reference that costs no copy."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with self.model.adapters_off():
+            return self.model(*args, **kwargs)

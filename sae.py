@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from configurator import progress
 
 
 @dataclass
@@ -236,9 +235,11 @@ def sae_lr_at(step, steps, lr, min_lr=None, warmup=0):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (lr - min_lr)
 
 
-def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0, desc="sae", min_lr=None, warmup=0):
+def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0, desc="sae", min_lr=None, warmup=0,
+              progress=None):
     """Train one SAE of config.kind on activations (N, d_in), Adam at lr (default: the 1/sqrt(d_sae) rule), constant
-    or, with min_lr, warmed up and cosine-decayed (sae_lr_at); returns (sae, history of losses)."""
+    or, with min_lr, warmed up and cosine-decayed (sae_lr_at); returns (sae, history of losses). progress: a
+    function that wraps the steps in a progress bar (configurator.progress), or None for none."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     sae = make_sae(config).to(activations.device)
@@ -246,8 +247,8 @@ def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0,
     peak_lr = lr or sae_lr(config.d_sae)
     optimizer = torch.optim.Adam(sae.parameters(), lr=peak_lr)
     history = []
-    bar = progress(range(steps), desc=desc, leave=False)
-    for step in bar:
+    bar = progress(range(steps), desc=desc, leave=False) if progress else None
+    for step in bar if bar is not None else range(steps):
         for group in optimizer.param_groups:
             group["lr"] = sae_lr_at(step, steps, peak_lr, min_lr, warmup)
         idx = torch.randint(len(activations), (batch_size,), generator=generator).to(activations.device)
@@ -262,7 +263,8 @@ def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0,
         sae.update_dead_counter(z)
         if step % 100 == 0 or step == steps - 1:
             history.append({"step": step, "fvu": fvu.item(), sae.second_term: second.item()})
-            bar.set_postfix(fvu=f"{fvu.item():.3f}", refresh=False)
+            if bar is not None:
+                bar.set_postfix(fvu=f"{fvu.item():.3f}", refresh=False)
     return sae.eval(), history
 
 
@@ -284,14 +286,15 @@ def collect_activations(model, ids, points, n_tokens, block_size, seed=0, batch_
     return {p: torch.cat(a)[:n_tokens] for p, a in acts.items()}
 
 
-def train_saes(model, ids, points, sae_kwargs, *, n_tokens, steps, batch_size, block_size, seed=0):
+def train_saes(model, ids, points, sae_kwargs, *, n_tokens, steps, batch_size, block_size, seed=0, progress=None):
     """One SAE per residual point, trained on n_tokens of the frozen model's activations over ids;
     sae_kwargs are the SAEConfig fields other than d_in."""
     acts = collect_activations(model, ids, points, n_tokens, block_size, seed)
     saes, histories = {}, {}
     for p in points:
         config = SAEConfig(d_in=acts[p].size(1), **sae_kwargs)
-        saes[p], histories[p] = train_sae(acts[p], config, steps, batch_size, seed=seed, desc=f"sae point {p}")
+        saes[p], histories[p] = train_sae(acts[p], config, steps, batch_size, seed=seed, desc=f"sae point {p}",
+                                          progress=progress)
     return saes, histories
 
 

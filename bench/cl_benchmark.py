@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-from evaluate import results_table  # noqa: E402
+from report import results_table  # noqa: E402
 from regularizers import METHODS  # noqa: E402
 
 ARGS = ["--methods=" + ",".join(METHODS), "--seeds=0,1,2"]

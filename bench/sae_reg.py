@@ -40,11 +40,12 @@ import torch  # noqa: E402
 
 import configurator as cfg  # noqa: E402
 import train  # noqa: E402
-from evaluate import fmt, mean_std, sae_metrics  # noqa: E402
+from evaluate import sae_metrics  # noqa: E402
+from report import fmt, mean_std  # noqa: E402
 from sae import SAEConfig, collect_activations, train_sae  # noqa: E402
 
 # The original study (peterlai/gpt-circuits: experiments/regularization/setup.py, RegularizeAllLayersExperiment, and
-# config/sae/training.py, shakespeare_64x4_defaults); its model settings are train.PRESETS["gpt_circuits"].
+# config/sae/training.py, shakespeare_64x4_defaults); its model settings are configurator.PRESETS["gpt_circuits"].
 ORIGINAL = {
     "widths": (512, 512, 2048, 4096, 4096),  # SAE features per point 0..4 (64 x 8, 8, 32, 64, 64)
     "l1_start": {"normal": (0.0021, 0.0175, 0.056, 0.09, 0.275), "regularized": (0.0005, 0.002, 0.006, 0.010, 0.02)},

@@ -10,6 +10,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import calibrate  # noqa: E402
 import sae_reg  # noqa: E402
+import configurator as cfg  # noqa: E402
+import pretrain  # noqa: E402
 import train  # noqa: E402
 from conftest import TINY  # noqa: E402
 
@@ -19,13 +21,13 @@ SAE_REG = TINY + ["--sae_steps=20", "--sae_tokens=2000", "--sae_batch_size=128",
 
 def test_sae_reg_uses_each_seeds_corpus_throughout(tmp_path, monkeypatch):
     seen = []
-    real_corpus = train.corpus
+    real_corpus = pretrain.corpus
 
     def recording_corpus(path, n_lines, seed, block_size):
         seen.append(seed)
         return real_corpus(path, n_lines, seed, block_size)
 
-    monkeypatch.setattr(train, "corpus", recording_corpus)
+    monkeypatch.setattr(pretrain, "corpus", recording_corpus)
     sae_reg.main(SAE_REG + [f"--out_dir={tmp_path}", "--seeds=1", "--k=2,4"])
     assert seen and set(seen) == {1}  # pretraining, the fresh SAEs and their metrics: all on seed 1's corpus
     results = json.loads((tmp_path / "default" / "sae_reg" / "sae_reg.json").read_text())
@@ -70,7 +72,7 @@ def test_the_gpt_circuits_preset_and_sweep_are_the_original_numbers():
     assert (config.sae_reg_lambda, config.sae_reg_kind, config.sae_reg_norm) == (3.0, "relu", "norm")
     assert config.sae_reg_widths == (512, 512, 2048, 4096, 4096)
     assert config.sae_reg_l1 == (0.020, 0.035, 0.085, 0.07, 0.075)
-    joint = train.joint_sae_configs(config)
+    joint = cfg.joint_sae_configs(config)
     assert [joint[p].d_sae for p in range(5)] == [512, 512, 2048, 4096, 4096] and joint[2].l1 == 0.085
     normal = sae_reg.l1_sweep("normal", 8)
     assert len(normal) == 8 and normal[0] == (0.0021, 0.0175, 0.056, 0.09, 0.275)

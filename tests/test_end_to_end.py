@@ -8,7 +8,7 @@ import torch
 
 import train
 from conftest import TINY_PIPELINE
-from evaluate import summarize_run
+from report import summarize_run
 
 METHODS = ("seqft", "ewc", "si", "mas", "lwf", "o_lora", "sae_fd", "sae_guided", "freeze", "replay",
            "multitask")

@@ -1,8 +1,10 @@
 """The evidence analyses: the probe and its AUC, the collateral ratio, the features, memory by hand, the command."""
 
+import dataclasses
 import json
 
 import evidence
+import configurator as cfg
 import regularizers as reg
 import train
 from data.tasks import build_task_suite
@@ -160,7 +162,7 @@ def test_ablation_variants_are_valid_configs_and_change_one_thing_each():
     assert variants["reference: frozen base"] == ("sae_guided", {"sae_guided_reference": "base"})
     for method, settings in variants.values():
         assert len(settings) <= 1
-        train.validate(train.dataclasses.replace(config, methods=(method,), **settings))
+        cfg.validate(dataclasses.replace(config, methods=(method,), **settings))
     assert len({evidence.slug(v) for v in variants}) == len(variants)  # each its own results folder
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import regularizers as reg
+import pretrain
 import train
 from data.tasks import build_task_suite
 
@@ -323,13 +324,13 @@ def test_sae_training_penalty_by_hand():
     x = torch.tensor([[[1.0, -2.0], [3.0, 0.0]]])  # xhat = ReLU(x) = [[1, 0], [3, 0]]
     # squared error per token: 4 and 0 -> mean 2; norms sqrt(5) and 3 -> mean (sqrt(5) + 3) / 2
     mean_norm = (5**0.5 + 3) / 2
-    penalty = reg.sae_training_penalty({0: x}, {0: identity_sae()}, lam=3.0)
+    penalty = pretrain.sae_training_penalty({0: x}, {0: identity_sae()}, lam=3.0)
     assert penalty.item() == pytest.approx(3.0 * 2 / mean_norm)
     # the scale-free form: mean squared norm (5 + 9) / 2
-    assert reg.sae_training_penalty({0: x}, {0: identity_sae()}, lam=3.0, norm_power=2).item() == pytest.approx(
+    assert pretrain.sae_training_penalty({0: x}, {0: identity_sae()}, lam=3.0, norm_power=2).item() == pytest.approx(
         3.0 * 2 / 7)
     # L1 of z per token: 1 and 3 -> mean 2, times the SAE's l1; and the mean over the points that have an SAE
-    with_l1 = reg.sae_training_penalty({0: x, 1: torch.zeros(1, 2, 2) + 1.0},
+    with_l1 = pretrain.sae_training_penalty({0: x, 1: torch.zeros(1, 2, 2) + 1.0},
                                        {0: identity_sae(l1=0.5), 1: identity_sae(l1=0.5)}, lam=3.0)
     assert with_l1.item() == pytest.approx((3.0 * 2 / mean_norm + 0.5 * 2 + 0.0 + 0.5 * 2) / 2)
 
@@ -342,7 +343,7 @@ def test_sae_training_gradient_reaches_the_model_only_when_on(tiny_model, lam):
     saes = {p: TopKSAE(SAEConfig(32, 64, 4)) for p in (0, 1, 2)}
     x = torch.randint(0, 96, (2, 12))
     _, _, residuals = tiny_model(x, read=(0, 1, 2))
-    reg.sae_training_penalty(residuals, saes, lam).backward()
+    pretrain.sae_training_penalty(residuals, saes, lam).backward()
     grads = [p.grad for p in tiny_model.parameters()]
     reached = any(g is not None and g.abs().sum() > 0 for g in grads)
     assert reached == (lam > 0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import configurator as cfg
+import pretrain
 import train
 from conftest import TINY, TINY_PIPELINE
 from evaluate import knowledge_metrics
@@ -19,10 +20,10 @@ def tiny_config(tmp_path, *extra):
 
 def test_lr_schedule():
     config = parse_args(["--lr=1e-3", "--min_lr=1e-4", "--warmup_iters=10", "--max_iters=110"])
-    assert train.get_lr(0, config) == pytest.approx(1e-4)  # warmup starts at lr / warmup_iters
-    assert train.get_lr(9, config) == pytest.approx(1e-3)
-    assert train.get_lr(60, config) == pytest.approx(5.5e-4)  # half way down the cosine
-    assert train.get_lr(110, config) == pytest.approx(1e-4)
+    assert pretrain.get_lr(0, config) == pytest.approx(1e-4)  # warmup starts at lr / warmup_iters
+    assert pretrain.get_lr(9, config) == pytest.approx(1e-3)
+    assert pretrain.get_lr(60, config) == pytest.approx(5.5e-4)  # half way down the cosine
+    assert pretrain.get_lr(110, config) == pytest.approx(1e-4)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -65,20 +66,18 @@ def test_pretrain_loss_falls_then_is_reused_and_redone_on_change(tmp_path, capsy
     assert "different config (max_iters)" in capsys.readouterr().out
 
 
-def test_a_change_of_code_corpus_or_device_redoes_the_stage(tmp_path, monkeypatch, capsys):
+def test_a_change_of_corpus_or_device_redoes_the_stage(tmp_path, monkeypatch, capsys):
     corpus = tmp_path / "text.txt"
     corpus.write_text("to be or not to be, that is the question.\n" * 60)
     config = tiny_config(tmp_path, f"--corpus={corpus}")
     train.pretrain(config, "cpu")
     capsys.readouterr()
-    monkeypatch.setattr(cfg, "source_hash", lambda: "edited")  # as after an edit of any source file
-    train.pretrain(config, "cpu")
-    assert "different source code; redoing" in capsys.readouterr().out
     corpus.write_text("all the world's a stage, and all the men and women merely players.\n" * 40)
-    train.corpus.cache_clear()
+    pretrain.corpus.cache_clear()
     train.pretrain(config, "cpu")  # same path, other content
     assert "different corpus file; redoing" in capsys.readouterr().out
-    key = cfg.result_key(train.stage_config(config, "pretrain"), "cuda", config.corpus)
+    key = cfg.result_key(train.stage_config(config, "pretrain"), train.stage_code(config, "pretrain"), "cuda",
+                         config.corpus)
     assert cfg.load_checkpoint(str(tmp_path / "default" / "base.pt"), key) is None  # made on cpu, not cuda
     assert "different device" in capsys.readouterr().out
 
@@ -121,7 +120,7 @@ def test_pretrain_is_repeatable_under_a_seed(tmp_path):
 def test_interrupted_pretraining_resumes(tmp_path, monkeypatch, capsys):
     config = tiny_config(tmp_path)
     calls = {"n": 0}
-    real_get_batch = train.get_batch
+    real_get_batch = pretrain.get_batch
 
     def dying_get_batch(*args, **kwargs):
         calls["n"] += 1
@@ -129,12 +128,12 @@ def test_interrupted_pretraining_resumes(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real_get_batch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "get_batch", dying_get_batch)
+    monkeypatch.setattr(pretrain, "get_batch", dying_get_batch)
     with pytest.raises(KeyboardInterrupt):
         train.pretrain(config, "cpu")
     partial = torch.load(os.path.join(tmp_path, "default", "base.pt"), weights_only=False)
     assert partial["iter"] == 20 and not partial["done"]
-    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    monkeypatch.setattr(pretrain, "get_batch", real_get_batch)
     capsys.readouterr()
     resumed = train.pretrain(config, "cpu")
     assert "resuming" in capsys.readouterr().out
@@ -252,9 +251,9 @@ def test_a_log_file_gets_lines_not_redraws(tmp_path):
 def test_lr_schedule_of_the_instruction_phase():
     config = parse_args(["--lr=1e-3", "--min_lr=1e-4", "--max_iters=110", "--instruct_tags=4", "--instruct_lr=5e-4",
                          "--instruct_iters=100"])
-    assert train.get_lr(110, config) == pytest.approx(5e-4)  # the phase starts at its own peak
-    assert train.get_lr(160, config) == pytest.approx(3e-4)  # half way down its cosine
-    assert train.get_lr(209, config) == pytest.approx(1e-4, rel=1e-3)
+    assert pretrain.get_lr(110, config) == pytest.approx(5e-4)  # the phase starts at its own peak
+    assert pretrain.get_lr(160, config) == pytest.approx(3e-4)  # half way down its cosine
+    assert pretrain.get_lr(209, config) == pytest.approx(1e-4, rel=1e-3)
 
 
 def test_the_instruction_phase_makes_the_base_answer_held_out_auxiliary_prompts(tmp_path):
@@ -340,3 +339,33 @@ def test_relearning_trains_a_copy_as_the_regime_trains(tmp_path):
     trained = {n for n, p in train.relearnable(model, "lora").named_parameters() if p.requires_grad}
     assert trained == {"blocks.0.mlp.c_fc.A", "blocks.0.mlp.c_fc.B"}  # the current adapters, not the past ones
     assert all(p.requires_grad for p in train.relearnable(model, "full").parameters())
+
+
+def test_an_edit_redoes_only_the_stages_that_run_the_edited_file(tmp_path, monkeypatch, capsys):
+    """In a copy of the project's files (the hashes read the copy): an edit of the methods' file keeps the base and
+    the SAEs, of the SAE file keeps the base, of the model file redoes everything; a new file redoes nothing."""
+    import shutil
+
+    copy = tmp_path / "project"
+    shutil.copytree(cfg.ROOT, copy, ignore=shutil.ignore_patterns("out", ".git", "__pycache__", "tests", "*.tmp"))
+    monkeypatch.setattr(cfg, "ROOT", str(copy))
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path / 'out'}", "--methods=seqft", "--relearn_steps=0,1"]
+
+    def run_after(edit=None):
+        if edit:
+            edit()
+        capsys.readouterr()
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        return ["pretrain: reusing" in out, "sae: reusing" in out, out.count("cl: reusing") == 2]  # run and base
+
+    def append_comment(name):
+        return lambda: open(copy / name, "a").write("# a student's comment\n")
+
+    assert run_after() == [False, False, False]
+    assert run_after() == [True, True, True]  # nothing changed: everything reused
+    assert run_after(append_comment("regularizers.py")) == [True, True, False]
+    assert run_after(append_comment("report.py")) == [True, True, True]  # the report makes no stage
+    assert run_after(append_comment("sae.py")) == [True, False, False]  # the diagnostic reads the SAEs
+    assert run_after(append_comment("model.py")) == [False, False, False]
+    assert run_after(lambda: (copy / "scratch.py").write_text("print('hello')\n")) == [True, True, True]

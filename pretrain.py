@@ -1,0 +1,307 @@
+"""
+Stage 1, pretraining: the GPT learns the base corpus (the generated tiny world, or a text file); with
+--instruct_tags it then learns tag-routed auxiliary tasks (the instruction phase), and with --sae_reg_lambda it
+learns jointly with an SAE at every residual point (SAE-regularized pretraining). The result is cached at
+out/<run>/base.pt with its summary in pretrain.json; an interrupted run resumes from its last checkpoint.
+
+    pretrain(config, device)   the base checkpoint: reused when cached, else trained (or resumed) and saved
+"""
+
+import functools
+import math
+import os
+import time
+
+import torch
+
+import configurator as cfg
+from configurator import joint_sae_configs, progress, stage_code, stage_config
+from data.corpus import get_batch, load_corpus
+from data.instructions import AUX_TASKS, aux_task_names
+from data.tasks import build_task_suite, concat_splits, trim_padding
+from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
+from evaluate import mean_accuracy
+from model import GPT, GPTConfig
+from sae import make_sae
+
+# ----------------------------------------------------------------------------------------------------------------
+# data of the stage: the corpus and the auxiliary tasks of the instruction phase
+
+
+@functools.lru_cache(maxsize=4)
+def corpus(path, n_lines, seed, block_size):
+    """(train_ids, val_ids) of the corpus, made once per process (the generated corpus takes a few seconds)."""
+    return load_corpus(path or None, n_lines=n_lines, seed=seed, block_size=block_size)
+
+
+def corpus_of(config):
+    return corpus(config.corpus, config.corpus_lines, config.seed, config.block_size)
+
+
+
+
+AUX_HELD_OUT = 32  # held-out prompts per auxiliary task: the instruction-following accuracy is measured on them
+
+
+def aux_suite(config):
+    """{aux task: {'train', 'val' (empty), 'test' (held out)}} of the instruction phase; {} without one."""
+    if not config.instruct_tags:
+        return {}
+    return build_task_suite(aux_task_names(config.instruct_tags), config.instruct_examples, 0, AUX_HELD_OUT, seed=0,
+                            block_size=config.block_size, tasks=AUX_TASKS)
+
+
+def aux_accuracy(model, suite, device):
+    """Instruction following: the mean accuracy over the auxiliary tasks' held-out prompts."""
+    return mean_accuracy(model, [s["test"] for s in suite.values()], device)
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pieces of a training step, shared with the continual-learning loop (train.py)
+
+
+def clip_gradients(parameters, grad_clip):
+    """Clip the global gradient norm to grad_clip; 0 means no clipping (in every stage)."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+
+
+def check_finite(loss, where, advice):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()} {where}; {advice}")
+
+
+
+
+def get_lr(it, config):
+    """Linear warmup to lr over warmup_iters, then cosine decay to min_lr at max_iters; in the instruction phase
+    that follows, a second cosine from instruct_lr to min_lr over instruct_iters."""
+    if config.instruct_tags and it >= config.max_iters:
+        progress_ = (it - config.max_iters) / max(1, config.instruct_iters)
+        return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (config.instruct_lr - config.min_lr)
+    if it < config.warmup_iters:
+        return config.lr * (it + 1) / config.warmup_iters
+    progress_ = min(1.0, (it - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters))
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (config.lr - config.min_lr)
+
+
+@torch.no_grad()
+def estimate_lm_loss(model, ids, config, device, n_batches, seed=1234):
+    """Mean cross-entropy over n_batches fixed random windows of ids (the same windows every call)."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(n_batches):
+        x, y = get_batch(ids, config.batch_size, config.block_size, generator, device)
+        losses.append(model(x, y)[1].item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def activation_norms(model, ids, config, device, n_batches=2, seed=1234):
+    """{point: mean ||x||} over the residual points 0..n_layer on fixed windows of ids: the scale the SAE
+    regularizer's reconstruction term / ||x|| depends on, logged at every evaluation of pretraining."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    points = tuple(range(model.config.n_layer + 1))
+    totals = dict.fromkeys(points, 0.0)
+    for _ in range(n_batches):
+        x, _ = get_batch(ids, config.batch_size, config.block_size, generator, device)
+        residuals = model(x, read=points)[2]
+        for p in points:
+            totals[p] += residuals[p].norm(dim=-1).mean().item() / n_batches
+    model.train(was_training)
+    return {str(p): v for p, v in totals.items()}
+
+
+def greedy_samples(model, prompts, device, max_new_tokens=40, one_line=True):
+    """Greedy continuations of each prompt: to the end of its line, or max_new_tokens characters."""
+    model.eval()
+    samples = []
+    for prompt in prompts:
+        idx = torch.tensor([encode(prompt)], device=device)
+        stop = NEWLINE if one_line else None
+        text = decode(model.generate(idx, max_new_tokens, stop_token=stop)[0, len(prompt) :].tolist())
+        samples.append(prompt + (text.split("\n")[0] if one_line else text))
+    return samples
+
+
+SAMPLE_PROMPTS = ("mia has", "what colour is tom's", "3 + 4 =", "lemon backwards", "the red cat is el", "x = f(")
+
+
+def sae_training_penalty(residuals, saes, lam, norm_power=1):
+    """(1/P) sum_i [ lam * ||x_i - xhat_i||^2 / ||x_i||^q  +  S_i(z_i) ]
+
+    over the P residual points i that have an SAE (all L+1 of them in pretraining). The squared error is a mean over
+    tokens, ||x_i|| the mean L2 norm of the activations at point i, and S_i the SAE's own sparsity term (a ReLU SAE:
+    l1_i sum_j z_j ||W_dec_j||; a TopK SAE: l1_i ||z||_1, 0 by default since k fixes L0), not scaled by lam, as in
+    the original study. The inputs are *not* detached, so the gradient shapes the model towards activations the SAEs
+    reconstruct well. q = 1 is the original's form: it takes away part of the easy way out of shrinking the
+    activations, but not all of it (the term still grows linearly with their scale); q = 2 makes the term
+    scale-free (an FVU-like ratio)."""
+    total = 0.0
+    for p, sae in saes.items():
+        x = residuals[p]  # (B, T, C)
+        xhat, z = sae.reconstruct(x)
+        squared_error = (x - xhat).pow(2).sum(-1).mean()
+        scale = x.norm(dim=-1).mean() if norm_power == 1 else x.pow(2).sum(-1).mean()
+        total = total + lam * squared_error / scale + sae.sparsity(z)
+    return total / len(saes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+def pretrain(config, device):
+    """Train the GPT on the base corpus, then (with --instruct_tags) on the auxiliary tasks mixed with corpus text;
+    returns the checkpoint dict (cached at out/<run>/base.pt, with its summary in pretrain.json: the stage is
+    reused only when both are there and made by this key)."""
+    run_dir = os.path.join(config.out_dir, config.run)
+    path, summary_path = os.path.join(run_dir, "base.pt"), os.path.join(run_dir, "pretrain.json")
+    key = cfg.result_key(stage_config(config, "pretrain"), stage_code(config, "pretrain"), device, config.corpus)
+    checkpoint = cfg.load_checkpoint(path, key)
+    if checkpoint is not None and checkpoint["done"]:
+        if cfg.summary_is_there("pretrain", path, summary_path, key):
+            return checkpoint
+        checkpoint = None
+    run = new_run(config, device, key)
+    if checkpoint is not None:  # an interrupted run with the same key: resume where it stopped
+        resume(run, checkpoint)
+        print(f"pretrain: resuming {path} at iteration {run['iter']}")
+    train_ids, _ = corpus_of(config)
+    print(f"pretrain: {run['model'].num_params():,} parameters, {len(train_ids):,} train tokens, device {device}")
+    timing = train_run(run, config, device, path)
+    return finish(run, config, device, path, summary_path, timing)
+
+
+def new_run(config, device, key):
+    """Everything a pretraining run holds, at iteration 0: the model, its AdamW, with SAE-regularized pretraining
+    the jointly trained SAEs (in the optimizer, without weight decay), the generator of the batches, the history."""
+    torch.manual_seed(config.seed)
+    model_args = dict(vocab_size=VOCAB_SIZE, block_size=config.block_size, n_layer=config.n_layer,
+                      n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
+    model = GPT(GPTConfig(**model_args)).to(device)
+    optimizer = model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2), device)
+    joint_saes = {}
+    if config.sae_reg_lambda > 0:
+        joint_saes = {p: make_sae(c).to(device) for p, c in joint_sae_configs(config).items()}
+        optimizer.add_param_group({"params": [q for s in joint_saes.values() for q in s.parameters()],
+                                   "weight_decay": 0.0})
+    return {"key": key, "model_args": model_args, "model": model, "optimizer": optimizer, "joint_saes": joint_saes,
+            "generator": torch.Generator().manual_seed(config.seed), "iter": 0, "history": []}
+
+
+def snapshot(run, done, val_loss=None):
+    """The checkpoint of a run: all it holds, and every random number generator it draws from (batches, and torch's
+    global one for dropout), so that a resumed run goes on as the uninterrupted one would."""
+    model = run["model"]
+    return {"key": run["key"], "model_args": run["model_args"], "model": model.state_dict(),
+            "optimizer": run["optimizer"].state_dict(), "generator": run["generator"].get_state(),
+            "torch_rng": torch.get_rng_state(), "iter": run["iter"], "history": run["history"], "done": done,
+            "val_loss": val_loss, "sha": cfg.tensor_hash(model.state_dict()),
+            "joint_saes": {p: s.state_dict() for p, s in run["joint_saes"].items()}}
+
+
+def resume(run, checkpoint):
+    """Put a run back in the state of its checkpoint."""
+    run["model"].load_state_dict(checkpoint["model"])
+    for p, state in checkpoint["joint_saes"].items():
+        run["joint_saes"][p].load_state_dict(state)
+    run["optimizer"].load_state_dict(checkpoint["optimizer"])
+    run["generator"].set_state(checkpoint["generator"])
+    if "torch_rng" in checkpoint:
+        torch.set_rng_state(checkpoint["torch_rng"])
+    run["iter"], run["history"] = checkpoint["iter"], checkpoint["history"]
+
+
+def pretraining_loss(run, it, config, device, train_ids, aux_train):
+    """The loss of iteration it: the base phase's corpus cross-entropy (plus, with joint SAEs, the SAE regularizer);
+    in the instruction phase (it >= max_iters) plus the cross-entropy of an auxiliary batch's answers."""
+    model, joint_saes, generator = run["model"], run["joint_saes"], run["generator"]
+    x, y = get_batch(train_ids, config.batch_size, config.block_size, generator, device)
+    _, loss, residuals = model(x, y, read=tuple(joint_saes))
+    if joint_saes:
+        loss = loss + sae_training_penalty(residuals, joint_saes, config.sae_reg_lambda,
+                                           norm_power=1 if config.sae_reg_norm == "norm" else 2)
+    if it >= config.max_iters:
+        batch = trim_padding(aux_train.batch(config.batch_size, generator, device))
+        loss = loss + model(batch.x, batch.y, batch.answer_mask)[1]
+    return loss
+
+
+def train_run(run, config, device, path):
+    """Train from the run's iteration to the end, evaluating and checkpointing every eval_interval steps and at the
+    end of each phase. Returns the seconds in all and the milliseconds per training step (without evaluations and
+    checkpoints)."""
+    model, optimizer, joint_saes, history = run["model"], run["optimizer"], run["joint_saes"], run["history"]
+    train_ids, val_ids = corpus_of(config)
+    aux = aux_suite(config)  # the instruction phase runs from max_iters to total_iters
+    aux_train = concat_splits([s["train"] for s in aux.values()]) if aux else None
+    total_iters = config.max_iters + (config.instruct_iters if aux else 0)
+    model.train()
+    t0, step_seconds, start_iter = time.time(), 0.0, run["iter"]
+    with progress(range(run["iter"], total_iters), desc="pretrain", initial=run["iter"], total=total_iters) as bar:
+        for it in bar:
+            t_step = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(it, config)
+            loss = pretraining_loss(run, it, config, device, train_ids, aux_train)
+            check_finite(loss, f"in pretraining at iteration {it}", "lower --lr (or --sae_reg_lambda)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_gradients(model.parameters(), config.grad_clip)
+            for sae in joint_saes.values():
+                sae.remove_parallel_decoder_grad()
+            optimizer.step()
+            for sae in joint_saes.values():
+                sae.normalize_decoder()
+            step_seconds += time.time() - t_step
+            run["iter"] = it + 1
+            if it % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if (it + 1) % config.eval_interval == 0 or it + 1 in (config.max_iters, total_iters):
+                train_loss = estimate_lm_loss(model, train_ids, config, device, config.eval_iters)
+                val_loss = estimate_lm_loss(model, val_ids, config, device, config.eval_iters)
+                history.append({"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss,
+                                "norms": activation_norms(model, val_ids, config, device)})
+                if it >= config.max_iters:
+                    history[-1]["aux_accuracy"] = aux_accuracy(model, aux, device)
+                bar.write(f"iter {it + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}" + (
+                    f", held-out auxiliary accuracy {history[-1]['aux_accuracy']:.3f}" if it >= config.max_iters
+                    else ""))
+                cfg.save_checkpoint(snapshot(run, done=False), path)
+    return {"seconds": time.time() - t0, "ms_per_iter": 1000 * step_seconds / max(1, total_iters - start_iter)}
+
+
+def finish(run, config, device, path, summary_path, timing):
+    """Save the finished checkpoint and its summary (losses, samples, instruction following); returns it."""
+    model, history = run["model"], run["history"]
+    val_loss = history[-1]["val_loss"]
+    if config.corpus:  # a user corpus: one long continuation of a newline
+        samples = greedy_samples(model, ("\n",), device, max_new_tokens=200, one_line=False)
+    else:
+        samples = greedy_samples(model, SAMPLE_PROMPTS, device)
+    checkpoint = snapshot(run, done=True, val_loss=val_loss)
+    cfg.save_checkpoint(checkpoint, path)
+    summary = {"key": run["key"], "val_loss": val_loss, "train_loss": history[-1]["train_loss"], **timing,
+               "history": history, "samples": samples, "params": model.num_params(), "sha": checkpoint["sha"]}
+    aux = aux_suite(config)
+    if aux:  # instruction following: held-out prompts of the auxiliary tasks, and prompts it was trained on
+        summary["aux_accuracy"] = aux_accuracy(model, aux, device)
+        summary["aux_train_accuracy"] = mean_accuracy(
+            model, [s["train"].subset(torch.arange(AUX_HELD_OUT)) for s in aux.values()], device)
+        summary["aux_samples"] = greedy_samples(model, [q + " > " for q, _ in (s["test"].examples[0]
+                                                                                for s in aux.values())], device)
+        print(f"pretrain: instruction phase, held-out auxiliary accuracy {summary['aux_accuracy']:.3f} "
+              f"(trained prompts {summary['aux_train_accuracy']:.3f})")
+    cfg.save_json(summary, summary_path)
+    print(f"pretrain: val loss {val_loss:.4f} in {timing['seconds']:.1f}s; greedy samples:")
+    for sample in samples:
+        print("   ", sample.strip("\n").replace("\n", "\n    "))
+    return checkpoint
