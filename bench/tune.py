@@ -2,8 +2,8 @@
 Fair hyperparameter selection for the continual-learning methods, on the validation split only.
 
 Each method gets the same number of trials (6): its penalty weight over a log grid (SAE-guided: three weights,
-with and without the guide term; O-LoRA: 0, no orthogonality, and five weights); freeze has only its three choices
-of frozen blocks on the 2-block model. A trial is a full run of the task
+with and without the guide term; O-LoRA: 0, no orthogonality, and five weights); freeze has only its choices of
+frozen blocks (three on the 2-block model, two under LoRA). A trial is a full run of the task
 sequence with one seed, scored by OP on the `val` split (carved from the training data); the test split is never
 looked at. Ties keep the first trial in grid order. Writes out/<run>/tune/tuning.md and tuning.json, whose
 `chosen_args` are the overrides to give bench/cl_benchmark.py.
@@ -38,8 +38,6 @@ GRIDS = {  # method -> trials, each a dict of config overrides; the same number 
     "sae_fd": [{"sae_fd_lambda": lam} for lam in (1e-3, 1e-2, 1e-1, 1, 10, 1e2)],
     # with and without the guide term; eps 0.005 is of the order of the protected drift per point under the paper
     # preset (docs/tuning.md), so the protect hinge binds part of the time; the first pass used eps 0.02, delta 0.2
-    # freeze: every choice there is on the 2-block model (0 = the embeddings and tied head only)
-    "freeze": [{"freeze_layers": n} for n in (0, 1, 2)],
     "sae_guided": [
         {"sae_guided_lambda_p": lp, "sae_guided_lambda_g": lg, "sae_guided_eps": eps, "sae_guided_delta": delta}
         for lp in (1e2, 1e4, 1e6)
@@ -48,27 +46,35 @@ GRIDS = {  # method -> trials, each a dict of config overrides; the same number 
 }
 
 
+def grid(method, config):
+    """A method's trials. Freeze has every choice there is: 0 (the embeddings and the tied head only) to n_layer
+    blocks, but under LoRA not all of them (with every block's adapters frozen nothing would train)."""
+    if method == "freeze":
+        return [{"freeze_layers": n} for n in range(config.n_layer + (config.finetune == "full"))]
+    return GRIDS[method]
+
+
 def trial_dir(overrides):
     """tune/<the trial's settings>: a trial is found again by what it is, whatever its place in a grid."""
     return "tune/" + ",".join(f"{k}={v:g}" for k, v in overrides.items())
 
 
 def main(argv):
-    methods = list(GRIDS)
+    methods = list(GRIDS) + ["freeze"]
     passthrough = []
     for arg in argv:
         if arg.startswith("--methods="):
             methods = arg.split("=", 1)[1].split(",")
-            unknown = [m for m in methods if m not in GRIDS]
+            unknown = [m for m in methods if m not in GRIDS and m != "freeze"]
             if unknown:
-                sys.exit(f"error: no tuning grid for {unknown}; grids: {', '.join(GRIDS)}")
+                sys.exit(f"error: no tuning grid for {unknown}; grids: {', '.join(GRIDS)}, freeze")
         else:
             passthrough.append(arg)
     base_config = train.parse_args(passthrough + ["--eval_split=val"])
     device = train.resolve_device(base_config)
     t0 = time.time()
     # every trial is its own results folder; all of them go to the continual-learning stage as one list of jobs
-    trials = [(method, i, overrides) for method in methods for i, overrides in enumerate(GRIDS[method])]
+    trials = [(method, i, overrides) for method in methods for i, overrides in enumerate(grid(method, base_config))]
     configs = [train.parse_args(passthrough + ["--eval_split=val", f"--methods={method}", f"--cl_dir={trial_dir(o)}"]
                                 + [f"--{k}={v}" for k, v in o.items()]) for method, _, o in trials]
     base = train.pretrain(base_config, device)
