@@ -379,8 +379,10 @@ class Freeze(Method):
 
     @classmethod
     def check(cls, config):
-        if not config.freeze_layers <= config.n_layer:
-            raise ValueError(f"--freeze_layers={config.freeze_layers}: must be in 0..n_layer={config.n_layer}")
+        most = config.n_layer if config.finetune == "full" else config.n_layer - 1  # under LoRA, freezing every
+        if cls.name in config.methods and not config.freeze_layers <= most:  # block's adapters: nothing would train
+            raise ValueError(f"--freeze_layers={config.freeze_layers}: must be in 0..{most} (n_layer={config.n_layer}"
+                             + (", and under LoRA one block keeps its adapters)" if config.finetune == "lora" else ")"))
 
 
 class Replay(Method):

@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import configurator as cfg  # noqa: E402
+from configurator import progress  # noqa: E402
 import train  # noqa: E402
 from evaluate import sae_metrics  # noqa: E402
 from report import fmt, mean_std  # noqa: E402
@@ -159,14 +160,15 @@ def fresh_sae_sweep(config, points_of_sweep, device):
         path = os.path.join(config.out_dir, config.run, f"sweep_{i}.json")
         settings = {"saes": {p: dataclasses.asdict(c) for p, c in sae_configs.items()}, "schedule": schedule,
                     "sae_tokens": config.sae_tokens, "seed": config.seed}
-        key = cfg.result_key({**train.stage_config(config, "pretrain"), "sweep_point": settings}, device,
-                             config.corpus, {"base": base["sha"]})
+        key = cfg.result_key({**train.stage_config(config, "pretrain"), "sweep_point": settings},
+                             train.stage_code(config, "pretrain", "sae"), device, config.corpus, {"base": base["sha"]})
         cached = cfg.load_json_result(path, key)
         if cached is None:
             if activations is None:
                 activations = collect_activations(model, train_ids, points, config.sae_tokens, config.block_size,
                                                   config.seed)
-            saes = {p: train_sae(activations[p], c, seed=config.seed, desc=f"{label} point {p}", **schedule)[0]
+            saes = {p: train_sae(activations[p], c, seed=config.seed, desc=f"{label} point {p}", progress=progress,
+                                 **schedule)[0]
                     for p, c in sae_configs.items()}
             metrics = sae_metrics(model, saes, val_ids, config.block_size, device)
             cfg.save_json({"key": key, "label": label, **metrics}, path)

@@ -58,7 +58,7 @@ def test_pipeline_runs_every_method_and_reuses_its_stages(tmp_path, capsys):
     assert "pretrain: reusing" in out and "sae: reusing" in out
     assert out.count("cl: reusing") == len(METHODS) + 1  # every method's result, and the base model's reference
 
-    os.remove(run_dir / "report.md")  # `python evaluate.py out/<run>` rebuilds the report from JSON
+    os.remove(run_dir / "report.md")  # `python report.py out/<run>` rebuilds the report from JSON
     summarize_run(str(run_dir))
     assert (run_dir / "report.md").exists()
 

@@ -7,9 +7,9 @@ import torch
 from data.tasks import answer_format, build_task_suite, concat_splits, format_example, to_tensors
 from data.tokenizer import NEWLINE, decode, encode
 from evaluate import (choice_candidates, cl_metrics, drift_split, forced_choice_accuracy, forgetting_diagnostic,
-                      forgetting_snapshot, format_confusion, greedy_answers, knowledge_metrics, load_cl_results,
-                      summarize_run, task_accuracy)
+                      forgetting_snapshot, format_confusion, greedy_answers, knowledge_metrics, task_accuracy)
 from model import GPT
+from report import load_cl_results, summarize_run
 from sae import SAEConfig, TopKSAE
 
 
@@ -192,7 +192,7 @@ def test_evaluate_on_a_missing_empty_or_damaged_folder_is_one_line(tmp_path, sta
     if state == "damaged":
         (tmp_path / "run" / "cl" / "seqft_seed0.json").write_text("{not json")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), str(tmp_path / "run")],
+    done = subprocess.run([sys.executable, os.path.join(root, "report.py"), str(tmp_path / "run")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1

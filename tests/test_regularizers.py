@@ -467,8 +467,10 @@ def test_freeze_leaves_the_bottom_bit_identical_and_trains_the_rest(tiny_model, 
     params = dict(tiny_model.named_parameters())
     assert all(torch.equal(params[n], p) for n, p in frozen.items())  # embeddings (and the tied head), block 1
     assert all(not torch.equal(params[n], p) for n, p in others.items())  # block 2 and the final LayerNorm
-    with pytest.raises(ValueError, match="--freeze_layers=3: must be in 0..n_layer=2"):
-        reg.Freeze.check(dataclasses.replace(train.Config(), freeze_layers=3))
+    with pytest.raises(ValueError, match="--freeze_layers=3: must be in 0..2 \\(n_layer=2\\)"):
+        reg.Freeze.check(dataclasses.replace(train.Config(), freeze_layers=3, methods=("freeze",)))
+    with pytest.raises(ValueError, match="--freeze_layers=2: must be in 0..1 .*under LoRA one block keeps its"):
+        reg.Freeze.check(dataclasses.replace(train.Config(), freeze_layers=2, finetune="lora", methods=("freeze",)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
