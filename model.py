@@ -291,6 +291,15 @@ class GPT(nn.Module):
         return idx
 
 
+def warmup_cosine(step, steps, lr, min_lr, warmup=0):
+    """The learning rate at a step: linear warmup to lr over `warmup` steps, then cosine decay to min_lr at `steps`
+    (and min_lr after). Pretraining and SAE training both use it."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
 def cross_entropy(logits, targets, loss_mask=None):
     """Mean next-token cross-entropy, -1/N sum_t log p(targets_t), over the positions where loss_mask is 1."""
     per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")

@@ -8,7 +8,6 @@ out/<run>/base.pt with its summary in pretrain.json; an interrupted run resumes 
 """
 
 import functools
-import math
 import os
 import time
 
@@ -21,7 +20,7 @@ from data.instructions import AUX_TASKS, aux_task_names
 from data.tasks import build_task_suite, concat_splits, trim_padding
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
 from evaluate import mean_accuracy
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, warmup_cosine
 from sae import make_sae
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,12 +78,8 @@ def get_lr(it, config):
     """Linear warmup to lr over warmup_iters, then cosine decay to min_lr at max_iters; in the instruction phase
     that follows, a second cosine from instruct_lr to min_lr over instruct_iters."""
     if config.instruct_tags and it >= config.max_iters:
-        progress_ = (it - config.max_iters) / max(1, config.instruct_iters)
-        return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (config.instruct_lr - config.min_lr)
-    if it < config.warmup_iters:
-        return config.lr * (it + 1) / config.warmup_iters
-    progress_ = min(1.0, (it - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters))
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (config.lr - config.min_lr)
+        return warmup_cosine(it - config.max_iters, config.instruct_iters, config.instruct_lr, config.min_lr)
+    return warmup_cosine(it, config.max_iters, config.lr, config.min_lr, config.warmup_iters)
 
 
 @torch.no_grad()

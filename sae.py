@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-
+from model import warmup_cosine
 
 @dataclass
 class SAEConfig:
@@ -225,20 +225,10 @@ def sae_lr(d_sae, base_lr=2e-4):
     return base_lr / math.sqrt(d_sae / 2**14)
 
 
-def sae_lr_at(step, steps, lr, min_lr=None, warmup=0):
-    """lr, constant; or, with min_lr, linear warmup over `warmup` steps then cosine decay to min_lr."""
-    if min_lr is None:
-        return lr
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress_ = (step - warmup) / max(1, steps - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress_)) * (lr - min_lr)
-
-
 def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0, desc="sae", min_lr=None, warmup=0,
               progress=None):
     """Train one SAE of config.kind on activations (N, d_in), Adam at lr (default: the 1/sqrt(d_sae) rule), constant
-    or, with min_lr, warmed up and cosine-decayed (sae_lr_at); returns (sae, history of losses). progress: a
+    or, with min_lr, warmed up and cosine-decayed (model.warmup_cosine); returns (sae, history of losses). progress: a
     function that wraps the steps in a progress bar (configurator.progress), or None for none."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -250,7 +240,7 @@ def train_sae(activations, config, steps=3000, batch_size=1024, lr=None, seed=0,
     bar = progress(range(steps), desc=desc, leave=False) if progress else None
     for step in bar if bar is not None else range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = sae_lr_at(step, steps, peak_lr, min_lr, warmup)
+            group["lr"] = peak_lr if min_lr is None else warmup_cosine(step, steps, peak_lr, min_lr, warmup)
         idx = torch.randint(len(activations), (batch_size,), generator=generator).to(activations.device)
         loss, fvu, second, z = sae.loss(activations[idx])
         if not torch.isfinite(loss):

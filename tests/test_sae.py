@@ -287,12 +287,12 @@ def test_sae_kinds_round_trip_and_an_unknown_kind_is_refused():
 
 
 def test_sae_lr_schedule_warms_up_then_decays_to_min_lr():
-    from sae import sae_lr_at
+    from model import warmup_cosine
 
-    assert sae_lr_at(0, 100, 1e-3) == 1e-3  # no min_lr: constant
-    assert sae_lr_at(0, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-4)
-    assert sae_lr_at(9, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-3)
-    assert sae_lr_at(100, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-4)
+    assert warmup_cosine(0, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-4)
+    assert warmup_cosine(9, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-3)
+    assert warmup_cosine(55, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(5.5e-4)  # half way down
+    assert warmup_cosine(100, 100, 1e-3, min_lr=1e-4, warmup=10) == pytest.approx(1e-4)
 
 
 def test_total_loss_adds_auxk_with_its_coefficient_when_latents_are_dead():
