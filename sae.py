@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from model import warmup_cosine
 
+
 @dataclass
 class SAEConfig:
     d_in: int
