@@ -378,6 +378,31 @@ def help_text(config_class, command="python train.py"):
     return "\n".join(lines).replace("\n\n\n", "\n\n")
 
 
+def parse_script_args(argv, options_class, command):
+    """(options, rest) for a script (bench/, evidence.py): its own keys, the fields of options_class, and every
+    other --key=value, which are the pipeline's (Config: the script parses or passes them on, and an unknown one is
+    an error there). One --key=value style for every script; None after printing both lists of keys for --help."""
+    if "--help" in argv or "-h" in argv:
+        doc = sys.modules[options_class.__module__].__doc__ or ""
+        pipeline = help_text(Config).split("\n", 2)[2]  # without its usage line
+        print(doc.strip() + "\n\n" + help_text(options_class, command) + "\n\nthe pipeline's keys:\n" + pipeline)
+        return None
+    own = {f.name for f in dataclasses.fields(options_class)}
+    mine = [a for a in argv if a.startswith("--") and a[2:].split("=", 1)[0] in own]
+    options = parse_fields(options_class, mine, command=command)
+    check_fields(options, getattr(options_class, "CHOICES", {}), getattr(options_class, "AT_LEAST_ZERO", ()))
+    return options, [a for a in argv if a not in mine]
+
+
+def run_script(main, argv):
+    """A script's exit status: main(argv)'s (0 if it returns None), or 2 after a one-line error for bad input."""
+    try:
+        return main(argv) or 0
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # validation: every check that can be made before compute is spent
 

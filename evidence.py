@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -688,21 +689,24 @@ PLOTS = {"separability": plot_separability, "collateral": plot_collateral, "grou
          "memory": plot_memory, "ablations": plot_ablations}
 
 
+@dataclass
+class Options:
+    # evidence.py (any other key is the run's; --seeds, of the ablations and the collateral analysis, defaults to
+    # 0,1,2 here)
+    parts: tuple[str, ...] = PARTS  # the analyses to run
+    CHOICES = {"parts": PARTS}
+
+
 def parse_args(argv):
-    """(parts, train.Config): --parts=a,b picks analyses (default all five), every other --key=value is the run's
-    (--seeds, the ablations' seeds, defaults to ABLATION_SEEDS here)."""
-    parts = PARTS
-    rest = [] if any(a.startswith("--seeds=") for a in argv) else ["--seeds=" + ",".join(map(str, ABLATION_SEEDS))]
-    for arg in argv:
-        if arg.startswith("--parts="):
-            parts = tuple(p for p in arg.split("=", 1)[1].split(",") if p)
-            unknown = [p for p in parts if p not in PARTS]
-            if unknown or not parts:
-                raise ValueError(f"--parts: {', '.join(unknown) or 'empty'} is not a part; valid parts: "
-                                 f"{', '.join(PARTS)}")
-        else:
-            rest.append(arg)
-    return parts, train.parse_args(rest)
+    """(parts, train.Config), or None for --help."""
+    parsed = cfg.parse_script_args(argv, Options, "python evidence.py")
+    if parsed is None:
+        return None
+    options, rest = parsed
+    if not options.parts:
+        raise ValueError(f"--parts: give at least one of {', '.join(PARTS)}")
+    seeds = [] if any(a.startswith("--seeds=") for a in rest) else ["--seeds=" + ",".join(map(str, ABLATION_SEEDS))]
+    return options.parts, cfg.parse_args(seeds + rest)
 
 
 def timed(function, *args):
@@ -722,15 +726,11 @@ def save(part, result, seconds, out_dir):
 
 
 def main(argv):
-    if "--help" in argv or "-h" in argv:
-        print(__doc__.strip() + "\n\n" + "the run's keys: python train.py --help")
+    parsed = parse_args(argv)
+    if parsed is None:
         return 0
-    try:
-        parts, config = parse_args(argv)
-        train.check_inputs(config)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    parts, config = parsed
+    train.check_inputs(config)
     device = train.resolve_device(config)
     base = train.pretrain(config, device)
     sae_checkpoint = train.train_sae_stage(config, device, base)
@@ -792,4 +792,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cfg.run_script(main, sys.argv[1:]))

@@ -12,32 +12,29 @@ run, and the test split is never looked at. Each point is a `python train.py` ru
 instruction phase) pair shares one base model and its SAEs (out/calib_<model>_i<tags>/), trained first. Finished
 runs are cached by train.py, so an interrupted map resumes where it stopped.
 
-    python bench/calibrate.py                                         # the map below, one run at a time
-    python bench/calibrate.py --jobs=2                                # two processes of one thread each
-    python bench/calibrate.py --models=2x96 --instruct=0,32 --lrs=3e-4 --lora_lrs= --steps=200
-    python bench/calibrate.py --jobs=8 --device=cuda --models=2x96,4x128,6x256   # a larger map on one GPU
+    python -m bench.calibrate                                         # the map below, two runs at a time
+    python -m bench.calibrate --jobs=1                                # one process at a time
+    python -m bench.calibrate --models=2x96 --instruct=0,32 --lrs=3e-4 --lora_lrs= --steps=200
+    python -m bench.calibrate --jobs=8 --device=cuda --models=2x96,4x128,6x256   # a larger map on one GPU
 
 Writes out/calibrate.md and out/calibrate.json.
 """
 
-import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import configurator as cfg
+import train
+from evaluate import cl_metrics
 
-import train  # noqa: E402
-from evaluate import cl_metrics  # noqa: E402
-
-
-def listed(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v]
+ROOT = cfg.ROOT
 
 
 def model_args(model):
@@ -80,22 +77,33 @@ def read_point(folder, seeds):
     return row
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=listed(str), default=["2x96", "4x128"], help="depth x width")
-    parser.add_argument("--instruct", type=listed(int), default=[0, 8, 32], help="auxiliary tags of the base")
-    parser.add_argument("--lrs", type=listed(float), default=[1e-4, 3e-4], help="cl_lr of full fine-tuning")
-    parser.add_argument("--lora_lrs", type=listed(float), default=[1e-3], help="cl_lr of LoRA ('' = no LoRA)")
-    parser.add_argument("--lora_ranks", type=listed(int), default=[8])
-    parser.add_argument("--steps", type=listed(int), default=[200])
-    parser.add_argument("--jobs", type=int, default=1, help="train.py processes at once")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out_dir", default="out")
-    args, passthrough = parser.parse_known_args()  # anything else goes to train.py as is
+@dataclass
+class Options:
+    # bench/calibrate.py: the map's axes (any other key is the pipeline's, for every train.py run: --jobs of them
+    # run at once, one thread each)
+    models: tuple[str, ...] = ("2x96", "4x128")  # depth x width
+    instruct: tuple[int, ...] = (0, 8, 32)  # auxiliary tags of the base
+    lrs: tuple[float, ...] = (1e-4, 3e-4)  # cl_lr of full fine-tuning
+    lora_lrs: tuple[float, ...] = (1e-3,)  # cl_lr of LoRA (empty = no LoRA)
+    lora_ranks: tuple[int, ...] = (8,)  # LoRA ranks
+    steps: tuple[int, ...] = (200,)  # steps per task
+    AT_LEAST_ZERO = ("instruct",)
+
+
+def main(argv):
+    parsed = cfg.parse_script_args(argv, Options, "python -m bench.calibrate")
+    if parsed is None:
+        return 0
+    args, passthrough = parsed
+    config = train.parse_args(passthrough)
+    for model in args.models:
+        if not re.fullmatch(r"\d+x\d+", model):
+            raise ValueError(f"--models: {model!r} is not depth x width (e.g. 4x128)")
+    args.jobs, args.device, args.out_dir = config.jobs, config.device, config.out_dir
     seeds = train.parse_args(passthrough).seeds
     env = dict(os.environ, OMP_NUM_THREADS="1" if args.jobs > 1 else os.environ.get("OMP_NUM_THREADS", ""))
     env = {k: v for k, v in env.items() if v != ""}
-    common = [f"--device={args.device}", f"--out_dir={args.out_dir}", "--eval_split=val", *passthrough]
+    common = [f"--device={args.device}", f"--out_dir={args.out_dir}", "--eval_split=val", *passthrough, "--jobs=1"]
     t0 = time.time()
 
     bases = list(itertools.product(args.models, args.instruct))
@@ -125,9 +133,9 @@ def main():
         rows.append({"model": m, "instruct_tags": i, "finetune": f"lora r{r}" if f == "lora" else f, "cl_lr": lr,
                      "steps_per_task": s, "seeds": seeds, **read_point(folder, seeds)})
     with open(os.path.join(args.out_dir, "calibrate.json"), "w") as f:
-        json.dump({"rows": rows, "seconds": time.time() - t0, "argv": sys.argv[1:]}, f, indent=2)
+        json.dump({"rows": rows, "seconds": time.time() - t0, "argv": argv}, f, indent=2)
     tasks = rows[0]["tasks"]
-    lines = [f"Command: `python bench/calibrate.py {' '.join(sys.argv[1:])}` ({time.time() - t0:.0f} s). "
+    lines = [f"Command: `python -m bench.calibrate {' '.join(argv)}` ({time.time() - t0:.0f} s). "
              f"Accuracy on the val split, mean over seeds {seeds}. Targets: multitask avg >= 0.9, seqft min "
              "R[t][t] >= 0.8, seqft BWT between -0.8 and -0.3 (fits: all three). Auxiliary accuracy: held-out "
              "prompts of the instruction phase's tasks, before the sequence -> after it under seqft.", "",
@@ -146,4 +154,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cfg.run_script(main, sys.argv[1:]))

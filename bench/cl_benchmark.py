@@ -6,8 +6,8 @@ fine-tuning (batch order, importance samples, replay buffer, anchors); the base 
 Writes out/<run>/benchmark.md (command, wall time, the table) and the plots cl_matrix.png, cl_curves.png,
 cl_bars.png beside it (in out/<run>/<cl_dir>/ with --cl_dir).
 
-    python bench/cl_benchmark.py            # any train.py override may follow, e.g. --jobs=2
-    python bench/cl_benchmark.py --cl_dir=cl_order2 --tasks=$SECOND_ORDER   # the second task order
+    python -m bench.cl_benchmark            # any train.py key may follow, e.g. --preset=paper --run=paper
+    python -m bench.cl_benchmark --cl_dir=cl_order2 --tasks=$SECOND_ORDER   # the second task order
 
 The second task order, fixed before any result of the benchmark was seen: the default order reversed, so that
 every task moves and the first task becomes the last.
@@ -17,22 +17,31 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import train  # noqa: E402
-from report import results_table  # noqa: E402
-from regularizers import METHODS  # noqa: E402
+import configurator as cfg
+import train
+from regularizers import METHODS
+from report import results_table
 
 ARGS = ["--methods=" + ",".join(METHODS), "--seeds=0,1,2"]
 SECOND_ORDER = ("sort", "count", "translate", "reverse", "close", "add", "facts", "stance")
 
 
-def main():
-    argv = ARGS + sys.argv[1:]
+@dataclass
+class Options:
+    pass  # bench/cl_benchmark.py has no keys of its own: every key is the pipeline's
+
+
+def main(argv):
+    args = cfg.parse_script_args(argv, Options, "python -m bench.cl_benchmark")
+    if args is None:
+        return 0
+    argv = ARGS + args[1]
     t0 = time.time()
-    if train.main(argv) != 0:
-        sys.exit(1)
+    status = train.main(argv)
+    if status != 0:
+        return status
     seconds = time.time() - t0
     config = train.parse_args(argv)
     run_dir = os.path.join(config.out_dir, config.run)
@@ -40,7 +49,7 @@ def main():
         run_dir = os.path.join(run_dir, config.cl_dir)
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    command = f"python bench/cl_benchmark.py {' '.join(sys.argv[1:])}"
+    command = f"python -m bench.cl_benchmark {' '.join(argv[len(ARGS):])}"
     text = (f"Command: `{command}` (= `python train.py {' '.join(argv)}`), {seconds:.0f} s on this machine, "
             "with any stage that was not cached.\n\n"
             f"Accuracy on the test split; mean ± std over seeds {list(config.seeds)}; {config.jobs} run(s) at a time"
@@ -51,4 +60,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cfg.run_script(main, sys.argv[1:]))

@@ -2,27 +2,34 @@
 The scale and spread of each weight-space importance (EWC's Fisher, SI's path integral, MAS's output sensitivity)
 after one task learned from the base model: the numbers behind the placement of bench/tune.py's grids.
 
-    python bench/importance_scale.py             # the default run's base model, the first task of --tasks
-    python bench/importance_scale.py --run=default --tasks=add
+    python -m bench.importance_scale             # the default run's base model, the first task of --tasks
+    python -m bench.importance_scale --run=default --tasks=add
 
 Prints, per method, the mean, the median and the largest w_i, and the share of the total importance held by the
 top 1% of the weights (how concentrated it is).
 """
 
-import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import configurator as cfg
+import train
+from configurator import progress
+from regularizers import METHODS
 
-import train  # noqa: E402
-from configurator import progress  # noqa: E402
-from regularizers import METHODS  # noqa: E402
+
+@dataclass
+class Options:
+    pass  # bench/importance_scale.py has no keys of its own: every key is the pipeline's
 
 
 def main(argv):
-    config = train.parse_args(argv)
+    args = cfg.parse_script_args(argv, Options, "python -m bench.importance_scale")
+    if args is None:
+        return 0
+    config = train.parse_args(args[1])
     device = train.resolve_device(config)
     base = train.pretrain(config, device)
     split = train.task_suite(config)[config.tasks[0]]["train"]
@@ -42,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cfg.run_script(main, sys.argv[1:]))

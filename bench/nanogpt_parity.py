@@ -5,18 +5,18 @@ nanoGPT's settings: 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 iterat
 warmup 100, AdamW betas (0.9, 0.99), weight decay 0.1, dropout 0, no biases (nanoGPT's default), grad clip 1.0,
 evaluation every 250 iterations over 20 batches. nanoGPT reaches val loss 1.886 at about 45 ms/iteration on the
 2-core CPU machine this project is developed on. Needs ../shared/data/tinyshakespeare.txt (or pass another path
-as the first argument).
+as --corpus).
 
-    python bench/nanogpt_parity.py [path/to/tinyshakespeare.txt]
+    python -m bench.nanogpt_parity [--corpus=path/to/tinyshakespeare.txt]   # any other train.py key too
 """
 
 import json
 import os
 import sys
+from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import train  # noqa: E402
+import configurator as cfg
+import train
 
 BABY = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=12", "--max_iters=2000",
         "--lr=1e-3", "--min_lr=1e-4", "--warmup_iters=100", "--beta1=0.9", "--beta2=0.99", "--weight_decay=0.1",
@@ -29,20 +29,28 @@ def default_corpus():
     return os.path.join(here, "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 
-def main():
-    path = sys.argv[1] if len(sys.argv) > 1 else default_corpus()
-    if not os.path.isfile(path):
-        sys.exit(f"no corpus at {path}; pass the path of tinyshakespeare.txt")
-    argv = BABY + [f"--corpus={path}", "--run=shakespeare_baby", "--stage=pretrain"]
-    assert train.main(argv) == 0
-    with open(os.path.join("out", "shakespeare_baby", "pretrain.json")) as f:
+@dataclass
+class Options:
+    pass  # bench/nanogpt_parity.py has no keys of its own; --corpus (default ../shared/data/tinyshakespeare.txt)
+
+
+def main(argv):
+    args = cfg.parse_script_args(argv, Options, "python -m bench.nanogpt_parity")
+    if args is None:
+        return 0
+    argv = BABY + [f"--corpus={default_corpus()}", "--run=shakespeare_baby", "--stage=pretrain"] + args[1]
+    config = train.parse_args(argv)
+    status = train.main(argv)
+    if status != 0:
+        return status
+    with open(os.path.join(config.out_dir, config.run, "pretrain.json")) as f:
         result = json.load(f)
     line = (f"val loss {result['val_loss']:.4f} (nanoGPT: 1.886), {result['ms_per_iter']:.1f} ms/iteration "
             f"(nanoGPT: about 45), {result['seconds']:.0f} s in all")
     print(line)
-    with open(os.path.join("out", "shakespeare_baby", "parity.md"), "w") as f:
-        f.write(f"`python bench/nanogpt_parity.py`: {line}\n\nSample:\n\n```\n{result['samples'][0]}\n```\n")
+    with open(os.path.join(config.out_dir, config.run, "parity.md"), "w") as f:
+        f.write(f"`python -m bench.nanogpt_parity {' '.join(args[1])}`: {line}\n\nSample:\n\n```\n{result['samples'][0]}\n```\n")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cfg.run_script(main, sys.argv[1:]))

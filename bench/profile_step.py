@@ -3,28 +3,35 @@ Where the time of one pretraining step goes, at nanoGPT's CPU "baby" settings (b
 loop of batch, forward, backward, gradient clipping and AdamW, timed part by part, then the operators that take
 the most CPU time (torch.profiler). Needs ../shared/data/tinyshakespeare.txt (or pass another path).
 
-    python bench/profile_step.py [path/to/tinyshakespeare.txt]
+    python -m bench.profile_step [--corpus=path/to/tinyshakespeare.txt]
 """
 
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataclasses import dataclass
 
-import train  # noqa: E402
-from data.corpus import get_batch  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from nanogpt_parity import BABY, default_corpus  # noqa: E402
+import configurator as cfg
+import train
+from bench.nanogpt_parity import BABY, default_corpus
+from data.corpus import get_batch
+from model import GPT, GPTConfig
 
 WARMUP, STEPS, PROFILED = 30, 200, 30
 
 
+@dataclass
+class Options:
+    pass  # bench/profile_step.py has no keys of its own; --corpus (default ../shared/data/tinyshakespeare.txt)
+
+
 def main(argv):
-    path = argv[0] if argv else default_corpus()
-    config = train.parse_args(BABY + [f"--corpus={path}"])
+    args = cfg.parse_script_args(argv, Options, "python -m bench.profile_step")
+    if args is None:
+        return 0
+    config = train.parse_args(BABY + [f"--corpus={default_corpus()}"] + args[1])
     train_ids, _ = train.corpus_of(config)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=96, block_size=config.block_size, n_layer=config.n_layer,
@@ -63,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cfg.run_script(main, sys.argv[1:]))

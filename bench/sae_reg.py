@@ -6,44 +6,41 @@ are pretrained; then each is frozen, a sweep of fresh SAEs is trained at every r
 sweep point's SAEs are spliced in on held-out text (CE increase per point, and all at once: the compound CE
 increase against the total L0). Both models of a seed, and their fresh SAEs, use that seed's corpus.
 
-    python bench/sae_reg.py                                   # the tiny world, seeds 0 and 1, TopK k = 4, 8, 16
-    python bench/sae_reg.py --seeds=0,1 --k=4,8,16 --lambda=1 --corpus=../shared/data/tinyshakespeare.txt ...
-    python bench/sae_reg.py --preset=gpt_circuits --sweep=original --corpus=../shared/data/tinyshakespeare.txt \
+    python -m bench.sae_reg                                   # the tiny world, seeds 0 and 1, TopK k = 4, 8, 16
+    python -m bench.sae_reg --seeds=0,1 --k=4,8,16 --sae_reg_lambda=1 --corpus=../shared/data/tinyshakespeare.txt
+    python -m bench.sae_reg --preset=gpt_circuits --sweep=original --corpus=../shared/data/tinyshakespeare.txt \
         --run=gpt_circuits --seeds=0,1,2               # the original study's settings (meant for a GPU)
-    python bench/sae_reg.py --preset=gpt_circuits --sweep=original --corpus=... --estimate   # its cost here
+    python -m bench.sae_reg --preset=gpt_circuits --sweep=original --corpus=... --estimate=true   # its cost here
 
 Sweeps: `--sweep=k` (default) trains fresh TopK SAEs with the run's SAE settings, one sweep point per --k;
 `--sweep=original` trains the original's: ReLU + L1 SAEs of its per-point widths, 8 sets of L1 coefficients from
 its start to its end values (its ranges differ for the normal and the regularized model), with its SAE training
-schedule (ORIGINAL below, read from peterlai/gpt-circuits). Options of this script: --seeds, --k, --lambda (the
-regularized model's sae_reg_lambda; default: the run's, or 1), --sweep, --sweep_points, --estimate (time a few steps
-of each stage, print the projected hours, train nothing); any other --key=value is a train.py override. Each
+schedule (ORIGINAL below, read from peterlai/gpt-circuits). This script's keys are Options' below (--help lists
+them); any other --key=value is the pipeline's (the regularized model's lambda is --sae_reg_lambda). Each
 model is a cached pretraining run that resumes from its last checkpoint, and each sweep point of each model is
 cached on its own (out/<run>/sae_reg/<variant>_seed<s>/sweep_<i>.json), so an interrupted study resumes per model
 and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
 """
 
-import argparse
 import dataclasses
 import os
 import sys
 import time
+from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-import torch  # noqa: E402
+import torch
 
-import configurator as cfg  # noqa: E402
-from configurator import progress  # noqa: E402
-import train  # noqa: E402
-from evaluate import sae_metrics  # noqa: E402
-from report import fmt, mean_std  # noqa: E402
-from sae import SAEConfig, collect_activations, train_sae  # noqa: E402
+import configurator as cfg
+import train
+from configurator import progress
+from evaluate import sae_metrics
+from report import fmt, mean_std
+from sae import SAEConfig, collect_activations, train_sae
 
 # The original study (peterlai/gpt-circuits: experiments/regularization/setup.py, RegularizeAllLayersExperiment, and
 # config/sae/training.py, shakespeare_64x4_defaults); its model settings are configurator.PRESETS["gpt_circuits"].
@@ -59,41 +56,37 @@ ORIGINAL = {
 }
 
 
-def ints(text):
-    values = [int(v) for v in text.split(",") if v]
-    if not values:
-        raise argparse.ArgumentTypeError("needs at least one value")
-    return values
+@dataclass
+class Options:
+    # bench/sae_reg.py (the regularized model's lambda is the pipeline's --sae_reg_lambda, 1 if the run has none)
+    seeds: tuple[int, ...] = (0, 1)  # seeds: one normal and one regularized model each
+    k: tuple[int, ...] = (4, 8, 16)  # --sweep=k: TopK of the fresh SAEs
+    sweep: str = "k"  # which fresh SAEs to train: 'k' (TopK, one point per k) or 'original' (the original's)
+    sweep_points: int = ORIGINAL["sweep_points"]  # --sweep=original: points of the L1 sweep (the original: 8)
+    estimate: bool = False  # time a few steps of each stage and print the projected hours per seed; train nothing
+    CHOICES = {"sweep": ("k", "original")}
+    AT_LEAST_ZERO = ("seeds",)
 
 
 def parse(argv):
-    """(options of this script, train.Config); every value is checked before anything is trained."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=ints, default=[0, 1], help="seeds: one normal and one regularized model each")
-    parser.add_argument("--k", type=ints, default=[4, 8, 16], help="--sweep=k: TopK of the fresh SAEs")
-    parser.add_argument("--lambda", dest="lam", type=float, default=None,
-                        help="sae_reg_lambda of the regularized model (default: the run's, or 1)")
-    parser.add_argument("--sweep", choices=("k", "original"), default="k", help="which fresh SAEs to train")
-    parser.add_argument("--sweep_points", type=int, default=ORIGINAL["sweep_points"],
-                        help="--sweep=original: points of the L1 sweep (the original: 8)")
-    parser.add_argument("--estimate", action="store_true",
-                        help="time a few steps of each stage and print the projected hours per seed; train nothing")
-    options, rest = parser.parse_known_args(argv)
-    config = train.parse_args(rest)
-    options.lam = options.lam if options.lam is not None else (config.sae_reg_lambda or 1.0)
-    if not options.lam > 0:
-        parser.error(f"--lambda={options.lam}: must be above 0 (0 is the normal model)")
+    """(options of this script, train.Config), or None for --help; every value is checked before anything is
+    trained."""
+    args = cfg.parse_script_args(argv, Options, "python -m bench.sae_reg")
+    if args is None:
+        return None
+    options, config = args[0], cfg.parse_args(args[1])
+    lam = config.sae_reg_lambda or 1.0
     d_sae = config.sae_expansion * config.n_embd
+    if not options.seeds or not options.k:
+        raise ValueError("--seeds and --k need at least one value each")
     if options.sweep == "k" and not all(0 < k <= d_sae for k in options.k):
-        parser.error(f"--k={options.k}: each k must be in 1..d_sae={d_sae}")
+        raise ValueError(f"--k={','.join(map(str, options.k))}: each k must be in 1..d_sae={d_sae}")
     if options.sweep == "original" and config.n_layer + 1 != len(ORIGINAL["widths"]):
-        parser.error(f"--sweep=original has SAEs at 5 points (0..4): needs --n_layer=4, not {config.n_layer} "
-                     "(--preset=gpt_circuits sets it)")
+        raise ValueError(f"--sweep=original has SAEs at 5 points (0..4): needs --n_layer=4, not {config.n_layer} "
+                         "(--preset=gpt_circuits sets it)")
     if options.sweep_points < 2:
-        parser.error(f"--sweep_points={options.sweep_points}: at least 2 (a start and an end)")
-    if any(s < 0 for s in options.seeds):
-        parser.error(f"--seeds={options.seeds}: seeds are at least 0")
-    return options, config
+        raise ValueError(f"--sweep_points={options.sweep_points}: at least 2 (a start and an end)")
+    return options, dataclasses.replace(config, sae_reg_lambda=lam)
 
 
 def l1_sweep(variant, n_points):
@@ -124,7 +117,7 @@ def estimate(config, options, device):
     pretraining of the normal and the regularized model (pretrain itself, its schedule cut short, in a scratch
     run), and the fresh SAEs of one sweep point (train_sae on random activations of the right width)."""
     per_step, hours = {}, 0.0
-    for variant, lam in (("normal", 0.0), ("regularized", options.lam)):
+    for variant, lam in (("normal", 0.0), ("regularized", config.sae_reg_lambda)):
         short = dataclasses.replace(config, sae_reg_lambda=lam, max_iters=ESTIMATE_STEPS, warmup_iters=1,
                                     eval_interval=ESTIMATE_STEPS, eval_iters=1,
                                     run=os.path.join(config.run, "sae_reg", f"estimate_{variant}"))
@@ -183,11 +176,11 @@ def fresh_sae_sweep(config, points_of_sweep, device):
 
 
 def main(argv):
-    try:
-        options, config = parse(argv)
-        train.check_inputs(dataclasses.replace(config, seed=options.seeds[0]), tasks=False)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    parsed = parse(argv)
+    if parsed is None:
+        return 0
+    options, config = parsed
+    train.check_inputs(dataclasses.replace(config, seed=options.seeds[0]), tasks=False)
     device = train.resolve_device(config)
     if options.estimate:
         per_step, hours = estimate(config, options, device)
@@ -195,12 +188,12 @@ def main(argv):
             print(f"{stage}: {seconds:.2f} s per step")
         print(f"one seed (two models, {config.max_iters} steps each, and their sweeps): about {hours:.1f} h on "
               f"{device} ({torch.get_num_threads()} threads)")
-        return
+        return 0
     out = os.path.join(config.out_dir, config.run, "sae_reg")
-    results = {"normal": {}, "regularized": {}, "sweep": options.sweep, "lambda": options.lam,
+    results = {"normal": {}, "regularized": {}, "sweep": options.sweep, "lambda": config.sae_reg_lambda,
                "norm": config.sae_reg_norm}
     for seed in options.seeds:
-        for variant, lam in (("normal", 0.0), ("regularized", options.lam)):
+        for variant, lam in (("normal", 0.0), ("regularized", config.sae_reg_lambda)):
             variant_config = dataclasses.replace(config, seed=seed, sae_reg_lambda=lam,
                                                  run=os.path.join(config.run, "sae_reg", f"{variant}_seed{seed}"))
             results[variant][str(seed)] = fresh_sae_sweep(variant_config, sweep(variant_config, options, variant),
@@ -209,7 +202,7 @@ def main(argv):
     plot(results, out)
     text = table(results)
     with open(os.path.join(out, "sae_reg.md"), "w") as f:
-        f.write(f"Command: `python bench/sae_reg.py {' '.join(argv)}`\n\n{text}\n")
+        f.write(f"Command: `python -m bench.sae_reg {' '.join(argv)}`\n\n{text}\n")
     print(text)
 
 
@@ -310,4 +303,4 @@ def table(results):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cfg.run_script(main, sys.argv[1:]))

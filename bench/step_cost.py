@@ -4,21 +4,20 @@ SAEs, one thread, the same batches of each task. Then the parts of SAE-guided's 
 encoding of the model's own codes, the look-up of the cached reference codes, the drift and hinges) and the
 operators that take the most CPU time in its step (torch.profiler).
 
-    python bench/step_cost.py                    # the default run (its base and SAEs are made if missing)
-    python bench/step_cost.py --preset=paper --run=paper
+    python -m bench.step_cost                    # the default run (its base and SAEs are made if missing)
+    python -m bench.step_cost --preset=paper --run=paper
 """
 
-import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import regularizers as reg  # noqa: E402
-import train  # noqa: E402
-from data.tasks import trim_padding  # noqa: E402
+import configurator as cfg
+import regularizers as reg
+import train
+from data.tasks import trim_padding
 
 STEPS, ROUNDS = 50, 2  # steps per task and method, and how often the methods take turns (the clock drifts)
 
@@ -70,9 +69,17 @@ def penalty_parts_ms(model, method, split, config, n=STEPS):
     return {part: 1000 * s / n for part, s in parts.items()}
 
 
+@dataclass
+class Options:
+    pass  # bench/step_cost.py has no keys of its own: every key is the pipeline's
+
+
 def main(argv):
+    args = cfg.parse_script_args(argv, Options, "python -m bench.step_cost")
+    if args is None:
+        return 0
     torch.set_num_threads(1)
-    config = train.parse_args(argv + ["--methods=seqft,sae_guided"])
+    config = train.parse_args(args[1] + ["--methods=seqft,sae_guided"])
     device = train.resolve_device(config)
     base = train.pretrain(config, device)
     sae_checkpoint = train.train_sae_stage(config, device, base)
@@ -100,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cfg.run_script(main, sys.argv[1:]))

@@ -6,18 +6,16 @@ each test (or val) example this writes the question and answer the way a corpus 
 (data/world.py), and counts the examples whose phrasing occurs as a line of the generated corpus. For stance the
 corpus holds the sentence but never its label, and for add the corpus holds only one-digit sums.
 
-    python bench/task_overlap.py                 # the default corpus (60,000 lines, seed 0), the test split
-    python bench/task_overlap.py --split=val --corpus_lines=60000 --seed=0
+    python -m bench.task_overlap                 # the default corpus (60,000 lines, seed 0), the test split
+    python -m bench.task_overlap --split=val --corpus_lines=60000 --seed=0
 """
 
-import argparse
-import os
 import sys
+from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.tasks import DEFAULT_ORDER, make_splits  # noqa: E402
-from data.world import generate_corpus  # noqa: E402
+import configurator as cfg
+from data.tasks import DEFAULT_ORDER, make_splits
+from data.world import generate_corpus
 
 
 PHRASING = {  # task -> the corpus line that states an example's content (question without its tag, answer, tag)
@@ -48,12 +46,19 @@ def overlap(split="test", corpus_lines=60_000, seed=0, n_train=2000, n_val=100, 
     return shares
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--split", choices=("test", "val"), default="test")
-    parser.add_argument("--corpus_lines", type=int, default=60_000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+@dataclass
+class Options:
+    # bench/task_overlap.py (the pipeline's --corpus_lines and --seed make the corpus)
+    split: str = "test"  # the split whose examples are counted: test or val
+    CHOICES = {"split": ("test", "val")}
+
+
+def main(argv):
+    parsed = cfg.parse_script_args(argv, Options, "python -m bench.task_overlap")
+    if parsed is None:
+        return 0
+    options, config = parsed[0], cfg.parse_args(parsed[1])
+    args = type("Args", (), {"split": options.split, "corpus_lines": config.corpus_lines, "seed": config.seed})
     shares = overlap(args.split, args.corpus_lines, args.seed)
     print(f"| task | {args.split} examples | content on a corpus line | share |\n|---|---|---|---|")
     for task, (seen, n) in shares.items():
@@ -61,4 +66,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cfg.run_script(main, sys.argv[1:]))

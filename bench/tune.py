@@ -8,19 +8,18 @@ sequence with one seed, scored by OP on the `val` split (carved from the trainin
 looked at. Ties keep the first trial in grid order. Writes out/<run>/tune/tuning.md and tuning.json, whose
 `chosen_args` are the overrides to give bench/cl_benchmark.py.
 
-    python bench/tune.py                         # every method's grid, one trial at a time
-    python bench/tune.py --jobs=2                # two trials at once (processes of one thread each)
-    python bench/tune.py --methods=si,mas        # some methods only; any train.py override is passed through
+    python -m bench.tune                         # every method's grid, two trials at once (--jobs, one thread each)
+    python -m bench.tune --methods=si,mas        # some methods only; any train.py key is passed through
 """
 
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import train  # noqa: E402
+import configurator as cfg
+import train
 
 # Each grid should span from no effect to learning frozen. The importances live on scales ten orders apart (mean w
 # after one task on the default base: Fisher 3e-9, SI 4e-3, MAS 10), but the mean is a poor guide: a first pass
@@ -59,17 +58,19 @@ def trial_dir(overrides):
     return "tune/" + ",".join(f"{k}={v:g}" for k, v in overrides.items())
 
 
+@dataclass
+class Options:
+    # bench/tune.py (any other key is the pipeline's, for every trial)
+    methods: tuple[str, ...] = tuple(GRIDS) + ("freeze",)  # the methods to tune
+    CHOICES = {"methods": tuple(GRIDS) + ("freeze",)}
+
+
 def main(argv):
-    methods = list(GRIDS) + ["freeze"]
-    passthrough = []
-    for arg in argv:
-        if arg.startswith("--methods="):
-            methods = arg.split("=", 1)[1].split(",")
-            unknown = [m for m in methods if m not in GRIDS and m != "freeze"]
-            if unknown:
-                sys.exit(f"error: no tuning grid for {unknown}; grids: {', '.join(GRIDS)}, freeze")
-        else:
-            passthrough.append(arg)
+    args = cfg.parse_script_args(argv, Options, "python -m bench.tune")
+    if args is None:
+        return 0
+    options, passthrough = args
+    methods = options.methods
     base_config = train.parse_args(passthrough + ["--eval_split=val"])
     device = train.resolve_device(base_config)
     t0 = time.time()
@@ -90,7 +91,7 @@ def main(argv):
     with open(os.path.join(out_dir, "tuning.json"), "w") as f:
         json.dump({"trials": results, "chosen": chosen, "chosen_args": chosen_args, "seconds": time.time() - t0,
                    "argv": argv}, f, indent=2)
-    lines = [f"Command: `python bench/tune.py {' '.join(argv)}` ({time.time() - t0:.0f} s)", "",
+    lines = [f"Command: `python -m bench.tune {' '.join(argv)}` ({time.time() - t0:.0f} s)", "",
              "| method | trial | val OP | val BWT |", "|---|---|---|---|"]
     for method, ts in results.items():
         for t in ts:
@@ -104,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cfg.run_script(main, sys.argv[1:]))

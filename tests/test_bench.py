@@ -2,18 +2,15 @@
 
 import json
 import os
-import sys
 
 import pytest
+import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-
-import calibrate  # noqa: E402
-import sae_reg  # noqa: E402
-import configurator as cfg  # noqa: E402
-import pretrain  # noqa: E402
-import train  # noqa: E402
-from conftest import TINY  # noqa: E402
+import configurator as cfg
+import pretrain
+import train
+from bench import calibrate, sae_reg
+from conftest import TINY
 
 SAE_REG = TINY + ["--sae_steps=20", "--sae_tokens=2000", "--sae_batch_size=128", "--sae_expansion=2",
                   "--sae_reg_expansion=2", "--sae_reg_k=4"]
@@ -97,12 +94,12 @@ def test_the_original_sweep_trains_relu_saes_of_its_widths(tmp_path, monkeypatch
     assert sorted(results["normal"]["0"]["sweep"][0]["points"]) == ["0", "1", "2", "3", "4"]
 
 
-@pytest.mark.parametrize("argv, message", [(["--k=0"], "each k must be in 1..d_sae"),
-                                           (["--lambda=0"], "--lambda=0.0: must be above 0"),
-                                           (["--seeds="], "needs at least one value")])
+@pytest.mark.parametrize("argv, message", [(["--k=0"], "--k=0: must be at least 1"), (["--k=999"], "each k must be in 1..d_sae"),
+                                           (["--sweep=kk"], "--sweep='kk' is not valid; choose from: k, original"),
+                                           (["--seeds="], "need at least one value"),
+                                           (["--n_layr=2"], "unknown config key --n_layr")])
 def test_sae_reg_options_are_checked_before_anything_is_trained(tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit):
-        sae_reg.main(SAE_REG + [f"--out_dir={tmp_path}", *argv])
+    assert cfg.run_script(sae_reg.main, SAE_REG + [f"--out_dir={tmp_path}", *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "default").exists()
 
@@ -121,7 +118,7 @@ def test_a_calibration_point_fits_only_with_partial_forgetting(tmp_path, final_f
 
 
 def test_the_estimate_times_each_stage_and_trains_nothing_it_keeps(tmp_path, capsys):
-    sae_reg.main(SAE_REG + [f"--out_dir={tmp_path}", "--k=2", "--estimate"])
+    sae_reg.main(SAE_REG + [f"--out_dir={tmp_path}", "--k=2", "--estimate=true"])
     out = capsys.readouterr().out
     for stage in ("pretrain normal", "pretrain regularized", "fresh SAEs of one sweep point"):
         assert f"{stage}: " in out and " s per step" in out

@@ -170,7 +170,7 @@ def test_parts_are_checked_and_the_rest_goes_to_the_run_config():
     parts, config = evidence.parse_args(["--parts=memory,ablations", "--n_embd=48"])
     assert parts == ("memory", "ablations") and config.n_embd == 48 and config.seeds == (0, 1, 2)
     assert evidence.parse_args(["--seeds=4"])[1].seeds == (4,)
-    with pytest.raises(ValueError, match="valid parts: separability"):
+    with pytest.raises(ValueError, match="--parts='memroy' is not valid; choose from: separability"):
         evidence.parse_args(["--parts=memroy"])
 
 
@@ -223,4 +223,4 @@ def test_one_command_writes_every_part_with_its_plot_and_table(tmp_path, monkeyp
     ablations = json.loads((out / "ablations.json").read_text())
     assert set(ablations) == {"seqft (no penalty)", "random mask, same mass"}
     assert all(0.0 <= row["OP"][0] <= 1.0 and row["seeds"] == [0] for row in ablations.values())
-    assert evidence.main(argv + ["--parts=nothing"]) == 2  # a bad part: a one-line error
+    assert cfg.run_script(evidence.main, argv + ["--parts=nothing"]) == 2  # a bad part: a one-line error

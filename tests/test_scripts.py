@@ -1,0 +1,23 @@
+"""Every script speaks one command-line style: --key=value, --help that lists its keys and the pipeline's, and a
+one-line error (exit status 2) for a key nobody knows, before any compute."""
+
+import importlib
+
+import pytest
+
+import configurator as cfg
+
+SCRIPTS = ["train", "evidence"] + [f"bench.{name}" for name in (
+    "calibrate", "cl_benchmark", "importance_scale", "nanogpt_parity", "profile_step", "sae_reg", "step_cost",
+    "task_overlap", "tune")]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_has_help_and_refuses_an_unknown_key_in_one_line(name, capsys):
+    script = importlib.import_module(name)
+    assert cfg.run_script(script.main, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n  --") >= 3  # its keys (or the pipeline's), one a line, with their defaults
+    assert cfg.run_script(script.main, ["--no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key --no_such_key") and err.count("\n") == 1
