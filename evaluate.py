@@ -288,16 +288,19 @@ def knowledge_metrics(run, base):
     """What one run's final model keeps of the earlier tasks i < T (every task but the last), beside exact match:
 
         exact_match     = mean_i R[T][i]
-        forced_choice   = mean_i (forced-choice accuracy on task i)
+        forced_choice   = mean_i (forced-choice accuracy on task i), over the tasks i that have distractors
         relearn@n       = mean_i acc_i(final model + n steps of fine-tuning on task i alone)
         kept@n          = relearn@n(this run) - relearn@n(the base model, same seed and steps)
 
     base: the base model's result of the same seed (train.base_reference), or None (no kept@n)."""
     earlier = run["tasks"][:-1]
     metrics = {"exact_match": sum(run["R"][-1][:-1]) / len(earlier)}
-    if run.get("forced_choice"):
-        metrics["forced_choice"] = sum(run["forced_choice"][t]["accuracy"] for t in earlier) / len(earlier)
-        metrics["forced_choice_chance"] = sum(run["forced_choice"][t]["chance"] for t in earlier) / len(earlier)
+    # forced choice over the earlier tasks that offer a choice: close's answers (bracket sequences) share their
+    # format with no other answer, so they have no distractor (chance 1) and are left out of the mean
+    choosable = [t for t in earlier if run.get("forced_choice") and run["forced_choice"][t]["chance"] < 1]
+    if choosable:
+        metrics["forced_choice"] = sum(run["forced_choice"][t]["accuracy"] for t in choosable) / len(choosable)
+        metrics["forced_choice_chance"] = sum(run["forced_choice"][t]["chance"] for t in choosable) / len(choosable)
     if run.get("relearn"):
         for j, n in enumerate(run["relearn_steps"]):
             metrics[f"relearn@{n}"] = sum(run["relearn"][t][j] for t in earlier) / len(earlier)

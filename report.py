@@ -197,8 +197,9 @@ def results_table(summary):
                      + " |")
     chance = next((r["forced_choice_chance"] for r in summary.values() if "forced_choice_chance" in r), None)
     if chance is not None:
-        lines += ["", f"Forced choice, relearn@n and kept@n are means over the earlier tasks (all but the last); "
-                      f"forced choice's chance level there is {chance:.3f}."]
+        lines += ["", f"Forced choice, relearn@n and kept@n are means over the earlier tasks (all but the last; forced "
+                      f"choice over those whose answers have distractors of their format); forced choice's chance "
+                      f"level there is {chance:.3f}."]
     lines += ["", "| method | plasticity | forgetting | LM loss after (before) | retained bytes | step time vs seqft |",
               "|---|---|---|---|---|---|"]
     for method, r in summary.items():
@@ -347,6 +348,9 @@ def plot_forgetting(summary, run_dir):
     plt.close(fig)
 
 
+MARKERS = "osD^vP*Xh<>"
+
+
 def plot_knowledge(summary, run_dir):
     """knowledge.png: the relearning curves (mean accuracy on the earlier tasks after n steps, per method, with the
     base model dashed), and forced-choice against exact-match accuracy on the earlier tasks, per method."""
@@ -354,13 +358,14 @@ def plot_knowledge(summary, run_dir):
     if not methods:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {m: f"C{i}" for i, m in enumerate(summary)}
+    colours = {m: plt.get_cmap("tab20")(2 * i % 20 + 2 * i // 20) for i, m in enumerate(summary)}  # 20 distinct
     steps = [0] + relearn_steps(summary)
     for method in methods:
         if "relearn@0" in summary[method]:
             r = summary[method]
             ax1.errorbar(steps, [r[f"relearn@{n}"] for n in steps], yerr=[r[f"relearn@{n}_std"] or 0 for n in steps],
-                         marker="o", capsize=3, color=colours[method], label=method)
+                         marker=MARKERS[list(summary).index(method) % len(MARKERS)], capsize=3,
+                         color=colours[method], label=method)
     base = next((r["base"] for r in summary.values() if "base" in r), None)
     if base and "relearn@0" in base:
         ax1.plot(steps, [base[f"relearn@{n}"] for n in steps], "k--", marker="s", label="base model")
@@ -372,7 +377,8 @@ def plot_knowledge(summary, run_dir):
         r = summary[method]
         if "forced_choice" in r:
             ax2.errorbar(r["exact_match"], r["forced_choice"], xerr=r["exact_match_std"] or 0,
-                         yerr=r["forced_choice_std"] or 0, marker="o", capsize=3, color=colours[method])
+                         yerr=r["forced_choice_std"] or 0, marker=MARKERS[list(summary).index(method) % len(MARKERS)],
+                         capsize=3, color=colours[method])
             ax2.annotate(method, (r["exact_match"], r["forced_choice"]), fontsize=8, xytext=(4, 4),
                          textcoords="offset points")
     chance = next((r["forced_choice_chance"] for r in summary.values() if "forced_choice_chance" in r), None)

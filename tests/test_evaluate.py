@@ -129,11 +129,15 @@ def test_forced_choice_is_one_for_a_memorised_task_and_about_chance_with_shuffle
 def test_kept_is_relearning_beyond_the_base_models_on_the_earlier_tasks():
     run = {"tasks": ["a", "b", "c"], "R": [[0, 0, 0], [0.2, 0.0, 1.0]], "relearn_steps": [0, 5],
            "relearn": {"a": [0.2, 0.9], "b": [0.0, 0.5]},
-           "forced_choice": {t: {"accuracy": acc, "chance": 0.1} for t, acc in (("a", 0.6), ("b", 0.4), ("c", 1.0))}}
+           "forced_choice": {"a": {"accuracy": 0.6, "chance": 0.1}, "b": {"accuracy": 0.4, "chance": 0.5},
+                             "c": {"accuracy": 1.0, "chance": 0.1}}}
     base = {"tasks": ["a", "b", "c"], "R": [[0, 0, 0]], "relearn_steps": [0, 5],
             "relearn": {"a": [0.0, 0.3], "b": [0.0, 0.1]}}
     m = knowledge_metrics(run, base)
     assert m["exact_match"] == pytest.approx(0.1) and m["forced_choice"] == pytest.approx(0.5)  # tasks a and b
+    assert m["forced_choice_chance"] == pytest.approx(0.3)
+    run["forced_choice"]["b"] = {"accuracy": 1.0, "chance": 1.0}  # no distractor: no choice, left out
+    assert knowledge_metrics(run, base)["forced_choice"] == pytest.approx(0.6)
     assert m["relearn@5"] == pytest.approx(0.7) and m["kept@5"] == pytest.approx(0.7 - 0.2)
     assert m["kept@0"] == pytest.approx(0.1) and "kept@5" not in knowledge_metrics(run, None)
 
