@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import typing
 from dataclasses import dataclass
 
@@ -264,8 +265,18 @@ def validate(config):
                          "(a ReLU SAE's L0 follows --sae_l1)")
     if not config.tasks or len(set(config.tasks)) != len(config.tasks):
         raise ValueError(f"--tasks={','.join(config.tasks)}: name each task once; valid tasks: {', '.join(TASKS)}")
+    for key in ("methods", "seeds", "sae_k", "sae_points", "sae_guided_points", "lora_targets"):
+        values = getattr(config, key)
+        if len(set(values)) != len(values):  # the same run twice into one file, or one adapter wrapped twice
+            raise ValueError(f"--{key}={','.join(map(str, values))}: name each value once")
     if not config.methods or not config.seeds or not config.sae_k:
         raise ValueError("--methods, --seeds and --sae_k need at least one value each")
+    if not config.lora_alpha > 0:
+        raise ValueError(f"--lora_alpha={config.lora_alpha}: must be above 0 (the adapters' update is scaled by "
+                         "lora_alpha / lora_rank; 0 would train nothing)")
+    if config.sae_tokens < config.sae_batch_size:
+        raise ValueError(f"--sae_tokens={config.sae_tokens}: must be at least --sae_batch_size="
+                         f"{config.sae_batch_size} (the activations an SAE is trained on; a step draws that many)")
     for method in METHODS.values():
         method.check(config)
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -430,11 +441,20 @@ def check_fields(config, choices, at_least_zero=()):
             low = 0 if name in at_least_zero else 1
             if any(v < low for v in values):
                 raise ValueError(f"--{name}={shown}: must be at least {low}")
+            if any(v >= 2**63 for v in values):  # torch's seeds and sizes are 64-bit integers
+                raise ValueError(f"--{name}={shown}: must be below 2^63")
 
 
 def check_out_dir(path):
+    """The output folder exists (or is made) and takes a file: checked before compute, not at the first checkpoint."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out_dir={path!r} is a file, not a folder; choose another --out_dir")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out_dir={path!r} cannot hold files ({error.strerror}); choose another --out_dir") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def train_run(run, config, device, path):
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(it, config)
             loss = pretraining_loss(run, it, config, device, train_ids, aux_train)
-            check_finite(loss, f"in pretraining at iteration {it}", "lower --lr (or --sae_reg_lambda)")
+            check_finite(loss, f"in pretraining at iteration {it}", "lower --lr, --weight_decay or --sae_reg_lambda")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients(model.parameters(), config.grad_clip)

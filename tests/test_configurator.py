@@ -42,6 +42,13 @@ def test_defaults_parse_and_overrides_apply():
     (["--lwf_temperature=0"], "--lwf_temperature=0.0: must be above 0"),
     (["--replay_fraction=2"], "--replay_fraction=2.0: must be in \\(0, 1\\]"),
     (["lr=3"], "arguments look like --key=value"),
+    (["--lora_alpha=0"], "--lora_alpha=0.0: must be above 0"),
+    (["--methods=seqft,ewc,seqft"], "--methods=seqft,ewc,seqft: name each value once"),
+    (["--seeds=0,0"], "--seeds=0,0: name each value once"),
+    (["--lora_targets=attn_qkv,attn_qkv"], "--lora_targets=attn_qkv,attn_qkv: name each value once"),
+    (["--seeds=100000000000000000000000"], "must be below 2\\^63"),
+    (["--seed=9223372036854775808"], "--seed=9223372036854775808: must be below 2\\^63"),
+    (["--sae_tokens=1"], "--sae_tokens=1: must be at least --sae_batch_size=512"),
 ])
 def test_bad_config_is_an_error_that_names_the_key(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -123,3 +130,14 @@ def test_a_preset_sets_its_keys_and_given_keys_override_it_in_any_order():
     assert train.parse_args([]).finetune == "full"  # no preset: the defaults
     with pytest.raises(ValueError, match="--preset='nope' is not valid; choose from: paper"):
         train.parse_args(["--preset=nope"])
+
+
+def test_an_out_dir_that_cannot_hold_files_is_refused_before_compute(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot hold files|is a file"):
+        cfg.check_out_dir(str(blocker / "below"))  # under a file
+    with pytest.raises(ValueError, match="cannot hold files"):
+        cfg.check_out_dir("/proc/saeguard_out")
+    cfg.check_out_dir(str(tmp_path / "new"))
+    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # made, and left empty
