@@ -18,9 +18,11 @@ made from the old one, while an edit of a method redoes only the continual-learn
 
 import dataclasses
 import difflib
+import errno
 import glob
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -525,20 +527,43 @@ def key_difference(old, new):
 # cached results on disk, written atomically
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then rename: an interrupted write never leaves a corrupt checkpoint."""
+def write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_atomically(path, data):
+    """Write data (bytes) to a temporary file of this process beside path, then rename it to path: an interrupted or
+    failed write leaves the previous file intact and no temporary file, and two processes writing one file never
+    share a temporary file (the last to finish wins). A full disk or another OS error is a one-line ValueError."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write_bytes(tmp, data)
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except OSError as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if error.errno == errno.ENOSPC:
+            raise ValueError(f"cannot write {path}: the disk is full ({len(data):,} bytes needed); free some space "
+                             "and rerun (the previous file is intact)") from None
+        raise ValueError(f"cannot write {path} ({error.strerror}); the previous file is intact") from None
+
+
+def save_checkpoint(obj, path):
+    """torch.save, written atomically (write_atomically)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomically(path, buffer.getvalue())
 
 
 def save_json(obj, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """JSON, written atomically; NaN or infinity is an error, never a bare NaN in the file (not valid JSON)."""
+    write_atomically(path, json.dumps(obj, indent=2, allow_nan=False).encode())
+
+
+def save_text(text, path):
+    write_atomically(path, text.encode())
 
 
 def read_json(path):
@@ -573,8 +598,14 @@ def load_cached(path, key, loader):
     return obj
 
 
-def load_checkpoint(path, key):
-    return load_cached(path, key, lambda p: torch.load(p, map_location="cpu", weights_only=False))
+def load_checkpoint(path, key, hashed):
+    """The checkpoint at path if it was made with this key and its tensors `hashed` (a field: 'model', 'saes')
+    still match the content hash stored beside them; else None (a damaged file is named and redone)."""
+    checkpoint = load_cached(path, key, lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    if checkpoint is not None and tensor_hash(checkpoint[hashed]) != checkpoint["sha"]:
+        print(f"{path} is damaged (its {hashed} does not match its content hash); redoing it")
+        return None
+    return checkpoint
 
 
 def load_json_result(path, key):

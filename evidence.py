@@ -18,7 +18,6 @@ out/<run>/evidence/ as <part>.json and <part>.png, with the tables in evidence.m
 
 import copy
 import dataclasses
-import json
 import multiprocessing
 import os
 import sys
@@ -41,6 +40,7 @@ from configurator import progress  # noqa: E402
 from data.tasks import build_task_suite, trim_padding  # noqa: E402
 from data.tokenizer import NEWLINE, VOCAB_SIZE, encode  # noqa: E402
 from data.world import generate_lines  # noqa: E402
+import report  # noqa: E402
 from report import fmt, mean_std  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sae import SAEConfig, TopKSAE  # noqa: E402
@@ -51,8 +51,7 @@ MEMORY_WIDTHS = (24, 48, 96, 192)  # the default model is 96 wide
 
 def save_figure(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -717,8 +716,7 @@ def timed(function, *args):
 
 def save(part, result, seconds, out_dir):
     """Write a part's JSON and plot, print its table; returns its section of evidence.md."""
-    with open(os.path.join(out_dir, f"{part}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    cfg.save_json(result, os.path.join(out_dir, f"{part}.json"))
     PLOTS[part](result, os.path.join(out_dir, f"{part}.png"))
     table = TABLES[part](result)
     print(table)

@@ -160,7 +160,7 @@ def pretrain(config, device):
     run_dir = os.path.join(config.out_dir, config.run)
     path, summary_path = os.path.join(run_dir, "base.pt"), os.path.join(run_dir, "pretrain.json")
     key = cfg.result_key(stage_config(config, "pretrain"), stage_code(config, "pretrain"), device, config.corpus)
-    checkpoint = cfg.load_checkpoint(path, key)
+    checkpoint = cfg.load_checkpoint(path, key, "model")
     if checkpoint is not None and checkpoint["done"]:
         if cfg.summary_is_there("pretrain", path, summary_path, key):
             return checkpoint

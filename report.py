@@ -6,7 +6,9 @@ and an edit of this file redoes no stage.
     python report.py out/<run>          # rebuilds the summary, the plots and report.md from the saved results
 """
 
+import io
 import json
+import math
 import os
 import re
 import sys
@@ -19,6 +21,7 @@ matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import configurator as cfg  # noqa: E402
 from evaluate import cl_metrics, knowledge_metrics  # noqa: E402
 from regularizers import METHODS  # noqa: E402  (the report lists methods in the registry's order)
 
@@ -48,10 +51,13 @@ def load_cl_results(run_dir, cl_dir="cl"):
         try:
             with open(path) as f:
                 r = json.load(f)
-            results[r["method"]].append(r)
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path} is damaged ({type(error).__name__}: {error}); delete it, or rerun "
-                             "`python train.py` with the same options to redo it") from None
+            problem = result_problem(r) if isinstance(r, dict) else "not a JSON object"
+        except (ValueError, UnicodeDecodeError) as error:
+            problem = f"{type(error).__name__}: {error}"
+        if problem:
+            raise ValueError(f"{path} is damaged ({problem}); delete it, or rerun `python train.py` with the same "
+                             "options to redo it")
+        results[r["method"]].append(r)
     for method in sorted(set(results) - set(METHODS)):
         files = ", ".join(f"{method}_seed{r['seed']}.json" for r in results.pop(method))
         print(f"warning: {files} in {folder}: no method {method!r} in regularizers.METHODS; left out of the report",
@@ -59,6 +65,32 @@ def load_cl_results(run_dir, cl_dir="cl"):
     if not results:
         raise ValueError(f"{folder} holds no continual-learning results (<method>_seed<n>.json)")
     return results
+
+
+def result_problem(r):
+    """What is wrong with a continual-learning result (a dict read from JSON), or None: the fields the report reads
+    must be there, R a matrix of accuracies in [0, 1] (a row per stage, a column per task), losses and times finite
+    numbers (a NaN is damage, as the loop never lets a non-finite loss through)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    try:
+        if not isinstance(r["method"], str) or not isinstance(r["seed"], int) or not r["tasks"]:
+            return "its method, seed or tasks are missing"
+        rows, n_tasks = r["R"], len(r["tasks"])
+        if not (isinstance(rows, list) and len(rows) >= 2 and all(isinstance(row, list) and len(row) == n_tasks
+                                                                    for row in rows)):
+            return "R is not a matrix of a row per stage and a column per task"
+        if not all(number(v) and 0 <= v <= 1 for row in rows for v in row):
+            return "R holds a value that is not an accuracy"
+        if not all(number(r[k]) for k in ("lm_loss_before", "lm_loss_after", "step_seconds", "retained_bytes")):
+            return "a loss, time or size is not a finite number"
+        if not isinstance(r["shared"], dict) or "config" not in r["shared"] or not isinstance(r["method_settings"],
+                                                                                              dict):
+            return "its shared key or method settings are missing"
+    except (KeyError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def load_base_results(folder):
@@ -150,8 +182,7 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
         if all(r.get("diagnostic") for r in runs):
             row["diagnostic"] = diagnostic_curves(runs)
         summary[method] = row
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    cfg.save_json(summary, os.path.join(run_dir, "summary.json"))
     table = results_table(summary)
     print(table)
     plot_cl(summary, run_dir)
@@ -229,6 +260,14 @@ LEGEND = """Reading the columns (R[t][i]: exact-match accuracy on task i after t
 # plots
 
 
+def save_figure(fig, path):
+    """A PNG written atomically (configurator.write_atomically), then the figure closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    cfg.write_atomically(path, buffer.getvalue())
+
+
 def panel_grid(n, width, height, columns=4, **kwargs):
     """A figure with n panels, at most `columns` a row; the panels left over are hidden."""
     rows = (n + columns - 1) // columns
@@ -257,8 +296,7 @@ def plot_cl(summary, run_dir):
         ax.set_title(method)
     fig.suptitle("accuracy R[after row][task column], mean over seeds")
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "cl_matrix.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(run_dir, "cl_matrix.png"))
 
     sequential = [m for m in methods if len(summary[m]["R_mean"]) == len(tasks) + 1]
     if sequential:
@@ -274,8 +312,7 @@ def plot_cl(summary, run_dir):
         axes[0].legend(fontsize=7, loc="upper right", ncol=2)
         fig.supylabel("accuracy on each task, mean over seeds")
         fig.tight_layout()
-        fig.savefig(os.path.join(run_dir, "cl_curves.png"), dpi=120)
-        plt.close(fig)
+        save_figure(fig, os.path.join(run_dir, "cl_curves.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for ax, key in zip(axes, ("op", "bwt")):
@@ -286,8 +323,7 @@ def plot_cl(summary, run_dir):
         ax.tick_params(axis="x", rotation=30)
         ax.set_title(key.upper() + f" (mean ± std over {len(summary[methods[0]]['seeds'])} seed(s))")
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "cl_bars.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(run_dir, "cl_bars.png"))
 
 
 DIAGNOSTIC_CURVES = {  # curve -> (panel title, its value from one diagnostic entry of an earlier task); drift per
@@ -344,8 +380,7 @@ def plot_forgetting(summary, run_dir):
     axes[0].legend(fontsize=7)
     fig.suptitle("forgetting diagnostic: on the tasks learned before, after each task (mean over them and seeds)")
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "forgetting.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(run_dir, "forgetting.png"))
 
 
 MARKERS = "osD^vP*Xh<>"
@@ -393,8 +428,7 @@ def plot_knowledge(summary, run_dir):
     seeds = summary[methods[0]]["seeds"]
     fig.suptitle(f"what each method keeps of the tasks before the last (mean ± std over seeds {seeds})")
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "knowledge.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(run_dir, "knowledge.png"))
 
 
 def plot_sae_metrics(results, run_dir):
@@ -411,8 +445,7 @@ def plot_sae_metrics(results, run_dir):
         ax.set_xlabel("residual point")
     fig.suptitle(f"TopK SAEs, k={ks[0]}, held-out base-corpus text")
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "sae_metrics.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(run_dir, "sae_metrics.png"))
     if len(ks) < 2:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -429,8 +462,7 @@ def plot_sae_metrics(results, run_dir):
     ax1.legend()
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "sae_k_sweep.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(run_dir, "sae_k_sweep.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,8 +480,7 @@ def write_report(summary, table, run_dir):
         lines += ["![what each method keeps](knowledge.png)", ""]
     if os.path.exists(os.path.join(run_dir, "forgetting.png")):
         lines += ["![the forgetting diagnostic](forgetting.png)", ""]
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    cfg.save_text("\n".join(lines), os.path.join(run_dir, "report.md"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

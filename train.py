@@ -30,7 +30,7 @@ from model import model_from_checkpoint
 from pretrain import (aux_accuracy, aux_suite, check_finite, clip_gradients, corpus_of, estimate_lm_loss,
                       pretrain)
 from regularizers import METHODS, Method, tensor_bytes
-from report import BASE_DIR, plot_sae_metrics, summarize_run
+from report import BASE_DIR, plot_sae_metrics, result_problem, summarize_run
 from sae import check_sae_fits, sae_from_dict, sae_to_dict, train_saes
 
 
@@ -79,7 +79,7 @@ def train_sae_stage(config, device, base):
     path, metrics_path = os.path.join(run_dir, "sae.pt"), os.path.join(run_dir, "sae.json")
     key = cfg.result_key(stage_config(config, "pretrain", "sae"), stage_code(config, "pretrain", "sae"), device,
                          config.corpus, {"base": base["sha"]})
-    checkpoint = cfg.load_checkpoint(path, key)
+    checkpoint = cfg.load_checkpoint(path, key, "saes")
     if checkpoint is not None and cfg.summary_is_there("sae", path, metrics_path, key):
         return checkpoint
     model = model_from_checkpoint(base, device)
@@ -321,7 +321,11 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
             for seed in config.seeds:
                 path = os.path.join(folder, f"{name}_seed{seed}.json")
                 key, shared, settings = method_key(config, name, seed, device, base, sae_checkpoint)
-                if cfg.load_json_result(path, key) is not None:
+                cached = cfg.load_json_result(path, key)
+                if cached is not None and result_problem(cached):
+                    print(f"{path} is damaged ({result_problem(cached)}); redoing it")
+                    cached = None
+                if cached is not None:
                     print(f"cl: reusing {path}")
                 else:
                     todo.append({"name": name, "seed": seed, "config": config, "path": path, "key": key,

@@ -1,10 +1,8 @@
 """The benchmark scripts that make the README's numbers, on tiny settings."""
 
 import json
-import os
 
 import pytest
-import torch
 
 import configurator as cfg
 import pretrain

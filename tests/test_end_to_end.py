@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import report
 import train
 from conftest import TINY_PIPELINE
 from report import summarize_run
@@ -105,15 +106,29 @@ def test_seqft_results_depend_on_the_saes_only_through_the_diagnostic(tmp_path, 
     assert "seqft_seed0.json was made with a different" in capsys.readouterr().out
 
 
-def test_a_damaged_result_file_is_named_and_redone(tmp_path, capsys):
-    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft"]
+@pytest.mark.parametrize("damage", ["cut", "nan", "no shared key", "ragged R"])
+def test_a_damaged_result_file_is_named_and_redone(tmp_path, capsys, damage):
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft", "--relearn_steps=", "--forced_choice_k=0",
+                            "--diagnose=false"]
     assert train.main(argv) == 0
     path = tmp_path / "default" / "cl" / "seqft_seed0.json"
-    path.write_text('{"method": "seqft", "R": [[0.1')
+    result = json.loads(path.read_text())
+    if damage == "cut":
+        path.write_text('{"method": "seqft", "R": [[0.1')
+    else:
+        if damage == "nan":
+            result["lm_loss_after"] = float("nan")  # json writes it as a bare NaN
+        elif damage == "no shared key":
+            del result["shared"]
+        else:
+            result["R"][1] = result["R"][1][:1]
+        path.write_text(json.dumps(result))
+    with pytest.raises(ValueError, match="seqft_seed0.json is damaged"):
+        summarize_run(str(tmp_path / "default"))  # `python report.py` names it
     capsys.readouterr()
     assert train.main(argv) == 0
     assert f"{path} is damaged" in capsys.readouterr().out
-    assert json.loads(path.read_text())["R"]  # redone and whole again
+    assert report.result_problem(json.loads(path.read_text())) is None  # redone and whole again
 
 
 def test_parallel_jobs_give_the_same_results_as_one_process(tmp_path):

@@ -26,26 +26,56 @@ def test_lr_schedule():
     assert pretrain.get_lr(110, config) == pytest.approx(1e-4)
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+def test_a_write_that_dies_or_finds_the_disk_full_leaves_the_previous_file_and_no_temporary_one(tmp_path,
+                                                                                                 monkeypatch):
+    import errno
+
     path = str(tmp_path / "ck.pt")
     cfg.save_checkpoint({"value": 1}, path)
+    cfg.save_json({"value": 1}, str(tmp_path / "summary.json"))
 
-    def broken_save(obj, f):  # writes half a file, then dies
-        with open(f, "wb") as handle:
-            handle.write(b"garbage")
+    def dying_write(target, data):  # writes half of the file, then the process is interrupted
+        with open(target, "wb") as handle:
+            handle.write(data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(cfg, "write_bytes", dying_write)
     with pytest.raises(KeyboardInterrupt):
         cfg.save_checkpoint({"value": 2}, path)
+    monkeypatch.setattr(cfg, "write_bytes", lambda target, data: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(ValueError, match=r"cannot write .*summary.json: the disk is full \(\d+ bytes needed\)"):
+        cfg.save_json({"value": 2}, str(tmp_path / "summary.json"))
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["value"] == 1  # the old checkpoint is intact
+    assert torch.load(path, weights_only=False)["value"] == 1  # the old files are intact
+    assert json.loads((tmp_path / "summary.json").read_text())["value"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] in ([], [f"ck.pt.{os.getpid()}.tmp"])
+    with pytest.raises(ValueError):
+        cfg.save_json({"loss": float("nan")}, str(tmp_path / "nan.json"))  # never a bare NaN in a JSON file
+
+
+def test_a_damaged_tensor_in_a_checkpoint_is_noticed_and_the_stage_redone(tmp_path, capsys):
+    config = tiny_config(tmp_path, "--sae_steps=5", "--sae_tokens=2000", "--sae_batch_size=256")
+    base = train.pretrain(config, "cpu")
+    train.train_sae_stage(config, "cpu", base)
+    for name, field in (("base.pt", "model"), ("sae.pt", "saes")):
+        path = tmp_path / "default" / name
+        checkpoint = torch.load(path, weights_only=False)
+        tensors = checkpoint["model"] if field == "model" else next(iter(checkpoint["saes"].values()))[1]["state"]
+        some = next(t for t in tensors.values() if t.is_floating_point())
+        some.view(-1)[0] += 1.0  # a flipped value inside a tensor; key and stored hash unchanged
+        torch.save(checkpoint, path)
+        capsys.readouterr()
+        base = train.pretrain(config, "cpu")
+        train.train_sae_stage(config, "cpu", base)
+        out = capsys.readouterr().out
+        assert f"{name} is damaged (its {field} does not match its content hash); redoing it" in out
 
 
 def test_unreadable_checkpoint_is_redone(tmp_path, capsys):
     path = tmp_path / "bad.pt"
     path.write_bytes(b"not a checkpoint")
-    assert cfg.load_checkpoint(str(path), {"a": 1}) is None
+    assert cfg.load_checkpoint(str(path), {"a": 1}, "model") is None
     assert "cannot read" in capsys.readouterr().out
 
 
@@ -78,7 +108,7 @@ def test_a_change_of_corpus_or_device_redoes_the_stage(tmp_path, monkeypatch, ca
     assert "different corpus file; redoing" in capsys.readouterr().out
     key = cfg.result_key(train.stage_config(config, "pretrain"), train.stage_code(config, "pretrain"), "cuda",
                          config.corpus)
-    assert cfg.load_checkpoint(str(tmp_path / "default" / "base.pt"), key) is None  # made on cpu, not cuda
+    assert cfg.load_checkpoint(str(tmp_path / "default" / "base.pt"), key, "model") is None  # made on cpu, not cuda
     assert "different device" in capsys.readouterr().out
 
 
