@@ -16,9 +16,10 @@ import copy
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -311,6 +312,17 @@ def run_and_save(job, *, device, base, sae_checkpoint):
                   job["path"])
 
 
+def start_worker(parent):
+    """In a worker process (started with Ctrl-C ignored: it is its parent's to handle, in one line, and the parent
+    then ends the workers): the worker ends by itself when its parent is gone, even after a kill -9 of the parent."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
     """For each config, run its methods and seeds (each cached as out/<run>/<cl_dir>/<method>_seed<seed>.json) and
     write its report; returns the summaries. The runs not cached go to one list, `jobs` at a time."""
@@ -345,9 +357,14 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
     todo.sort(key=lambda job: 2 if job["name"] is None else int(not METHODS[job["name"]].uses_saes))
     if jobs > 1 and len(todo) > 1:  # processes, spawned (a fork is unsafe once torch has run)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context) as pool:
-            for future in [pool.submit(run_and_save, job, **stages) for job in todo]:
-                future.result()
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers start with Ctrl-C ignored (an
+        try:  # ignored signal stays ignored in a new process), so that it is never seen half-way through their start
+            pool = context.Pool(min(jobs, len(todo)), initializer=start_worker, initargs=(os.getpid(),))
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
+        with pool:
+            for result in [pool.apply_async(run_and_save, (job,), stages) for job in todo]:
+                result.get()  # a worker's error is raised here; leaving the block (or Ctrl-C) ends the workers
     else:
         for job in todo:
             run_and_save(job, **stages)
@@ -389,6 +406,9 @@ def main(argv):
     except (ValueError, FloatingPointError) as error:  # bad input, or a loss that is not finite: one line
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: finished stages and runs are saved, the rest resumes on the next run
+        print("interrupted; rerun to resume", file=sys.stderr)
+        return 130
     return 0
 
 

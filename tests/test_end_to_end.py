@@ -185,3 +185,56 @@ def test_relu_base_saes_run_through_the_pipeline_with_dense_codes(tmp_path):
     assert by_k["train_dead_fraction"] == {}  # AuxK's dead count needs a k; a ReLU SAE has none
     assert json.loads((tmp_path / "default" / "cl" / "sae_guided_seed0.json").read_text())["R"]
     assert train.main(argv[:-1]) == 2  # cached sparse TopK codes need TopK SAEs: a one-line error
+
+
+def spawned_workers(pid):
+    """The pids of the pool workers (spawned processes) whose parent is pid."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and "spawn_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+def test_ctrl_c_is_one_line_and_no_worker_outlives_its_parent(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, os.path.join(root, "train.py"), *TINY_PIPELINE, f"--out_dir={tmp_path}",
+            "--methods=seqft,ewc", "--seeds=0,1", "--jobs=2", "--steps_per_task=5000", "--diagnose=false"]
+
+    def start_and_wait_for_workers():
+        process = subprocess.Popen(argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        deadline = time.time() + 120
+        while len(spawned_workers(process.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.0)  # the workers are in their runs
+        return process, spawned_workers(process.pid)
+
+    process, workers = start_and_wait_for_workers()
+    assert len(workers) == 2
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted; rerun to resume"
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+
+    process, workers = start_and_wait_for_workers()
+    process.kill()  # kill -9 of the parent: no clean-up of its own can run
+    process.wait()
+    deadline = time.time() + 15
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)  # the workers saw it and ended
