@@ -705,7 +705,12 @@ def parse_args(argv):
     if not options.parts:
         raise ValueError(f"--parts: give at least one of {', '.join(PARTS)}")
     seeds = [] if any(a.startswith("--seeds=") for a in rest) else ["--seeds=" + ",".join(map(str, ABLATION_SEEDS))]
-    return options.parts, cfg.parse_args(seeds + rest)
+    config = cfg.parse_args(seeds + rest)
+    comparing = [p for p in options.parts if p in ("separability", "collateral")]
+    if comparing and len(config.tasks) < 2:
+        raise ValueError(f"--tasks={','.join(config.tasks)}: {' and '.join(comparing)} compare tasks; give at least "
+                         "two")
+    return options.parts, config
 
 
 def timed(function, *args):
@@ -714,13 +719,26 @@ def timed(function, *args):
     return function(*args), time.time() - t0
 
 
-def save(part, result, seconds, out_dir):
+def save(part, result, seconds, out_dir, command):
     """Write a part's JSON and plot, print its table; returns its section of evidence.md."""
     cfg.save_json(result, os.path.join(out_dir, f"{part}.json"))
     PLOTS[part](result, os.path.join(out_dir, f"{part}.png"))
     table = TABLES[part](result)
     print(table)
-    return f"## {part} ({seconds:.0f} s)\n\n{table}\n\n![{part}]({part}.png)\n"
+    return f"## {part} ({seconds:.0f} s, `{command}`)\n\n{table}\n\n![{part}]({part}.png)\n"
+
+
+def write_report(sections, path):
+    """evidence.md: the new sections {part: text}, and those of the parts not run this time as an earlier run left
+    them (their JSON and plots are still there), in the order of PARTS."""
+    if os.path.exists(path):
+        with open(path) as f:
+            for text in f.read().split("\n## ")[1:]:
+                part = text.split(" ", 1)[0]
+                if part in PARTS and part not in sections:
+                    sections[part] = "## " + text.rstrip("\n") + "\n"
+    body = "\n".join(sections[part] for part in PARTS if part in sections)
+    cfg.save_text("# Evidence for the thesis (each section names the command that made it)\n\n" + body, path)
 
 
 def main(argv):
@@ -768,7 +786,8 @@ def main(argv):
     # Every analysis runs on one thread, as every continual-learning run does (train.run_and_save), so that its
     # numbers do not depend on the machine's core count; meanwhile the ablations' runs go on in a process of their
     # own (with its config.jobs workers), so that the cores stay busy.
-    t_start, threads, report = time.time(), torch.get_num_threads(), []
+    t_start, threads, report = time.time(), torch.get_num_threads(), {}
+    command = f"python evidence.py {' '.join(argv)}".strip()
     torch.set_num_threads(1)
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as background:
@@ -777,13 +796,12 @@ def main(argv):
                                                  ablation_variants(config))
             for part in parts:
                 if part != "ablations":  # the ablations come last, when their runs are done
-                    report.append(save(part, *timed(analyse, part), out_dir))
+                    report[part] = save(part, *timed(analyse, part), out_dir, command)
             if "ablations" in parts:
-                report.append(save("ablations", *ablation_run.result(), out_dir))
+                report["ablations"] = save("ablations", *ablation_run.result(), out_dir, command)
     finally:
         torch.set_num_threads(threads)
-    with open(os.path.join(out_dir, "evidence.md"), "w") as f:
-        f.write(f"# Evidence: `python evidence.py {' '.join(argv)}`\n\n" + "\n".join(report))
+    write_report(report, os.path.join(out_dir, "evidence.md"))
     print(f"evidence: {len(report)} parts in {time.time() - t_start:.0f} s (the ablations beside the others); tables "
           f"in {os.path.join(out_dir, 'evidence.md')}")
     return 0
