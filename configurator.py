@@ -473,12 +473,6 @@ def sha256_of_files(paths):
     return digest.hexdigest()[:16]
 
 
-def file_hash(path):
-    """A hash of the file's content (its path is in the config already)."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
 def tensor_hash(obj):
     """A content hash of the tensors in a nested dict / list (keys in sorted order): a checkpoint's identity."""
     digest = hashlib.sha256()
@@ -498,11 +492,11 @@ def tensor_hash(obj):
     return digest.hexdigest()[:16]
 
 
-def result_key(config_part, code_files, device, corpus, built_from=None):
+def result_key(config_part, code_files, device, corpus_hash, built_from=None):
     """The full key of a cached result; JSON-normal so that it compares equal after a round trip. code_files: the
-    project files whose code made it (stage_code)."""
+    project files whose code made it (stage_code); corpus_hash: pretrain.corpus_hash."""
     key = {"config": config_part, "code": sha256_of_files(code_files), "torch": torch.__version__, "device": device,
-           "corpus": file_hash(corpus) if corpus else "generated", "built_from": built_from or {}}
+           "corpus": corpus_hash, "built_from": built_from or {}}
     return json.loads(json.dumps(key))
 
 

@@ -37,6 +37,12 @@ def corpus_of(config):
     return corpus(config.corpus, config.corpus_lines, config.seed, config.block_size)
 
 
+def corpus_hash(config):
+    """The corpus's part of every key: a hash of what was read (once: a pipe cannot be read again), or 'generated'
+    for the tiny world's corpus, which its config fields make."""
+    return cfg.tensor_hash(list(corpus_of(config))) if config.corpus else "generated"
+
+
 
 
 AUX_HELD_OUT = 32  # held-out prompts per auxiliary task: the instruction-following accuracy is measured on them
@@ -159,7 +165,7 @@ def pretrain(config, device):
     reused only when both are there and made by this key)."""
     run_dir = os.path.join(config.out_dir, config.run)
     path, summary_path = os.path.join(run_dir, "base.pt"), os.path.join(run_dir, "pretrain.json")
-    key = cfg.result_key(stage_config(config, "pretrain"), stage_code(config, "pretrain"), device, config.corpus)
+    key = cfg.result_key(stage_config(config, "pretrain"), stage_code(config, "pretrain"), device, corpus_hash(config))
     checkpoint = cfg.load_checkpoint(path, key, "model")
     if checkpoint is not None and checkpoint["done"]:
         if cfg.summary_is_there("pretrain", path, summary_path, key):

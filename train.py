@@ -28,8 +28,8 @@ from configurator import Config, parse_args, progress, resolve_device, stage_cod
 from data.tasks import answer_format, build_task_suite, concat_splits, trim_padding
 from evaluate import (forced_choice, forgetting_diagnostic, forgetting_snapshot, sae_metrics, task_accuracy)
 from model import model_from_checkpoint
-from pretrain import (aux_accuracy, aux_suite, check_finite, clip_gradients, corpus_of, estimate_lm_loss,
-                      pretrain)
+from pretrain import (aux_accuracy, aux_suite, check_finite, clip_gradients, corpus_hash, corpus_of,
+                      estimate_lm_loss, pretrain)
 from regularizers import METHODS, Method, tensor_bytes
 from report import BASE_DIR, plot_sae_metrics, result_problem, summarize_run
 from sae import check_sae_fits, sae_from_dict, sae_to_dict, train_saes
@@ -79,7 +79,7 @@ def train_sae_stage(config, device, base):
     run_dir = os.path.join(config.out_dir, config.run)
     path, metrics_path = os.path.join(run_dir, "sae.pt"), os.path.join(run_dir, "sae.json")
     key = cfg.result_key(stage_config(config, "pretrain", "sae"), stage_code(config, "pretrain", "sae"), device,
-                         config.corpus, {"base": base["sha"]})
+                         corpus_hash(config), {"base": base["sha"]})
     checkpoint = cfg.load_checkpoint(path, key, "saes")
     if checkpoint is not None and cfg.summary_is_there("sae", path, metrics_path, key):
         return checkpoint
@@ -283,9 +283,9 @@ def method_key(config, name, seed, device, base, sae_checkpoint):
     settings = {k: getattr(config, k) for k in method.config_keys(config)}
     built_from = {"base": base["sha"], **({"sae": sae_checkpoint["sha"]} if uses_saes else {})}
     key = cfg.result_key({**stage_config(config, *stages), **settings, "method": name, "seed": seed},
-                         stage_code(config, *stages), device, config.corpus, built_from)
+                         stage_code(config, *stages), device, corpus_hash(config), built_from)
     shared = cfg.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"), device,
-                            config.corpus, {"base": base["sha"]})
+                            corpus_hash(config), {"base": base["sha"]})
     return key, shared, json.loads(json.dumps(settings))
 
 
@@ -305,7 +305,7 @@ def run_and_save(job, *, device, base, sae_checkpoint):
             uses_saes = METHODS[job["name"]].uses_saes or config.diagnose
             saes = load_saes(sae_checkpoint, model, device) if uses_saes else None
             result = run_method(job["name"], job["seed"], config=config, device=device, base=base, saes=saes,
-                                suite=task_suite(config), lm_val_ids=corpus_of(config)[1])
+                                suite=task_suite(config), lm_val_ids=job["lm_val_ids"])
     finally:
         torch.set_num_threads(threads)
     cfg.save_json({**result, "key": job["key"], "shared": job["shared"], "method_settings": job["settings"]},
@@ -341,11 +341,12 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
                     print(f"cl: reusing {path}")
                 else:
                     todo.append({"name": name, "seed": seed, "config": config, "path": path, "key": key,
-                                 "shared": shared, "settings": settings})
+                                 "shared": shared, "settings": settings,  # the corpus as read here, once
+                                 "lm_val_ids": corpus_of(config)[1]})
         for seed in config.seeds if config.relearn_steps or config.forced_choice_k else ():
             path = os.path.join(folder, BASE_DIR, f"seed{seed}.json")  # the base model's reference, once a seed
             shared = cfg.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"),
-                                    device, config.corpus, {"base": base["sha"]})
+                                    device, corpus_hash(config), {"base": base["sha"]})
             key = {**shared, "seed": seed}
             if cfg.load_json_result(path, key) is not None:
                 print(f"cl: reusing {path}")

@@ -154,7 +154,8 @@ def fresh_sae_sweep(config, points_of_sweep, device):
         settings = {"saes": {p: dataclasses.asdict(c) for p, c in sae_configs.items()}, "schedule": schedule,
                     "sae_tokens": config.sae_tokens, "seed": config.seed}
         key = cfg.result_key({**train.stage_config(config, "pretrain"), "sweep_point": settings},
-                             train.stage_code(config, "pretrain", "sae"), device, config.corpus, {"base": base["sha"]})
+                             train.stage_code(config, "pretrain", "sae"), device, train.corpus_hash(config),
+                             {"base": base["sha"]})
         cached = cfg.load_json_result(path, key)
         if cached is None:
             if activations is None:

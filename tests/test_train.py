@@ -96,6 +96,32 @@ def test_pretrain_loss_falls_then_is_reused_and_redone_on_change(tmp_path, capsy
     assert "different config (max_iters)" in capsys.readouterr().out
 
 
+def test_a_corpus_that_can_be_read_once_is_hashed_as_it_was_read(tmp_path, capsys):
+    """`--corpus=<(cat a.txt)` is a pipe: its text goes to the first reader, and a second open of the same path
+    finds it drained (end of file at once). The key must hash what was read, not a second read."""
+    def pipe_holding(text, fd=None):
+        read_end, write_end = os.pipe()
+        os.write(write_end, text.encode())  # a few KB: fits in the pipe's buffer
+        os.close(write_end)
+        if fd is None:
+            return read_end
+        os.dup2(read_end, fd)  # the same path, /dev/fd/<fd>, now another pipe
+        os.close(read_end)
+        return fd
+
+    fd = pipe_holding("to be or not to be, that is the question.\n" * 60)
+    try:
+        config = tiny_config(tmp_path, f"--corpus=/dev/fd/{fd}")
+        train.pretrain(config, "cpu")
+        pipe_holding("all the world's a stage, and all the men and women merely players.\n" * 40, fd)
+        pretrain.corpus.cache_clear()  # a new process would read it anew
+        capsys.readouterr()
+        train.pretrain(config, "cpu")
+        assert "different corpus file; redoing" in capsys.readouterr().out
+    finally:
+        os.close(fd)
+
+
 def test_a_change_of_corpus_or_device_redoes_the_stage(tmp_path, monkeypatch, capsys):
     corpus = tmp_path / "text.txt"
     corpus.write_text("to be or not to be, that is the question.\n" * 60)
