@@ -410,17 +410,21 @@ COLLATERAL_VALUES = ("restriction_a", "restriction_b", "ratio")
 
 def collateral_over_seeds(results):
     """{(task_a, task_b) or 'all pairs': {protection: {value: (mean, std) over seeds}}} from collateral results of
-    several seeds. For 'all pairs' each seed's value is first averaged over the pairs, then mean and std are taken
-    over the seeds."""
+    several seeds. For 'all pairs' each seed's restrictions are first averaged over the pairs and its ratio is the
+    ratio of those means (a pair whose restriction of A is near 0 has a ratio of no meaning, and would swamp a mean
+    of ratios); then mean and std over the seeds."""
     by_pair = {}
     for r in results:
         by_pair.setdefault((r["task_a"], r["task_b"]), []).append(r)
     seeds = sorted({r["seed"] for r in results})
     rows = {pair: {name: {v: mean_std([r[name][v] for r in rs]) for v in COLLATERAL_VALUES}
                    for name in ("weights", "features")} for pair, rs in by_pair.items()}
-    per_seed = {name: {v: [sum(r[name][v] for r in results if r["seed"] == s) / len(by_pair) for s in seeds]
-                       for v in COLLATERAL_VALUES} for name in ("weights", "features")}
-    rows["all pairs"] = {name: {v: mean_std(values) for v, values in vs.items()} for name, vs in per_seed.items()}
+    rows["all pairs"] = {}
+    for name in ("weights", "features"):
+        a, b = ([sum(r[name][v] for r in results if r["seed"] == s) / len(by_pair) for s in seeds]
+                for v in ("restriction_a", "restriction_b"))
+        rows["all pairs"][name] = {"restriction_a": mean_std(a), "restriction_b": mean_std(b),
+                                   "ratio": mean_std([rb / ra for ra, rb in zip(a, b)])}
     return rows
 
 
@@ -447,8 +451,8 @@ def plot_collateral(results, path):
 def collateral_table(results):
     rows = collateral_over_seeds(results)
     seeds = sorted({r["seed"] for r in results})
-    lines = [f"Mean ± std over seeds {seeds}; 'all pairs': each seed's mean over the pairs, then mean ± std over "
-             "the seeds.", "",
+    lines = [f"Mean ± std over seeds {seeds}; 'all pairs': each seed's restrictions averaged over the pairs, its "
+             "ratio the ratio of those means, then mean ± std over the seeds.", "",
              "| A -> B | weights: restriction A | B | ratio B/A | features: restriction A | B | ratio B/A |",
              "|---|---|---|---|---|---|---|"]
     for pair, row in rows.items():
