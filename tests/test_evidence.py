@@ -229,3 +229,19 @@ def test_one_command_writes_every_part_with_its_plot_and_table(tmp_path, monkeyp
     assert all(f"## {part} (" in again for part in evidence.PARTS) and "--parts=ground_truth`" in again
     assert again.index("## separability") < again.index("## ground_truth") < again.index("## ablations")
     assert cfg.run_script(evidence.main, argv + ["--tasks=add"]) == 2  # the analyses compare tasks
+
+
+def test_collateral_over_seeds_takes_the_ratio_of_the_mean_restrictions():
+    def result(a, b, pair, seed):
+        values = {"restriction_a": a, "restriction_b": b, "ratio": b / a}
+        return {"task_a": pair[0], "task_b": pair[1], "seed": seed, "weights": values, "features": values}
+
+    results = [result(0.4, 0.2, ("x", "y"), 0), result(0.01, 0.05, ("y", "z"), 0),  # a pair that barely holds A
+               result(0.6, 0.2, ("x", "y"), 1), result(0.03, 0.03, ("y", "z"), 1)]
+    rows = evidence.collateral_over_seeds(results)
+    assert rows[("x", "y")]["weights"]["restriction_a"][0] == pytest.approx(0.5)  # mean over the two seeds
+    assert rows[("y", "z")]["weights"]["ratio"][0] == pytest.approx((5.0 + 1.0) / 2)
+    everything = rows["all pairs"]["weights"]
+    # seed 0: A 0.205, B 0.125 -> 0.6098; seed 1: A 0.315, B 0.115 -> 0.3651
+    assert everything["restriction_a"][0] == pytest.approx((0.205 + 0.315) / 2)
+    assert everything["ratio"][0] == pytest.approx((0.125 / 0.205 + 0.115 / 0.315) / 2)
