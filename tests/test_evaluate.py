@@ -163,6 +163,15 @@ def test_load_cl_results_reads_result_files_only(tmp_path):
     assert list(results) == ["seqft"] and results["seqft"][0]["seed"] == 0
 
 
+def test_a_result_no_method_made_is_named_in_a_warning_never_skipped_in_silence(tmp_path, capsys):
+    write_results(tmp_path / "cl", fake_result("seqft", 0), fake_result("sae", 0))  # 'sae': an old name
+    (tmp_path / "cl" / "notes.json").write_text("{}")
+    results = load_cl_results(str(tmp_path))
+    err = capsys.readouterr().err
+    assert list(results) == ["seqft"]
+    assert "sae_seed0.json" in err and "no method 'sae'" in err and "notes.json is not a result" in err
+
+
 def test_results_of_different_settings_are_refused_not_averaged(tmp_path):
     write_results(tmp_path / "cl", fake_result("seqft", 0, cl_lr=3e-4), fake_result("seqft", 1, cl_lr=1e-3))
     with pytest.raises(ValueError, match="different settings \\(cl_lr\\).*seqft_seed0.json, seqft_seed1.json"):
