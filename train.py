@@ -22,6 +22,7 @@ import threading
 import time
 
 import torch
+from tqdm import tqdm
 
 import configurator as cfg
 from configurator import Config, parse_args, progress, resolve_device, stage_code, stage_config  # noqa: F401
@@ -314,7 +315,10 @@ def run_and_save(job, *, device, base, sae_checkpoint):
 
 def start_worker(parent):
     """In a worker process (started with Ctrl-C ignored: it is its parent's to handle, in one line, and the parent
-    then ends the workers): the worker ends by itself when its parent is gone, even after a kill -9 of the parent."""
+    then ends the workers): the worker ends by itself when its parent is gone, even after a kill -9 of the parent.
+    Its progress bars share a thread lock, not tqdm's default inter-process lock, which a worker ended by its
+    parent would leave behind (and Python would warn of a leaked semaphore at exit)."""
+    tqdm.set_lock(threading.RLock())
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)
