@@ -227,10 +227,13 @@ def results_table(summary):
         lines.append("| " + " | ".join(cells + [c for n in steps for c in (fmt(base.get(f"relearn@{n}")), "0")])
                      + " |")
     chance = next((r["forced_choice_chance"] for r in summary.values() if "forced_choice_chance" in r), None)
-    if chance is not None:
-        lines += ["", f"Forced choice, relearn@n and kept@n are means over the earlier tasks (all but the last; forced "
-                      f"choice over those whose answers have distractors of their format); forced choice's chance "
-                      f"level there is {chance:.3f}."]
+    if chance is not None:  # one line per column, printed with the table
+        lines += ["", f"forced-choice: share of the earlier tasks' examples whose correct answer outranks up to 9 "
+                      f"answers of the same format (chance {chance:.3f}; close, with none, left out)",
+                  "relearn@n: accuracy on the earlier tasks after n steps of fine-tuning on each alone, from the "
+                  "final model",
+                  "kept@n: relearn@n minus the base model's (same steps, batches, seed): what the final model holds "
+                  "beyond the base"]
     lines += ["", "| method | plasticity | forgetting | LM loss after (before) | retained bytes | step time vs seqft |",
               "|---|---|---|---|---|---|"]
     for method, r in summary.items():
