@@ -391,6 +391,11 @@ def help_text(config_class, command="python train.py"):
     return "\n".join(lines).replace("\n\n\n", "\n\n")
 
 
+@dataclass
+class NoOptions:
+    pass  # the keys of a script that has none of its own: every key is the pipeline's
+
+
 def parse_script_args(argv, options_class, command):
     """(options, rest) for a script (bench/, evidence.py): its own keys, the fields of options_class, and every
     other --key=value, which are the pipeline's (Config: the script parses or passes them on, and an unknown one is

@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import configurator as cfg
 import train
@@ -28,13 +27,8 @@ ARGS = ["--methods=" + ",".join(METHODS), "--seeds=0,1,2"]
 SECOND_ORDER = ("sort", "count", "translate", "reverse", "close", "add", "facts", "stance")
 
 
-@dataclass
-class Options:
-    pass  # bench/cl_benchmark.py has no keys of its own: every key is the pipeline's
-
-
 def main(argv):
-    args = cfg.parse_script_args(argv, Options, "python -m bench.cl_benchmark")
+    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.cl_benchmark")
     if args is None:
         return 0
     argv = ARGS + args[1]

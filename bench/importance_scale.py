@@ -10,7 +10,6 @@ top 1% of the weights (how concentrated it is).
 """
 
 import sys
-from dataclasses import dataclass
 
 import torch
 
@@ -20,13 +19,8 @@ from configurator import progress
 from regularizers import METHODS
 
 
-@dataclass
-class Options:
-    pass  # bench/importance_scale.py has no keys of its own: every key is the pipeline's
-
-
 def main(argv):
-    args = cfg.parse_script_args(argv, Options, "python -m bench.importance_scale")
+    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.importance_scale")
     if args is None:
         return 0
     config = train.parse_args(args[1])

@@ -13,7 +13,6 @@ as --corpus).
 import json
 import os
 import sys
-from dataclasses import dataclass
 
 import configurator as cfg
 import train
@@ -29,13 +28,8 @@ def default_corpus():
     return os.path.join(here, "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 
-@dataclass
-class Options:
-    pass  # bench/nanogpt_parity.py has no keys of its own; --corpus (default ../shared/data/tinyshakespeare.txt)
-
-
 def main(argv):
-    args = cfg.parse_script_args(argv, Options, "python -m bench.nanogpt_parity")
+    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.nanogpt_parity")
     if args is None:
         return 0
     argv = BABY + [f"--corpus={default_corpus()}", "--run=shakespeare_baby", "--stage=pretrain"] + args[1]

@@ -11,7 +11,6 @@ import time
 
 import torch
 
-from dataclasses import dataclass
 
 import configurator as cfg
 import train
@@ -22,13 +21,8 @@ from model import GPT, GPTConfig
 WARMUP, STEPS, PROFILED = 30, 200, 30
 
 
-@dataclass
-class Options:
-    pass  # bench/profile_step.py has no keys of its own; --corpus (default ../shared/data/tinyshakespeare.txt)
-
-
 def main(argv):
-    args = cfg.parse_script_args(argv, Options, "python -m bench.profile_step")
+    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.profile_step")
     if args is None:
         return 0
     config = train.parse_args(BABY + [f"--corpus={default_corpus()}"] + args[1])

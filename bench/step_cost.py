@@ -10,7 +10,6 @@ operators that take the most CPU time in its step (torch.profiler).
 
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -69,13 +68,8 @@ def penalty_parts_ms(model, method, split, config, n=STEPS):
     return {part: 1000 * s / n for part, s in parts.items()}
 
 
-@dataclass
-class Options:
-    pass  # bench/step_cost.py has no keys of its own: every key is the pipeline's
-
-
 def main(argv):
-    args = cfg.parse_script_args(argv, Options, "python -m bench.step_cost")
+    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.step_cost")
     if args is None:
         return 0
     torch.set_num_threads(1)
