@@ -8,7 +8,7 @@ parts of SAE-guided regularization matter (ablations).
     python evidence.py --jobs=2                            # all five on the default run; ablations and collateral
                                                            # over seeds 0-2
     python evidence.py --parts=separability,ground_truth   # some of them (separability, collateral, ground_truth,
-                                                           # memory, ablations); other --key=value go to train.Config
+                                                           # memory, ablations); other keys: the pipeline's
 
 The base model and SAEs are the pipeline's own (train.pretrain, train.train_sae_stage: reused when cached); the
 ablation runs are cached like any continual-learning run, under out/<run>/evidence_<variant>/, and go on in a
@@ -35,14 +35,16 @@ from torch.nn.utils import vector_to_parameters  # noqa: E402
 
 import configurator as cfg  # noqa: E402
 import regularizers as reg  # noqa: E402
+import report  # noqa: E402
 import train  # noqa: E402
 from configurator import progress  # noqa: E402
 from data.tasks import build_task_suite, trim_padding  # noqa: E402
 from data.tokenizer import NEWLINE, VOCAB_SIZE, encode  # noqa: E402
 from data.world import generate_lines  # noqa: E402
-import report  # noqa: E402
-from report import fmt, mean_std  # noqa: E402
+from model import model_from_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from pretrain import pretrain  # noqa: E402
+from report import fmt, mean_std  # noqa: E402
 from sae import SAEConfig, TopKSAE  # noqa: E402
 
 PARTS = ("separability", "collateral", "ground_truth", "memory", "ablations")
@@ -701,7 +703,7 @@ class Options:
 
 
 def parse_args(argv):
-    """(parts, train.Config), or None for --help."""
+    """(parts, configurator.Config), or None for --help."""
     parsed = cfg.parse_script_args(argv, Options, "python evidence.py")
     if parsed is None:
         return None
@@ -751,10 +753,10 @@ def main(argv):
         return 0
     parts, config = parsed
     train.check_inputs(config)
-    device = train.resolve_device(config)
-    base = train.pretrain(config, device)
+    device = cfg.resolve_device(config)
+    base = pretrain(config, device)
     sae_checkpoint = train.train_sae_stage(config, device, base)
-    model = train.model_from_checkpoint(base, device)
+    model = model_from_checkpoint(base, device)
     saes = train.load_saes(sae_checkpoint, model, device)
     out_dir = os.path.join(config.out_dir, config.run, "evidence")
     os.makedirs(out_dir, exist_ok=True)
@@ -777,7 +779,7 @@ def main(argv):
         results = []  # collateral: every pair of consecutive tasks, for each seed (A's and B's batches, Fisher)
         for seed in config.seeds:
             for task_a, task_b in zip(config.tasks, config.tasks[1:]):
-                model_a = train.model_from_checkpoint(base, device)
+                model_a = model_from_checkpoint(base, device)
                 generator = torch.Generator().manual_seed(seed)
                 with progress(total=config.steps_per_task, desc=f"collateral: learn {task_a}, seed {seed}",
                               leave=False) as bar:

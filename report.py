@@ -220,7 +220,8 @@ def results_table(summary):
 
     for method, r in summary.items():
         cells = [method, cell(r, "op"), cell(r, "bwt"), cell(r, "forced_choice")]
-        lines.append("| " + " | ".join(cells + [cell(r, f"{k}@{n}") for n in steps for k in ("relearn", "kept")]) + " |")
+        cells += [cell(r, f"{k}@{n}") for n in steps for k in ("relearn", "kept")]
+        lines.append("| " + " | ".join(cells) + " |")
     base = next((r["base"] for r in summary.values() if "base" in r), None)
     if base:  # the base model, never trained on the tasks: what relearning and forced choice give without them
         cells = ["*base model*", "-", "-", fmt(base.get("forced_choice"))]

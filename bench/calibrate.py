@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import configurator as cfg
-import train
 from evaluate import cl_metrics
 
 ROOT = cfg.ROOT
@@ -95,12 +94,12 @@ def main(argv):
     if parsed is None:
         return 0
     args, passthrough = parsed
-    config = train.parse_args(passthrough)
+    config = cfg.parse_args(passthrough)
     for model in args.models:
         if not re.fullmatch(r"\d+x\d+", model):
             raise ValueError(f"--models: {model!r} is not depth x width (e.g. 4x128)")
     args.jobs, args.device, args.out_dir = config.jobs, config.device, config.out_dir
-    seeds = train.parse_args(passthrough).seeds
+    seeds = cfg.parse_args(passthrough).seeds
     env = dict(os.environ, OMP_NUM_THREADS="1" if args.jobs > 1 else os.environ.get("OMP_NUM_THREADS", ""))
     env = {k: v for k, v in env.items() if v != ""}
     common = [f"--device={args.device}", f"--out_dir={args.out_dir}", "--eval_split=val", *passthrough, "--jobs=1"]

@@ -37,7 +37,7 @@ def main(argv):
     if status != 0:
         return status
     seconds = time.time() - t0
-    config = train.parse_args(argv)
+    config = cfg.parse_args(argv)
     run_dir = os.path.join(config.out_dir, config.run)
     if config.cl_dir != "cl":  # another results folder (e.g. another task order) has its summary there
         run_dir = os.path.join(run_dir, config.cl_dir)

@@ -16,6 +16,8 @@ import torch
 import configurator as cfg
 import train
 from configurator import progress
+from model import model_from_checkpoint
+from pretrain import pretrain
 from regularizers import METHODS
 
 
@@ -23,14 +25,14 @@ def main(argv):
     args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.importance_scale")
     if args is None:
         return 0
-    config = train.parse_args(args[1])
-    device = train.resolve_device(config)
-    base = train.pretrain(config, device)
+    config = cfg.parse_args(args[1])
+    device = cfg.resolve_device(config)
+    base = pretrain(config, device)
     split = train.task_suite(config)[config.tasks[0]]["train"]
     print(f"| importance after learning {config.tasks[0]} | mean w | median w | max w | top 1% of weights hold |")
     print("|---|---|---|---|---|")
     for name in ("ewc", "si", "mas"):
-        model = train.model_from_checkpoint(base, device)
+        model = model_from_checkpoint(base, device)
         method = METHODS[name](config, model, None, config.seeds[0])
         with progress(total=config.steps_per_task, desc=name) as bar:
             method.before_task(model, split, 0)

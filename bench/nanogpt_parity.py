@@ -33,7 +33,7 @@ def main(argv):
     if args is None:
         return 0
     argv = BABY + [f"--corpus={default_corpus()}", "--run=shakespeare_baby", "--stage=pretrain"] + args[1]
-    config = train.parse_args(argv)
+    config = cfg.parse_args(argv)
     status = train.main(argv)
     if status != 0:
         return status
@@ -43,7 +43,8 @@ def main(argv):
             f"(nanoGPT: about 45), {result['seconds']:.0f} s in all")
     print(line)
     with open(os.path.join(config.out_dir, config.run, "parity.md"), "w") as f:
-        f.write(f"`python -m bench.nanogpt_parity {' '.join(args[1])}`: {line}\n\nSample:\n\n```\n{result['samples'][0]}\n```\n")
+        f.write(f"`python -m bench.nanogpt_parity {' '.join(args[1])}`: {line}\n\n"
+                f"Sample:\n\n```\n{result['samples'][0]}\n```\n")
 
 
 if __name__ == "__main__":

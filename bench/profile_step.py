@@ -13,10 +13,10 @@ import torch
 
 
 import configurator as cfg
-import train
 from bench.nanogpt_parity import BABY, default_corpus
 from data.corpus import get_batch
 from model import GPT, GPTConfig
+from pretrain import corpus_of
 
 WARMUP, STEPS, PROFILED = 30, 200, 30
 
@@ -25,8 +25,8 @@ def main(argv):
     args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.profile_step")
     if args is None:
         return 0
-    config = train.parse_args(BABY + [f"--corpus={default_corpus()}"] + args[1])
-    train_ids, _ = train.corpus_of(config)
+    config = cfg.parse_args(BABY + [f"--corpus={default_corpus()}"] + args[1])
+    train_ids, _ = corpus_of(config)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=96, block_size=config.block_size, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd, bias=config.bias))

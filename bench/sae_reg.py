@@ -39,6 +39,8 @@ import configurator as cfg
 import train
 from configurator import progress
 from evaluate import sae_metrics
+from model import model_from_checkpoint
+from pretrain import corpus_hash, corpus_of, pretrain
 from report import fmt, mean_std
 from sae import SAEConfig, collect_activations, train_sae
 
@@ -69,7 +71,7 @@ class Options:
 
 
 def parse(argv):
-    """(options of this script, train.Config), or None for --help; every value is checked before anything is
+    """(options of this script, configurator.Config), or None for --help; every value is checked before anything is
     trained."""
     args = cfg.parse_script_args(argv, Options, "python -m bench.sae_reg")
     if args is None:
@@ -121,7 +123,7 @@ def estimate(config, options, device):
         short = dataclasses.replace(config, sae_reg_lambda=lam, max_iters=ESTIMATE_STEPS, warmup_iters=1,
                                     eval_interval=ESTIMATE_STEPS, eval_iters=1,
                                     run=os.path.join(config.run, "sae_reg", f"estimate_{variant}"))
-        train.pretrain(short, device)
+        pretrain(short, device)
         summary = cfg.read_json(os.path.join(short.out_dir, short.run, "pretrain.json"))
         per_step[f"pretrain {variant}"] = summary["ms_per_iter"] / 1000
         hours += per_step[f"pretrain {variant}"] * config.max_iters / 3600
@@ -141,11 +143,11 @@ def estimate(config, options, device):
 def fresh_sae_sweep(config, points_of_sweep, device):
     """Pretrain (or reuse, or resume) the model of config, then each sweep point's fresh SAEs at every residual
     point, spliced in on held-out text. Each sweep point is cached on its own: a rerun redoes only the missing."""
-    base = train.pretrain(config, device)
-    model = train.model_from_checkpoint(base, device)
+    base = pretrain(config, device)
+    model = model_from_checkpoint(base, device)
     for p in model.parameters():
         p.requires_grad_(False)
-    train_ids, val_ids = train.corpus_of(config)  # the corpus this model was trained on
+    train_ids, val_ids = corpus_of(config)  # the corpus this model was trained on
     points = tuple(range(config.n_layer + 1))
     activations = None  # collected once per model, when a sweep point needs them
     results = []
@@ -153,8 +155,8 @@ def fresh_sae_sweep(config, points_of_sweep, device):
         path = os.path.join(config.out_dir, config.run, f"sweep_{i}.json")
         settings = {"saes": {p: dataclasses.asdict(c) for p, c in sae_configs.items()}, "schedule": schedule,
                     "sae_tokens": config.sae_tokens, "seed": config.seed}
-        key = cfg.result_key({**train.stage_config(config, "pretrain"), "sweep_point": settings},
-                             train.stage_code(config, "pretrain", "sae"), device, train.corpus_hash(config),
+        key = cfg.result_key({**cfg.stage_config(config, "pretrain"), "sweep_point": settings},
+                             cfg.stage_code(config, "pretrain", "sae"), device, corpus_hash(config),
                              {"base": base["sha"]})
         cached = cfg.load_json_result(path, key)
         if cached is None:
@@ -182,7 +184,7 @@ def main(argv):
         return 0
     options, config = parsed
     train.check_inputs(dataclasses.replace(config, seed=options.seeds[0]), tasks=False)
-    device = train.resolve_device(config)
+    device = cfg.resolve_device(config)
     if options.estimate:
         per_step, hours = estimate(config, options, device)
         for stage, seconds in per_step.items():

@@ -17,6 +17,8 @@ import configurator as cfg
 import regularizers as reg
 import train
 from data.tasks import trim_padding
+from model import model_from_checkpoint
+from pretrain import pretrain
 
 STEPS, ROUNDS = 50, 2  # steps per task and method, and how often the methods take turns (the clock drifts)
 
@@ -31,7 +33,7 @@ class NoBar:
 
 def step_ms(name, config, base, saes, suite):
     """ms per step of method `name` over STEPS steps of each task (fresh model; each task's hooks as in the loop)."""
-    model = train.model_from_checkpoint(base, "cpu")
+    model = model_from_checkpoint(base, "cpu")
     if config.finetune == "lora":
         model.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
     method = reg.METHODS[name](config, model, saes, seed=0)
@@ -73,11 +75,11 @@ def main(argv):
     if args is None:
         return 0
     torch.set_num_threads(1)
-    config = train.parse_args(args[1] + ["--methods=seqft,sae_guided"])
-    device = train.resolve_device(config)
-    base = train.pretrain(config, device)
+    config = cfg.parse_args(args[1] + ["--methods=seqft,sae_guided"])
+    device = cfg.resolve_device(config)
+    base = pretrain(config, device)
     sae_checkpoint = train.train_sae_stage(config, device, base)
-    saes = train.load_saes(sae_checkpoint, train.model_from_checkpoint(base, "cpu"), "cpu")
+    saes = train.load_saes(sae_checkpoint, model_from_checkpoint(base, "cpu"), "cpu")
     suite = train.task_suite(config)
     times = {"seqft": [], "sae_guided": []}
     for _ in range(ROUNDS):

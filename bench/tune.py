@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import configurator as cfg
 import train
+from pretrain import pretrain
 
 # Each grid should span from no effect to learning frozen. The importances live on scales ten orders apart (mean w
 # after one task on the default base: Fisher 3e-9, SI 4e-3, MAS 10), but the mean is a poor guide: a first pass
@@ -71,14 +72,14 @@ def main(argv):
         return 0
     options, passthrough = args
     methods = options.methods
-    base_config = train.parse_args(passthrough + ["--eval_split=val"])
-    device = train.resolve_device(base_config)
+    base_config = cfg.parse_args(passthrough + ["--eval_split=val"])
+    device = cfg.resolve_device(base_config)
     t0 = time.time()
     # every trial is its own results folder; all of them go to the continual-learning stage as one list of jobs
     trials = [(method, i, overrides) for method in methods for i, overrides in enumerate(grid(method, base_config))]
-    configs = [train.parse_args(passthrough + ["--eval_split=val", f"--methods={method}", f"--cl_dir={trial_dir(o)}"]
+    configs = [cfg.parse_args(passthrough + ["--eval_split=val", f"--methods={method}", f"--cl_dir={trial_dir(o)}"]
                                 + [f"--{k}={v}" for k, v in o.items()]) for method, _, o in trials]
-    base = train.pretrain(base_config, device)
+    base = pretrain(base_config, device)
     sae_checkpoint = train.train_sae_stage(base_config, device, base)
     summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=base_config.jobs)
     results = {m: [] for m in methods}

@@ -92,7 +92,8 @@ def test_the_original_sweep_trains_relu_saes_of_its_widths(tmp_path, monkeypatch
     assert sorted(results["normal"]["0"]["sweep"][0]["points"]) == ["0", "1", "2", "3", "4"]
 
 
-@pytest.mark.parametrize("argv, message", [(["--k=0"], "--k=0: must be at least 1"), (["--k=999"], "each k must be in 1..d_sae"),
+@pytest.mark.parametrize("argv, message", [(["--k=0"], "--k=0: must be at least 1"),
+                                           (["--k=999"], "each k must be in 1..d_sae"),
                                            (["--sweep=kk"], "--sweep='kk' is not valid; choose from: k, original"),
                                            (["--seeds="], "need at least one value"),
                                            (["--n_layr=2"], "unknown config key --n_layr")])
