@@ -39,7 +39,7 @@ from data.instructions import aux_task_names
 from data.tasks import DEFAULT_ORDER, TASKS
 from model import LORA_TARGETS
 from regularizers import METHODS
-from sae import SAE_KINDS, SAEConfig
+from sae import SAE_KINDS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -227,7 +227,8 @@ STAGE_CODE = {  # the project's files whose code each stage runs, beside the fil
     "pretrain": ("model.py", "data/*.py", "pretrain.py"),  # + sae.py with joint SAEs, evaluate.py with instructions
     "sae": ("sae.py", "evaluate.py", "train.py"),
     "cl": ("regularizers.py", "evaluate.py", "train.py"),
-}  # report.py, configurator.py, evidence.py, bench/ and tests/ make no stage's result; other files are not read
+}  # report.py, configurator.py (settings and their checks only), evidence.py, bench/, tests/ and other files make
+# no stage's result
 
 
 def validate(config):
@@ -259,7 +260,7 @@ def validate(config):
         if len(getattr(config, key)) not in allowed:
             raise ValueError(f"--{key}: give {' or '.join(map(str, allowed))} values (points 0..{config.n_layer}), "
                              f"not {len(getattr(config, key))}")
-    widths = [s.d_sae for s in joint_sae_configs(config).values()]
+    widths = config.sae_reg_widths or (config.sae_reg_expansion * config.n_embd,)  # the joint SAEs' (pretrain.py)
     if config.sae_reg_kind == "topk" and not config.sae_reg_k <= min(widths):
         raise ValueError(f"--sae_reg_k={config.sae_reg_k} must be in 1..d_sae={min(widths)}")
     if config.sae_kind == "relu" and len(config.sae_k) > 1:
@@ -298,20 +299,9 @@ def resolve_device(config):
     return config.device
 
 
-def joint_sae_configs(config):
-    """{point: SAEConfig} of the SAEs trained jointly with the model, points 0..n_layer: the width and sparsity
-    weight of each point (one value given = every point), no AuxK."""
-    points = range(config.n_layer + 1)
-    widths = config.sae_reg_widths or [config.sae_reg_expansion * config.n_embd] * len(points)
-    l1s = config.sae_reg_l1 if len(config.sae_reg_l1) > 1 else config.sae_reg_l1 * len(points)
-    return {p: SAEConfig(d_in=config.n_embd, d_sae=widths[p], k=config.sae_reg_k, kind=config.sae_reg_kind, l1=l1s[p],
-                         auxk_coef=0.0) for p in points}
-
-
 def stage_config(config, *stages):
     """The config fields the given stages' results depend on."""
     return {key: getattr(config, key) for stage in stages for key in STAGE_KEYS[stage]}
-
 
 
 def stage_code(config, *stages):
@@ -413,12 +403,16 @@ def parse_script_args(argv, options_class, command):
 
 
 def run_script(main, argv):
-    """A script's exit status: main(argv)'s (0 if it returns None), or 2 after a one-line error for bad input."""
+    """A script's exit status: main(argv)'s (0 if it returns None); 2 after a one-line error for bad input or a loss
+    that is not finite; 130 after Ctrl-C, in one line (what was finished is cached: a rerun resumes)."""
     try:
         return main(argv) or 0
-    except ValueError as error:
+    except (ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun to resume", file=sys.stderr)
+        return 130
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -619,8 +613,6 @@ def summary_is_there(stage, path, summary_path, key):
         return True
     print(f"{stage}: {summary_path} is missing or stale; redoing the stage")
     return False
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------

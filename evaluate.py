@@ -294,6 +294,8 @@ def knowledge_metrics(run, base):
 
     base: the base model's result of the same seed (train.base_reference), or None (no kept@n)."""
     earlier = run["tasks"][:-1]
+    if not earlier:  # one task: nothing learned before the last
+        return {}
     metrics = {"exact_match": sum(run["R"][-1][:-1]) / len(earlier)}
     # forced choice over the earlier tasks that offer a choice: close's answers (bracket sequences) share their
     # format with no other answer, so they have no distractor (chance 1) and are left out of the mean

@@ -10,7 +10,7 @@ parts of SAE-guided regularization matter (ablations).
     python evidence.py --parts=separability,ground_truth   # some of them (separability, collateral, ground_truth,
                                                            # memory, ablations); other keys: the pipeline's
 
-The base model and SAEs are the pipeline's own (train.pretrain, train.train_sae_stage: reused when cached); the
+The base model and SAEs are the pipeline's own (pretrain.pretrain, train.train_sae_stage: reused when cached); the
 ablation runs are cached like any continual-learning run, under out/<run>/evidence_<variant>/, and go on in a
 process of their own (with its --jobs workers) while the other analyses run, each on one thread. Results go to
 out/<run>/evidence/ as <part>.json and <part>.png, with the tables in evidence.md.
@@ -792,7 +792,7 @@ def main(argv):
     # Every analysis runs on one thread, as every continual-learning run does (train.run_and_save), so that its
     # numbers do not depend on the machine's core count; meanwhile the ablations' runs go on in a process of their
     # own (with its config.jobs workers), so that the cores stay busy.
-    t_start, threads, report = time.time(), torch.get_num_threads(), {}
+    t_start, threads, sections = time.time(), torch.get_num_threads(), {}
     command = f"python evidence.py {' '.join(argv)}".strip()
     torch.set_num_threads(1)
     try:
@@ -802,13 +802,13 @@ def main(argv):
                                                  ablation_variants(config))
             for part in parts:
                 if part != "ablations":  # the ablations come last, when their runs are done
-                    report[part] = save(part, *timed(analyse, part), out_dir, command)
+                    sections[part] = save(part, *timed(analyse, part), out_dir, command)
             if "ablations" in parts:
-                report["ablations"] = save("ablations", *ablation_run.result(), out_dir, command)
+                sections["ablations"] = save("ablations", *ablation_run.result(), out_dir, command)
     finally:
         torch.set_num_threads(threads)
-    write_report(report, os.path.join(out_dir, "evidence.md"))
-    print(f"evidence: {len(report)} parts in {time.time() - t_start:.0f} s (the ablations beside the others); tables "
+    write_report(sections, os.path.join(out_dir, "evidence.md"))
+    print(f"evidence: {len(sections)} parts in {time.time() - t_start:.0f} s (the ablations beside the others); tables "
           f"in {os.path.join(out_dir, 'evidence.md')}")
     return 0
 

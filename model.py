@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 
 @dataclass
-class GPTConfig:  # no defaults: train.Config is the one place they are set
+class GPTConfig:  # no defaults: configurator.Config is the one place they are set
     vocab_size: int
     block_size: int  # longest sequence the position embedding covers
     n_layer: int
@@ -317,8 +317,6 @@ def model_from_checkpoint(checkpoint, device):
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
     return model.to(device)
-
-
 
 
 def frozen_copy(model):

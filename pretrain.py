@@ -14,14 +14,14 @@ import time
 import torch
 
 import configurator as cfg
-from configurator import joint_sae_configs, progress, stage_code, stage_config
+from configurator import progress, stage_code, stage_config
 from data.corpus import get_batch, load_corpus
 from data.instructions import AUX_TASKS, aux_task_names
 from data.tasks import build_task_suite, concat_splits, trim_padding
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
 from evaluate import mean_accuracy
 from model import GPT, GPTConfig, warmup_cosine
-from sae import make_sae
+from sae import SAEConfig, make_sae
 
 # ----------------------------------------------------------------------------------------------------------------
 # data of the stage: the corpus and the auxiliary tasks of the instruction phase
@@ -43,8 +43,6 @@ def corpus_hash(config):
     return cfg.tensor_hash(list(corpus_of(config))) if config.corpus else "generated"
 
 
-
-
 AUX_HELD_OUT = 32  # held-out prompts per auxiliary task: the instruction-following accuracy is measured on them
 
 
@@ -61,6 +59,14 @@ def aux_accuracy(model, suite, device):
     return mean_accuracy(model, [s["test"] for s in suite.values()], device)
 
 
+def joint_sae_configs(config):
+    """{point: SAEConfig} of the SAEs trained jointly with the model, points 0..n_layer: the width and sparsity
+    weight of each point (one value given = every point), no AuxK."""
+    points = range(config.n_layer + 1)
+    widths = config.sae_reg_widths or [config.sae_reg_expansion * config.n_embd] * len(points)
+    l1s = config.sae_reg_l1 if len(config.sae_reg_l1) > 1 else config.sae_reg_l1 * len(points)
+    return {p: SAEConfig(d_in=config.n_embd, d_sae=widths[p], k=config.sae_reg_k, kind=config.sae_reg_kind, l1=l1s[p],
+                         auxk_coef=0.0) for p in points}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,8 +82,6 @@ def clip_gradients(parameters, grad_clip):
 def check_finite(loss, where, advice):
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss.item()} {where}; {advice}")
-
-
 
 
 def get_lr(it, config):

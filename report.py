@@ -93,15 +93,34 @@ def result_problem(r):
     return None
 
 
+def base_problem(r):
+    """What is wrong with a base model's reference (train.base_reference), or None."""
+    if not isinstance(r, dict) or not isinstance(r.get("seed"), int) or not isinstance(r.get("shared"), dict):
+        return "its seed or shared key is missing"
+    if not isinstance(r.get("tasks"), list) or not isinstance(r.get("R"), list):
+        return "its tasks or R are missing"
+    if "relearn" in r and not (isinstance(r["relearn"], dict) and isinstance(r.get("relearn_steps"), list)):
+        return "its relearning curves are damaged"
+    return None
+
+
 def load_base_results(folder):
     """{seed: result} of the base model's relearning and forced choice in a results folder (train.base_reference),
-    shared by every method of the folder; {} if there are none."""
+    shared by every method of the folder; {} if there are none. A damaged one is named and left out."""
     folder = os.path.join(folder, BASE_DIR)
     results = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if re.fullmatch(r"seed\d+\.json", name):
-            with open(os.path.join(folder, name)) as f:
-                r = json.load(f)
+            path = os.path.join(folder, name)
+            try:
+                with open(path) as f:
+                    r = json.load(f)
+                problem = base_problem(r)
+            except (ValueError, UnicodeDecodeError) as error:
+                problem = f"{type(error).__name__}: {error}"
+            if problem:
+                print(f"warning: {path} is damaged ({problem}); left out (rerun train.py to redo it)", file=sys.stderr)
+                continue
             results[r["seed"]] = r
     return results
 
@@ -228,13 +247,15 @@ def results_table(summary):
         lines.append("| " + " | ".join(cells + [c for n in steps for c in (fmt(base.get(f"relearn@{n}")), "0")])
                      + " |")
     chance = next((r["forced_choice_chance"] for r in summary.values() if "forced_choice_chance" in r), None)
-    if chance is not None:  # one line per column, printed with the table
-        lines += ["", f"forced-choice: share of the earlier tasks' examples whose correct answer outranks up to 9 "
-                      f"answers of the same format (chance {chance:.3f}; close, with none, left out)",
-                  "relearn@n: accuracy on the earlier tasks after n steps of fine-tuning on each alone, from the "
-                  "final model",
-                  "kept@n: relearn@n minus the base model's (same steps, batches, seed): what the final model holds "
-                  "beyond the base"]
+    notes = []  # one line per column, printed with the table
+    if chance is not None:
+        notes.append(f"forced-choice: share of the earlier tasks' examples whose correct answer outranks the "
+                     f"distractors, answers of the same format (chance {chance:.3f}; a task with none left out)")
+    if steps:
+        notes += ["relearn@n: accuracy on the earlier tasks after n steps of fine-tuning on each alone, from the "
+                  "final model", "kept@n: relearn@n minus the base model's (same steps, batches, seed): what the "
+                  "final model holds beyond the base"]
+    lines += [""] + notes if notes else []
     lines += ["", "| method | plasticity | forgetting | LM loss after (before) | retained bytes | step time vs seqft |",
               "|---|---|---|---|---|---|"]
     for method, r in summary.items():
@@ -393,20 +414,21 @@ MARKERS = "osD^vP*Xh<>"
 def plot_knowledge(summary, run_dir):
     """knowledge.png: the relearning curves (mean accuracy on the earlier tasks after n steps, per method, with the
     base model dashed), and forced-choice against exact-match accuracy on the earlier tasks, per method."""
-    methods = [m for m in summary if "relearn@0" in summary[m] or "forced_choice" in summary[m]]
+    steps = sorted({int(key.split("@")[1]) for r in summary.values() for key in r
+                    if re.fullmatch(r"relearn@\d+", key)})
+    methods = [m for m in summary if any(f"relearn@{n}" in summary[m] for n in steps) or "forced_choice" in summary[m]]
     if not methods:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = {m: plt.get_cmap("tab20")(2 * i % 20 + 2 * i // 20) for i, m in enumerate(summary)}  # 20 distinct
-    steps = [0] + relearn_steps(summary)
     for method in methods:
-        if "relearn@0" in summary[method]:
+        if all(f"relearn@{n}" in summary[method] for n in steps) and steps:
             r = summary[method]
             ax1.errorbar(steps, [r[f"relearn@{n}"] for n in steps], yerr=[r[f"relearn@{n}_std"] or 0 for n in steps],
                          marker=MARKERS[list(summary).index(method) % len(MARKERS)], capsize=3,
                          color=colours[method], label=method)
     base = next((r["base"] for r in summary.values() if "base" in r), None)
-    if base and "relearn@0" in base:
+    if base and steps and all(f"relearn@{n}" in base for n in steps):
         ax1.plot(steps, [base[f"relearn@{n}"] for n in steps], "k--", marker="s", label="base model")
     ax1.set(xlabel="steps of fine-tuning on the task alone", ylabel="accuracy on the earlier tasks",
             title="relearning from the final model", ylim=(-0.03, 1.03))

@@ -20,19 +20,21 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 from tqdm import tqdm
 
 import configurator as cfg
-from configurator import Config, parse_args, progress, resolve_device, stage_code, stage_config  # noqa: F401
+from configurator import Config, parse_args, progress, resolve_device, stage_code, stage_config
 from data.tasks import answer_format, build_task_suite, concat_splits, trim_padding
 from evaluate import (forced_choice, forgetting_diagnostic, forgetting_snapshot, sae_metrics, task_accuracy)
 from model import model_from_checkpoint
 from pretrain import (aux_accuracy, aux_suite, check_finite, clip_gradients, corpus_hash, corpus_of,
                       estimate_lm_loss, pretrain)
 from regularizers import METHODS, Method, tensor_bytes
-from report import BASE_DIR, plot_sae_metrics, result_problem, summarize_run
+from report import BASE_DIR, base_problem, plot_sae_metrics, result_problem, summarize_run
 from sae import check_sae_fits, sae_from_dict, sae_to_dict, train_saes
 
 
@@ -315,10 +317,12 @@ def run_and_save(job, *, device, base, sae_checkpoint):
 
 def start_worker(parent):
     """In a worker process (started with Ctrl-C ignored: it is its parent's to handle, in one line, and the parent
-    then ends the workers): the worker ends by itself when its parent is gone, even after a kill -9 of the parent.
+    then ends the workers), run once at its start: the worker ends by itself when its parent is gone, even after a
+    kill -9 of the parent.
     Its progress bars share a thread lock, not tqdm's default inter-process lock, which a worker ended by its
     parent would leave behind (and Python would warn of a leaked semaphore at exit)."""
     tqdm.set_lock(threading.RLock())
+
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)
@@ -352,7 +356,11 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
             shared = cfg.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"),
                                     device, corpus_hash(config), {"base": base["sha"]})
             key = {**shared, "seed": seed}
-            if cfg.load_json_result(path, key) is not None:
+            cached = cfg.load_json_result(path, key)
+            if cached is not None and base_problem(cached):
+                print(f"{path} is damaged ({base_problem(cached)}); redoing it")
+                cached = None
+            if cached is not None:
                 print(f"cl: reusing {path}")
             elif all(job["path"] != path for job in todo):
                 todo.append({"name": None, "seed": seed, "config": config, "path": path, "key": key,
@@ -364,12 +372,23 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
         context = multiprocessing.get_context("spawn")
         interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers start with Ctrl-C ignored (an
         try:  # ignored signal stays ignored in a new process), so that it is never seen half-way through their start
-            pool = context.Pool(min(jobs, len(todo)), initializer=start_worker, initargs=(os.getpid(),))
+            pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context, initializer=start_worker,
+                                       initargs=(os.getpid(),))
+            futures = [pool.submit(run_and_save, job, **stages) for job in todo]
         finally:
             signal.signal(signal.SIGINT, interrupt)
-        with pool:
-            for result in [pool.apply_async(run_and_save, (job,), stages) for job in todo]:
-                result.get()  # a worker's error is raised here; leaving the block (or Ctrl-C) ends the workers
+        try:
+            for future in futures:
+                future.result()  # a worker's error is raised here
+        except BaseException as error:  # an error or Ctrl-C: no worker goes on
+            for process in multiprocessing.active_children():
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            if isinstance(error, BrokenProcessPool):
+                raise ValueError("a worker process died (out of memory?); the finished runs are saved: rerun to "
+                                 "resume, or use --jobs=1") from None
+            raise
+        pool.shutdown()
     else:
         for job in todo:
             run_and_save(job, **stages)

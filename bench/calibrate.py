@@ -131,8 +131,8 @@ def main(argv):
         folder = os.path.join(args.out_dir, run[m, i], cl_dir(f, r, lr, s))
         rows.append({"model": m, "instruct_tags": i, "finetune": f"lora r{r}" if f == "lora" else f, "cl_lr": lr,
                      "steps_per_task": s, "seeds": seeds, **read_point(folder, seeds)})
-    with open(os.path.join(args.out_dir, "calibrate.json"), "w") as f:
-        json.dump({"rows": rows, "seconds": time.time() - t0, "argv": argv}, f, indent=2)
+    cfg.save_json({"rows": rows, "seconds": time.time() - t0, "argv": argv}, os.path.join(args.out_dir,
+                                                                                          "calibrate.json"))
     tasks = rows[0]["tasks"]
     lines = [f"Command: `python -m bench.calibrate {' '.join(argv)}` ({time.time() - t0:.0f} s). "
              f"Accuracy on the val split, mean over seeds {seeds}. Targets: multitask avg >= 0.9, seqft min "
@@ -147,8 +147,7 @@ def main(argv):
                      f"{r['steps_per_task']} | {r['multitask_avg']:.3f} | {min(r['seqft_diagonal']):.2f} | "
                      f"{r['seqft_bwt']:.3f} | {'yes' if r['fits'] else 'no'} | {aux} | "
                      + " ".join(f"{a:.2f}" for a in r["seqft_final"]) + " |")
-    with open(os.path.join(args.out_dir, "calibrate.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    cfg.save_text("\n".join(lines) + "\n", os.path.join(args.out_dir, "calibrate.md"))
     print("\n".join(lines))
 
 

@@ -1,6 +1,6 @@
 """
 The continual-learning benchmark of the README: every method (seqft, EWC, SI, MAS, LwF, O-LoRA, SAE-FD,
-SAE-guided, replay, multitask) over 3 seeds on the tiny-world task sequence, with the hyperparameters chosen on the
+SAE-guided, freeze, replay, multitask) over 3 seeds on the tiny-world task sequence, with the hyperparameters chosen on the
 validation split by bench/tune.py (give them as overrides: tuning.json's `chosen_args`). Seeds change the
 fine-tuning (batch order, importance samples, replay buffer, anchors); the base model and its SAEs are the run's.
 Writes out/<run>/benchmark.md (command, wall time, the table) and the plots cl_matrix.png, cl_curves.png,
@@ -48,8 +48,7 @@ def main(argv):
             "with any stage that was not cached.\n\n"
             f"Accuracy on the test split; mean ± std over seeds {list(config.seeds)}; {config.jobs} run(s) at a time"
             f"{' (one thread each)' if config.jobs > 1 else ''}.\n\n{results_table(summary)}\n")
-    with open(os.path.join(run_dir, "benchmark.md"), "w") as f:
-        f.write(text)
+    cfg.save_text(text, os.path.join(run_dir, "benchmark.md"))
     print(text)
 
 

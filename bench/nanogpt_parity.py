@@ -42,9 +42,8 @@ def main(argv):
     line = (f"val loss {result['val_loss']:.4f} (nanoGPT: 1.886), {result['ms_per_iter']:.1f} ms/iteration "
             f"(nanoGPT: about 45), {result['seconds']:.0f} s in all")
     print(line)
-    with open(os.path.join(config.out_dir, config.run, "parity.md"), "w") as f:
-        f.write(f"`python -m bench.nanogpt_parity {' '.join(args[1])}`: {line}\n\n"
-                f"Sample:\n\n```\n{result['samples'][0]}\n```\n")
+    cfg.save_text(f"`python -m bench.nanogpt_parity {' '.join(args[1])}`: {line}\n\nSample:\n\n```\n"
+                  f"{result['samples'][0]}\n```\n", os.path.join(config.out_dir, config.run, "parity.md"))
 
 
 if __name__ == "__main__":

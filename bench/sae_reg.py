@@ -41,7 +41,7 @@ from configurator import progress
 from evaluate import sae_metrics
 from model import model_from_checkpoint
 from pretrain import corpus_hash, corpus_of, pretrain
-from report import fmt, mean_std
+from report import fmt, mean_std, save_figure
 from sae import SAEConfig, collect_activations, train_sae
 
 # The original study (peterlai/gpt-circuits: experiments/regularization/setup.py, RegularizeAllLayersExperiment, and
@@ -204,8 +204,7 @@ def main(argv):
     cfg.save_json(results, os.path.join(out, "sae_reg.json"))
     plot(results, out)
     text = table(results)
-    with open(os.path.join(out, "sae_reg.md"), "w") as f:
-        f.write(f"Command: `python -m bench.sae_reg {' '.join(argv)}`\n\n{text}\n")
+    cfg.save_text(f"Command: `python -m bench.sae_reg {' '.join(argv)}`\n\n{text}\n", os.path.join(out, "sae_reg.md"))
     print(text)
 
 
@@ -245,8 +244,7 @@ def plot(results, out):
     axes[0][0].set_ylabel("CE increase (nats)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "sae_reg_per_point.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "sae_reg_per_point.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.8))
     for variant, color in COLORS.items():
@@ -261,8 +259,7 @@ def plot(results, out):
            title="all points spliced at once")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "sae_reg_compound.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "sae_reg_compound.png"))
 
     fig, axes = plt.subplots(1, len(points), figsize=(3.6 * len(points), 3.2), squeeze=False, sharex=True)
     for ax, p in zip(axes[0], points):
@@ -275,8 +272,7 @@ def plot(results, out):
     axes[0][0].set_ylabel("mean ||x|| on held-out text")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "sae_reg_norms.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "sae_reg_norms.png"))
 
 
 def table(results):

@@ -12,7 +12,6 @@ looked at. Ties keep the first trial in grid order. Writes out/<run>/tune/tuning
     python -m bench.tune --methods=si,mas        # some methods only; any train.py key is passed through
 """
 
-import json
 import os
 import sys
 import time
@@ -71,7 +70,8 @@ def main(argv):
     if args is None:
         return 0
     options, passthrough = args
-    methods = options.methods
+    passthrough = ["--relearn_steps=", "--forced_choice_k=0"] + passthrough  # tuning reads val OP only (a given
+    methods = options.methods  # key still wins: it comes later)
     base_config = cfg.parse_args(passthrough + ["--eval_split=val"])
     device = cfg.resolve_device(base_config)
     t0 = time.time()
@@ -89,9 +89,8 @@ def main(argv):
     chosen = {m: max(ts, key=lambda t: t["val_op"]) for m, ts in results.items()}  # ties: the first in grid order
     out_dir = os.path.join(base_config.out_dir, base_config.run, "tune")
     chosen_args = [f"--{k}={v:g}" for t in chosen.values() for k, v in t["overrides"].items()]
-    with open(os.path.join(out_dir, "tuning.json"), "w") as f:
-        json.dump({"trials": results, "chosen": chosen, "chosen_args": chosen_args, "seconds": time.time() - t0,
-                   "argv": argv}, f, indent=2)
+    cfg.save_json({"trials": results, "chosen": chosen, "chosen_args": chosen_args, "seconds": time.time() - t0,
+                   "argv": argv}, os.path.join(out_dir, "tuning.json"))
     lines = [f"Command: `python -m bench.tune {' '.join(argv)}` ({time.time() - t0:.0f} s)", "",
              "| method | trial | val OP | val BWT |", "|---|---|---|---|"]
     for method, ts in results.items():
@@ -100,8 +99,7 @@ def main(argv):
             setting = ", ".join(f"{k}={v:g}" for k, v in t["overrides"].items())
             lines.append(f"| {method} | {setting}{mark} | {t['val_op']:.3f} | {t['val_bwt']:.3f} |")
     lines += ["", "Chosen, as arguments: `" + " ".join(chosen_args) + "`"]
-    with open(os.path.join(out_dir, "tuning.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    cfg.save_text("\n".join(lines) + "\n", os.path.join(out_dir, "tuning.md"))
     print("\n".join(lines))
 
 

@@ -67,7 +67,7 @@ def test_the_gpt_circuits_preset_and_sweep_are_the_original_numbers():
     assert (config.sae_reg_lambda, config.sae_reg_kind, config.sae_reg_norm) == (3.0, "relu", "norm")
     assert config.sae_reg_widths == (512, 512, 2048, 4096, 4096)
     assert config.sae_reg_l1 == (0.020, 0.035, 0.085, 0.07, 0.075)
-    joint = cfg.joint_sae_configs(config)
+    joint = pretrain.joint_sae_configs(config)
     assert [joint[p].d_sae for p in range(5)] == [512, 512, 2048, 4096, 4096] and joint[2].l1 == 0.085
     normal = sae_reg.l1_sweep("normal", 8)
     assert len(normal) == 8 and normal[0] == (0.0021, 0.0175, 0.056, 0.09, 0.275)

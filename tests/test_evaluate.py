@@ -140,6 +140,7 @@ def test_kept_is_relearning_beyond_the_base_models_on_the_earlier_tasks():
     assert knowledge_metrics(run, base)["forced_choice"] == pytest.approx(0.6)
     assert m["relearn@5"] == pytest.approx(0.7) and m["kept@5"] == pytest.approx(0.7 - 0.2)
     assert m["kept@0"] == pytest.approx(0.1) and "kept@5" not in knowledge_metrics(run, None)
+    assert knowledge_metrics({"tasks": ["a"], "R": [[0], [1]]}, None) == {}  # one task: no earlier task
 
 
 def fake_result(method, seed, cl_lr=3e-4, settings=None, step_seconds=0.01):
