@@ -331,6 +331,18 @@ def start_worker(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
+def reusable(path, key, problem):
+    """The result at path if it was made with this key and problem(result) finds nothing wrong with it, else None;
+    says which (a damaged result is named and redone)."""
+    cached = cfg.load_json_result(path, key)
+    if cached is not None and problem(cached):
+        print(f"{path} is damaged ({problem(cached)}); redoing it")
+        return None
+    if cached is not None:
+        print(f"cl: reusing {path}")
+    return cached
+
+
 def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
     """For each config, run its methods and seeds (each cached as out/<run>/<cl_dir>/<method>_seed<seed>.json) and
     write its report; returns the summaries. The runs not cached go to one list, `jobs` at a time."""
@@ -341,13 +353,7 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
             for seed in config.seeds:
                 path = os.path.join(folder, f"{name}_seed{seed}.json")
                 key, shared, settings = method_key(config, name, seed, device, base, sae_checkpoint)
-                cached = cfg.load_json_result(path, key)
-                if cached is not None and result_problem(cached):
-                    print(f"{path} is damaged ({result_problem(cached)}); redoing it")
-                    cached = None
-                if cached is not None:
-                    print(f"cl: reusing {path}")
-                else:
+                if reusable(path, key, result_problem) is None:
                     todo.append({"name": name, "seed": seed, "config": config, "path": path, "key": key,
                                  "shared": shared, "settings": settings,  # the corpus as read here, once
                                  "lm_val_ids": corpus_of(config)[1]})
@@ -356,13 +362,7 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
             shared = cfg.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"),
                                     device, corpus_hash(config), {"base": base["sha"]})
             key = {**shared, "seed": seed}
-            cached = cfg.load_json_result(path, key)
-            if cached is not None and base_problem(cached):
-                print(f"{path} is damaged ({base_problem(cached)}); redoing it")
-                cached = None
-            if cached is not None:
-                print(f"cl: reusing {path}")
-            elif all(job["path"] != path for job in todo):
+            if reusable(path, key, base_problem) is None and all(job["path"] != path for job in todo):
                 todo.append({"name": None, "seed": seed, "config": config, "path": path, "key": key,
                              "shared": shared, "settings": {}})
     stages = dict(device=device, base=base, sae_checkpoint=sae_checkpoint)
