@@ -169,6 +169,8 @@ class Config:
     diagnose_examples: int = 64  # evaluation examples per task it looks at
 
 
+GPT_CIRCUITS_SHRUNK = {"batch_size": 64, "max_iters": 6000, "warmup_iters": 300, "eval_iters": 20,
+                       "sae_reg_widths": (512, 512, 512, 512, 512), "sae_tokens": 200_000}
 PRESETS = {  # name -> the keys it sets
     # the paper's regime as calibrated on the 2-core CPU (README, "The paper's regime"): an instruction-following
     # base (32 auxiliary tags), one set of LoRA adapters on every projection of the frozen base, the frozen base with
@@ -190,6 +192,10 @@ PRESETS = {  # name -> the keys it sets
                      "sae_reg_widths": (512, 512, 2048, 4096, 4096), "sae_reg_l1": (0.020, 0.035, 0.085, 0.07, 0.075),
                      "sae_reg_norm": "norm", "sae_points": (0, 1, 2, 3, 4), "sae_tokens": 1_000_000},
 }
+# the original study shrunk in compute only, to a seed in about 75 min on a 2-core CPU (bench/sae_reg.py --estimate):
+# the same model, SAE kind, lambda, L1 coefficients and their sweep ranges; fewer steps, a smaller batch, every SAE
+# 512 wide, fewer activations (its sweep: fewer points, steps and tokens a step, given to bench/sae_reg.py)
+PRESETS["gpt_circuits_cpu"] = {**PRESETS["gpt_circuits"], **GPT_CIRCUITS_SHRUNK}
 CHOICES = {  # fields whose value must be one of a fixed set
     "preset": ("",) + tuple(PRESETS),
     "stage": ("all", "pretrain", "sae", "cl"),

@@ -65,6 +65,8 @@ class Options:
     k: tuple[int, ...] = (4, 8, 16)  # --sweep=k: TopK of the fresh SAEs
     sweep: str = "k"  # which fresh SAEs to train: 'k' (TopK, one point per k) or 'original' (the original's)
     sweep_points: int = ORIGINAL["sweep_points"]  # --sweep=original: points of the L1 sweep (the original: 8)
+    sweep_steps: int = ORIGINAL["sae_steps"]  # --sweep=original: steps of each fresh SAE (the original: 7500)
+    sweep_batch_size: int = ORIGINAL["sae_batch_size"]  # --sweep=original: tokens a step (the original: 16384)
     estimate: bool = False  # time a few steps of each stage and print the projected hours per seed; train nothing
     CHOICES = {"sweep": ("k", "original")}
     AT_LEAST_ZERO = ("seeds",)
@@ -103,15 +105,16 @@ def sweep(config, options, variant):
     if options.sweep == "k":
         return [(f"k={k}", {p: SAEConfig(d_in=config.n_embd, **train.sae_kwargs(config, k)) for p in points},
                  dict(steps=config.sae_steps, batch_size=config.sae_batch_size)) for k in options.k]
-    schedule = dict(steps=ORIGINAL["sae_steps"], batch_size=ORIGINAL["sae_batch_size"], lr=ORIGINAL["sae_lr"],
-                    min_lr=ORIGINAL["sae_min_lr"], warmup=ORIGINAL["sae_warmup"])
+    schedule = dict(steps=options.sweep_steps, batch_size=options.sweep_batch_size, lr=ORIGINAL["sae_lr"],
+                    min_lr=ORIGINAL["sae_min_lr"], warmup=options.sweep_steps // 10)  # the original: 750 of 7500
+    widths = config.sae_reg_widths or ORIGINAL["widths"]  # the fresh SAEs are as wide as the joint ones
     return [("l1=" + ",".join(f"{c:.5g}" for c in l1s),
-             {p: SAEConfig(d_in=config.n_embd, d_sae=ORIGINAL["widths"][p], k=0, kind="relu", l1=l1s[p],
+             {p: SAEConfig(d_in=config.n_embd, d_sae=widths[p], k=0, kind="relu", l1=l1s[p],
                            auxk_coef=0.0) for p in points}, schedule)
             for l1s in l1_sweep(variant, options.sweep_points)]
 
 
-ESTIMATE_STEPS = 3  # steps timed per stage by --estimate
+ESTIMATE_STEPS = 10  # steps timed per stage by --estimate (the SAEs' after 2 untimed ones: the first are slow)
 
 
 def estimate(config, options, device):
@@ -131,6 +134,7 @@ def estimate(config, options, device):
     seconds = 0.0
     for p, sae_config in sae_configs.items():
         activations = torch.randn(schedule["batch_size"], sae_config.d_in, device=device)
+        train_sae(activations, sae_config, **{**schedule, "steps": 2}, desc=f"estimate point {p}")
         t0 = time.time()
         train_sae(activations, sae_config, **{**schedule, "steps": ESTIMATE_STEPS}, desc=f"estimate point {p}")
         seconds += (time.time() - t0) / ESTIMATE_STEPS

@@ -76,14 +76,12 @@ def test_the_gpt_circuits_preset_and_sweep_are_the_original_numbers():
     assert (sae_reg.ORIGINAL["sae_steps"], sae_reg.ORIGINAL["sae_batch_size"]) == (7500, 128 * 128)
 
 
-def test_the_original_sweep_trains_relu_saes_of_its_widths(tmp_path, monkeypatch):
-    monkeypatch.setitem(sae_reg.ORIGINAL, "sae_steps", 5)
-    monkeypatch.setitem(sae_reg.ORIGINAL, "sae_batch_size", 64)
-    monkeypatch.setitem(sae_reg.ORIGINAL, "widths", (8, 8, 16, 32, 32))
+def test_the_original_sweep_trains_relu_saes_of_its_widths(tmp_path):
     argv = [a for a in SAE_REG if not a.startswith("--n_layer")] + [
         "--n_layer=4", "--max_iters=20", "--eval_interval=10", "--sae_reg_kind=relu",
         "--sae_reg_l1=0.02,0.035,0.085,0.07,0.075", "--sae_reg_widths=8,8,16,32,32", "--sae_reg_lambda=3",
-        "--seeds=0", "--sweep=original", "--sweep_points=2", f"--out_dir={tmp_path}"]
+        "--seeds=0", "--sweep=original", "--sweep_points=2", "--sweep_steps=5", "--sweep_batch_size=64",
+        f"--out_dir={tmp_path}"]
     sae_reg.main(argv)
     results = json.loads((tmp_path / "default" / "sae_reg" / "sae_reg.json").read_text())
     assert results["sweep"] == "original" and results["lambda"] == 3.0
@@ -123,3 +121,18 @@ def test_the_estimate_times_each_stage_and_trains_nothing_it_keeps(tmp_path, cap
         assert f"{stage}: " in out and " s per step" in out
     assert "one seed (two models, 60 steps each, and their sweeps): about" in out
     assert not (tmp_path / "default" / "sae_reg" / "sae_reg.json").exists()  # no study was run
+
+
+def test_the_cpu_preset_is_the_original_but_for_the_compute_it_shrinks():
+    original, cpu = cfg.PRESETS["gpt_circuits"], cfg.PRESETS["gpt_circuits_cpu"]
+    shrunk = {key for key in set(original) | set(cpu) if original.get(key) != cpu.get(key)}
+    assert shrunk == {"batch_size", "max_iters", "warmup_iters", "eval_iters", "sae_reg_widths", "sae_tokens"}
+    assert cpu["batch_size"] < original["batch_size"] and cpu["max_iters"] < original["max_iters"]
+    assert cpu["sae_reg_widths"] == (512,) * 5 and cpu["sae_tokens"] < original["sae_tokens"]
+    config = cfg.parse_args(["--preset=gpt_circuits_cpu"])  # the model, SAE kind, lambda and L1s: the original's
+    assert (config.n_layer, config.n_embd, config.block_size, config.sae_reg_lambda) == (4, 64, 128, 3.0)
+    assert (config.sae_reg_kind, config.sae_reg_l1) == ("relu", (0.020, 0.035, 0.085, 0.07, 0.075))
+    options = sae_reg.Options(sweep="original", sweep_points=4, sweep_steps=3000, sweep_batch_size=4096)
+    points = sae_reg.sweep(config, options, "normal")
+    assert len(points) == 4 and points[0][1][2].d_sae == 512 and points[0][2]["warmup"] == 300
+    assert points[0][1][0].l1 == 0.0021 and points[-1][1][4].l1 == pytest.approx(0.87)  # the original's range
