@@ -178,8 +178,38 @@ def fresh_sae_sweep(config, points_of_sweep, device):
         results.append(cached)
     summary = cfg.read_json(os.path.join(config.out_dir, config.run, "pretrain.json"))
     return {"val_ce": base["val_loss"], "ms_per_iter": summary["ms_per_iter"], "sweep": results,
+            "activations": activation_split(model, val_ids, points, config.block_size, device),
             "norms_during_training": [{"iter": h["iter"], **h["norms"]} for h in summary["history"] if "norms" in h],
             "norms": summary["history"][-1].get("norms", {})}
+
+
+def second_moment_split(x):
+    """x: (tokens, d). E||x||^2 = ||mu||^2 + E||x - mu||^2, mu = E[x] over tokens: the constant part of the
+    residual stream (the same vector at every token) and the part that varies from token to token.
+    Returns {'rms': sqrt(E||x||^2), 'mean_share': ||mu||^2 / E||x||^2, 'centered_rms': sqrt(E||x - mu||^2)}."""
+    x = x.double()
+    mu = x.mean(0)
+    second = (x * x).sum(-1).mean()
+    centered = ((x - mu) ** 2).sum(-1).mean()
+    return {"rms": second.sqrt().item(), "mean_share": (mu @ mu / second).item(),
+            "centered_rms": centered.sqrt().item()}
+
+
+def activation_split(model, ids, points, block_size, device, n_batches=20, batch_size=32, seed=1234):
+    """second_moment_split at each residual point of the frozen model, on the held-out windows sae_metrics uses.
+    A large mean_share means little of x carries information about the token: fresh SAEs reconstruct the constant
+    with one bias, so the cosine of x and xhat is high while the FVU (error over the token-to-token variance) is not."""
+    from data.corpus import get_batch
+
+    generator = torch.Generator().manual_seed(seed)
+    acts = {p: [] for p in points}
+    with torch.no_grad():
+        for _ in range(n_batches):
+            x, y = get_batch(ids, batch_size, block_size, generator, device)
+            residuals = model(x, y, read=points)[2]
+            for p in points:
+                acts[p].append(residuals[p].reshape(-1, residuals[p].size(-1)).cpu())
+    return {str(p): second_moment_split(torch.cat(acts[p])) for p in points}
 
 
 def main(argv):
@@ -232,6 +262,29 @@ def curves(results, variant):
 COLORS = {"normal": "tab:blue", "regularized": "tab:orange"}
 
 
+def interpolate(curve, l0):
+    """curve: [(total L0, compound CE increase)] sorted by L0; the CE increase at l0, linear between points."""
+    for (a, ya), (b, yb) in zip(curve, curve[1:]):
+        if a <= l0 <= b:
+            return ya if b == a else ya + (yb - ya) * (l0 - a) / (b - a)
+    if len(curve) == 1 and curve[0][0] == l0:
+        return curve[0][1]
+    raise ValueError(f"total L0 {l0} is outside the sweep's {curve[0][0]}..{curve[-1][0]}")
+
+
+def at_matched_l0(results):
+    """Both models' compound CE increase at one total L0, as the original compares them: the largest L0 that every
+    seed's curve of both models reaches, each curve read there by linear interpolation between its sweep points.
+    {'l0': that L0, 'normal': (mean, std) over seeds, 'regularized': ...}, or None if the curves do not overlap."""
+    runs = {v: [sorted((s["total_l0"], s["compound_ce_increase"]) for s in r["sweep"]) for r in results[v].values()]
+            for v in COLORS}
+    every = [curve for v in runs for curve in runs[v]]
+    l0 = min(curve[-1][0] for curve in every)
+    if l0 < max(curve[0][0] for curve in every):
+        return None
+    return {"l0": l0, **{v: mean_std([interpolate(curve, l0) for curve in runs[v]]) for v in runs}}
+
+
 def plot(results, out):
     """sae_reg_per_point.png: CE increase vs L0 per point (log-log); sae_reg_compound.png: compound CE increase vs
     total L0 (with the original's published points for --sweep=original); sae_reg_norms.png: the mean activation
@@ -265,6 +318,23 @@ def plot(results, out):
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "sae_reg_compound.png"))
 
+    if all("activations" in r for v in COLORS for r in results[v].values()):
+        fig, ax = plt.subplots(figsize=(1.3 * len(points) + 1.5, 3.6))
+        for j, (variant, color) in enumerate(COLORS.items()):
+            runs = list(results[variant].values())
+            split = {p: [r["activations"][p] for r in runs] for p in points}
+            constant = [mean_std([a["mean_share"] * a["rms"] ** 2 for a in split[p]])[0] for p in points]
+            varying = [mean_std([a["centered_rms"] ** 2 for a in split[p]])[0] for p in points]
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(points))]
+            ax.bar(xs, varying, width=0.36, color=color, label=f"{variant}: varies by token, E||x - mu||^2")
+            ax.bar(xs, constant, width=0.36, bottom=varying, color=color, alpha=0.35, hatch="//",
+                   label=f"{variant}: constant, ||mu||^2")
+        ax.set(xticks=range(len(points)), xticklabels=[f"point {p}" for p in points],
+               ylabel="E||x||^2 on held-out text", title="constant and varying parts of the residual stream")
+        ax.legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+        save_figure(fig, os.path.join(out, "sae_reg_activations.png"))
+
     fig, axes = plt.subplots(1, len(points), figsize=(3.6 * len(points), 3.2), squeeze=False, sharex=True)
     for ax, p in zip(axes[0], points):
         for variant, color in COLORS.items():
@@ -281,7 +351,8 @@ def plot(results, out):
 
 def table(results):
     """Markdown: val CE and, per sweep point, total L0 and compound CE increase, normal vs regularized (mean ± std
-    over seeds); then the mean activation norm at each point along pretraining (first, middle, last evaluation)."""
+    over seeds); both at matched total L0; what of each point's activations is constant (activation_split); then
+    the mean activation norm at each point along pretraining (first, middle, last evaluation)."""
     lines = ["| model | val CE | ms/iter | sweep point | total L0 | compound CE increase |",
              "|---|---|---|---|---|---|"]
     for variant in COLORS:
@@ -291,7 +362,22 @@ def table(results):
         c = curves(results, variant)
         for label, (l0, _), ce in zip(c["labels"], c["compound"][0], c["compound"][1]):
             lines.append(f"| {variant} | {fmt(*val)} | {ms[0]:.1f} | {label} | {l0:.1f} | {fmt(*ce)} |")
+    matched = at_matched_l0(results)
+    if matched:
+        ce = {v: fmt(*matched[v]) for v in COLORS}
+        ratio = matched["regularized"][0] / matched["normal"][0]
+        lines += ["", f"At matched total L0 {matched['l0']:.1f} (the largest every curve reaches, linear between "
+                  f"sweep points): compound CE increase normal {ce['normal']}, regularized {ce['regularized']}, "
+                  f"ratio regularized / normal {ratio:.2f}."]
     points = list(next(iter(results["normal"].values()))["norms"])
+    if all("activations" in r for v in COLORS for r in results[v].values()):
+        lines += ["", "| model | " + " | ".join(f"point {p}: share of E\\|\\|x\\|\\|^2 in the mean, rms of what varies"
+                                                for p in points) + " |", "|---|" + "---|" * len(points)]
+        for variant in COLORS:
+            runs = list(results[variant].values())
+            lines.append(f"| {variant} | " + " | ".join(
+                fmt(*mean_std([r["activations"][p]["mean_share"] for r in runs]), digits=2) + ", " +
+                fmt(*mean_std([r["activations"][p]["centered_rms"] for r in runs]), digits=2) for p in points) + " |")
     history = next(iter(results["normal"].values()))["norms_during_training"]
     shown = sorted({0, len(history) // 2, len(history) - 1})  # the first, a middle and the last evaluation
     steps = [history[i]["iter"] for i in shown]

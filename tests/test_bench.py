@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import configurator as cfg
 import pretrain
@@ -31,8 +32,12 @@ def test_sae_reg_uses_each_seeds_corpus_throughout(tmp_path, monkeypatch):
         assert run["val_ce"] > 0 and [r["label"] for r in run["sweep"]] == ["k=2", "k=4"]
         assert run["sweep"][1]["total_l0"] > run["sweep"][0]["total_l0"]
         assert run["norms_during_training"][-1]["iter"] == 60 and set(run["norms"]) == {"0", "1"}
-    for name in ("sae_reg_per_point.png", "sae_reg_compound.png", "sae_reg_norms.png", "sae_reg.md"):
+        assert set(run["activations"]) == {"0", "1"}
+        assert all(0 < a["mean_share"] < 1 and 0 < a["centered_rms"] < a["rms"] for a in run["activations"].values())
+    for name in ("sae_reg_per_point.png", "sae_reg_compound.png", "sae_reg_norms.png", "sae_reg_activations.png",
+                 "sae_reg.md"):
         assert (tmp_path / "default" / "sae_reg" / name).exists()
+    assert "At matched total L0" in (tmp_path / "default" / "sae_reg" / "sae_reg.md").read_text()
 
 
 def test_resuming_a_sweep_reproduces_the_uninterrupted_result(tmp_path, monkeypatch):
@@ -136,3 +141,32 @@ def test_the_cpu_preset_is_the_original_but_for_the_compute_it_shrinks():
     points = sae_reg.sweep(config, options, "normal")
     assert len(points) == 4 and points[0][1][2].d_sae == 512 and points[0][2]["warmup"] == 300
     assert points[0][1][0].l1 == 0.0021 and points[-1][1][4].l1 == pytest.approx(0.87)  # the original's range
+
+
+def test_second_moment_split_by_hand():
+    # tokens (3, 4) and (1, 0): mu = (2, 2), E||x||^2 = (25 + 1) / 2 = 13, ||mu||^2 = 8, E||x - mu||^2 = 5
+    split = sae_reg.second_moment_split(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
+    assert split["rms"] == pytest.approx(13 ** 0.5) and split["mean_share"] == pytest.approx(8 / 13)
+    assert split["centered_rms"] == pytest.approx(5 ** 0.5)
+    constant = sae_reg.second_moment_split(torch.tensor([[1.0, -2.0]] * 5))
+    assert constant["mean_share"] == pytest.approx(1.0) and constant["centered_rms"] == 0.0
+
+
+def sweep_result(*points):
+    return {"sweep": [{"total_l0": l0, "compound_ce_increase": ce} for l0, ce in points]}
+
+
+def test_matched_l0_reads_every_curve_at_the_largest_l0_all_reach():
+    results = {"normal": {"0": sweep_result((100, 3.0), (200, 2.0)), "1": sweep_result((220, 1.0), (120, 3.0))},
+               "regularized": {"0": sweep_result((150, 2.0), (250, 1.0)), "1": sweep_result((90, 2.5), (210, 1.3))}}
+    matched = sae_reg.at_matched_l0(results)
+    assert matched["l0"] == 200  # the smallest of the curves' largest L0s
+    # normal: seed 0 ends at 2.0; seed 1 between (120, 3.0) and (220, 1.0): 3.0 - 2.0 * 80 / 100 = 1.4
+    assert matched["normal"][0] == pytest.approx((2.0 + 1.4) / 2)
+    # regularized: 2.0 - 1.0 * 50 / 100 = 1.5 and 2.5 - 1.2 * 110 / 120 = 1.4
+    assert matched["regularized"][0] == pytest.approx((1.5 + 1.4) / 2)
+    apart = {"normal": {"0": sweep_result((10, 1.0), (20, 0.5))},
+             "regularized": {"0": sweep_result((30, 1.0), (40, 0.5))}}
+    assert sae_reg.at_matched_l0(apart) is None
+    with pytest.raises(ValueError, match="outside"):
+        sae_reg.interpolate([(10, 1.0), (20, 0.5)], 25)
