@@ -287,7 +287,8 @@ def at_matched_l0(results):
 
 def plot(results, out):
     """sae_reg_per_point.png: CE increase vs L0 per point (log-log); sae_reg_compound.png: compound CE increase vs
-    total L0 (with the original's published points for --sweep=original); sae_reg_norms.png: the mean activation
+    total L0 (with the original's published points for --sweep=original); sae_reg_activations.png: the constant and
+    the varying part of each point's activations at the end of pretraining; sae_reg_norms.png: the mean activation
     norm at each point along pretraining; normal vs regularized, mean over seeds, std as error bars."""
     both = {v: curves(results, v) for v in COLORS}
     points = list(both["normal"]["points"])
@@ -318,22 +319,21 @@ def plot(results, out):
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "sae_reg_compound.png"))
 
-    if all("activations" in r for v in COLORS for r in results[v].values()):
-        fig, ax = plt.subplots(figsize=(1.3 * len(points) + 1.5, 3.6))
-        for j, (variant, color) in enumerate(COLORS.items()):
-            runs = list(results[variant].values())
-            split = {p: [r["activations"][p] for r in runs] for p in points}
-            constant = [mean_std([a["mean_share"] * a["rms"] ** 2 for a in split[p]])[0] for p in points]
-            varying = [mean_std([a["centered_rms"] ** 2 for a in split[p]])[0] for p in points]
-            xs = [i + (j - 0.5) * 0.38 for i in range(len(points))]
-            ax.bar(xs, varying, width=0.36, color=color, label=f"{variant}: varies by token, E||x - mu||^2")
-            ax.bar(xs, constant, width=0.36, bottom=varying, color=color, alpha=0.35, hatch="//",
-                   label=f"{variant}: constant, ||mu||^2")
-        ax.set(xticks=range(len(points)), xticklabels=[f"point {p}" for p in points],
-               ylabel="E||x||^2 on held-out text", title="constant and varying parts of the residual stream")
-        ax.legend(fontsize=7, loc="upper left")
-        fig.tight_layout()
-        save_figure(fig, os.path.join(out, "sae_reg_activations.png"))
+    fig, ax = plt.subplots(figsize=(1.3 * len(points) + 1.5, 3.6))
+    for j, (variant, color) in enumerate(COLORS.items()):
+        runs = list(results[variant].values())
+        split = {p: [r["activations"][p] for r in runs] for p in points}
+        constant = [mean_std([a["mean_share"] * a["rms"] ** 2 for a in split[p]])[0] for p in points]
+        varying = [mean_std([a["centered_rms"] ** 2 for a in split[p]])[0] for p in points]
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(points))]
+        ax.bar(xs, varying, width=0.36, color=color, label=f"{variant}: varies by token, E||x - mu||^2")
+        ax.bar(xs, constant, width=0.36, bottom=varying, color=color, alpha=0.35, hatch="//",
+               label=f"{variant}: constant, ||mu||^2")
+    ax.set(xticks=range(len(points)), xticklabels=[f"point {p}" for p in points],
+           ylabel="E||x||^2 on held-out text", title="constant and varying parts of the residual stream")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out, "sae_reg_activations.png"))
 
     fig, axes = plt.subplots(1, len(points), figsize=(3.6 * len(points), 3.2), squeeze=False, sharex=True)
     for ax, p in zip(axes[0], points):
@@ -370,14 +370,13 @@ def table(results):
                   f"sweep points): compound CE increase normal {ce['normal']}, regularized {ce['regularized']}, "
                   f"ratio regularized / normal {ratio:.2f}."]
     points = list(next(iter(results["normal"].values()))["norms"])
-    if all("activations" in r for v in COLORS for r in results[v].values()):
-        lines += ["", "| model | " + " | ".join(f"point {p}: share of E\\|\\|x\\|\\|^2 in the mean, rms of what varies"
-                                                for p in points) + " |", "|---|" + "---|" * len(points)]
-        for variant in COLORS:
-            runs = list(results[variant].values())
-            lines.append(f"| {variant} | " + " | ".join(
-                fmt(*mean_std([r["activations"][p]["mean_share"] for r in runs]), digits=2) + ", " +
-                fmt(*mean_std([r["activations"][p]["centered_rms"] for r in runs]), digits=2) for p in points) + " |")
+    lines += ["", "| model | " + " | ".join(f"point {p}: share of E\\|\\|x\\|\\|^2 in the mean, rms of what varies"
+                                            for p in points) + " |", "|---|" + "---|" * len(points)]
+    for variant in COLORS:
+        runs = list(results[variant].values())
+        lines.append(f"| {variant} | " + " | ".join(
+            fmt(*mean_std([r["activations"][p]["mean_share"] for r in runs]), digits=2) + ", " +
+            fmt(*mean_std([r["activations"][p]["centered_rms"] for r in runs]), digits=2) for p in points) + " |")
     history = next(iter(results["normal"].values()))["norms_during_training"]
     shown = sorted({0, len(history) // 2, len(history) - 1})  # the first, a middle and the last evaluation
     steps = [history[i]["iter"] for i in shown]
