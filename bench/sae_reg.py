@@ -272,17 +272,19 @@ def interpolate(curve, l0):
     raise ValueError(f"total L0 {l0} is outside the sweep's {curve[0][0]}..{curve[-1][0]}")
 
 
-def at_matched_l0(results):
-    """Both models' compound CE increase at one total L0, as the original compares them: the largest L0 that every
-    seed's curve of both models reaches, each curve read there by linear interpolation between its sweep points.
-    {'l0': that L0, 'normal': (mean, std) over seeds, 'regularized': ...}, or None if the curves do not overlap."""
+def at_matched_l0(results, n=3):
+    """Both models' compound CE increase at matched total L0, as the original compares them: at n L0s spread evenly
+    over the range that every seed's curve of both models covers, each curve read there by linear interpolation
+    between its sweep points. [{'l0', 'normal': (mean, std) over seeds, 'regularized': ...}], largest L0 first;
+    [] if the curves do not overlap."""
     runs = {v: [sorted((s["total_l0"], s["compound_ce_increase"]) for s in r["sweep"]) for r in results[v].values()]
             for v in COLORS}
     every = [curve for v in runs for curve in runs[v]]
-    l0 = min(curve[-1][0] for curve in every)
-    if l0 < max(curve[0][0] for curve in every):
-        return None
-    return {"l0": l0, **{v: mean_std([interpolate(curve, l0) for curve in runs[v]]) for v in runs}}
+    low, high = max(curve[0][0] for curve in every), min(curve[-1][0] for curve in every)
+    if low > high:
+        return []
+    l0s = [high - (high - low) * i / (n - 1) for i in range(n)] if n > 1 and high > low else [high]
+    return [{"l0": l0, **{v: mean_std([interpolate(curve, l0) for curve in runs[v]]) for v in runs}} for l0 in l0s]
 
 
 def plot(results, out):
@@ -364,11 +366,12 @@ def table(results):
             lines.append(f"| {variant} | {fmt(*val)} | {ms[0]:.1f} | {label} | {l0:.1f} | {fmt(*ce)} |")
     matched = at_matched_l0(results)
     if matched:
-        ce = {v: fmt(*matched[v]) for v in COLORS}
-        ratio = matched["regularized"][0] / matched["normal"][0]
-        lines += ["", f"At matched total L0 {matched['l0']:.1f} (the largest every curve reaches, linear between "
-                  f"sweep points): compound CE increase normal {ce['normal']}, regularized {ce['regularized']}, "
-                  f"ratio regularized / normal {ratio:.2f}."]
+        lines += ["", "At matched total L0 (linear between sweep points, over the range every curve covers):", "",
+                  "| total L0 | compound CE increase, normal | regularized | ratio regularized / normal |",
+                  "|---|---|---|---|"]
+        for m in matched:
+            ratio = m["regularized"][0] / m["normal"][0]
+            lines.append(f"| {m['l0']:.1f} | {fmt(*m['normal'])} | {fmt(*m['regularized'])} | {ratio:.2f} |")
     points = list(next(iter(results["normal"].values()))["norms"])
     lines += ["", "| model | " + " | ".join(f"point {p}: share of E\\|\\|x\\|\\|^2 in the mean, rms of what varies"
                                             for p in points) + " |", "|---|" + "---|" * len(points)]

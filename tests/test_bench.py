@@ -156,17 +156,20 @@ def sweep_result(*points):
     return {"sweep": [{"total_l0": l0, "compound_ce_increase": ce} for l0, ce in points]}
 
 
-def test_matched_l0_reads_every_curve_at_the_largest_l0_all_reach():
+def test_matched_l0_reads_every_curve_over_the_range_all_cover():
     results = {"normal": {"0": sweep_result((100, 3.0), (200, 2.0)), "1": sweep_result((220, 1.0), (120, 3.0))},
                "regularized": {"0": sweep_result((150, 2.0), (250, 1.0)), "1": sweep_result((90, 2.5), (210, 1.3))}}
-    matched = sae_reg.at_matched_l0(results)
-    assert matched["l0"] == 200  # the smallest of the curves' largest L0s
-    # normal: seed 0 ends at 2.0; seed 1 between (120, 3.0) and (220, 1.0): 3.0 - 2.0 * 80 / 100 = 1.4
-    assert matched["normal"][0] == pytest.approx((2.0 + 1.4) / 2)
+    high, middle, low = sae_reg.at_matched_l0(results)
+    assert (high["l0"], middle["l0"], low["l0"]) == (200, 175, 150)  # smallest largest L0 .. largest smallest L0
+    # at 200, normal: seed 0 ends at 2.0; seed 1 between (120, 3.0) and (220, 1.0): 3.0 - 2.0 * 80 / 100 = 1.4
+    assert high["normal"][0] == pytest.approx((2.0 + 1.4) / 2)
     # regularized: 2.0 - 1.0 * 50 / 100 = 1.5 and 2.5 - 1.2 * 110 / 120 = 1.4
-    assert matched["regularized"][0] == pytest.approx((1.5 + 1.4) / 2)
+    assert high["regularized"][0] == pytest.approx((1.5 + 1.4) / 2)
+    # at 150, normal: 3.0 - 50 / 100 = 2.5 and 3.0 - 2.0 * 30 / 100 = 2.4
+    # regularized: 2.0 (seed 0's first point) and 2.5 - 1.2 * 60 / 120 = 1.9
+    assert low["normal"][0] == pytest.approx(2.45) and low["regularized"][0] == pytest.approx((2.0 + 1.9) / 2)
     apart = {"normal": {"0": sweep_result((10, 1.0), (20, 0.5))},
              "regularized": {"0": sweep_result((30, 1.0), (40, 0.5))}}
-    assert sae_reg.at_matched_l0(apart) is None
+    assert sae_reg.at_matched_l0(apart) == []
     with pytest.raises(ValueError, match="outside"):
         sae_reg.interpolate([(10, 1.0), (20, 0.5)], 25)
