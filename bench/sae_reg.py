@@ -353,8 +353,9 @@ def plot(results, out):
 
 def table(results):
     """Markdown: val CE and, per sweep point, total L0 and compound CE increase, normal vs regularized (mean ± std
-    over seeds); both at matched total L0; what of each point's activations is constant (activation_split); then
-    the mean activation norm at each point along pretraining (first, middle, last evaluation)."""
+    over seeds); both at matched total L0; per point at the first sweep point; what of each point's activations is
+    constant (activation_split); then the mean activation norm at each point along pretraining (first, middle, last
+    evaluation)."""
     lines = ["| model | val CE | ms/iter | sweep point | total L0 | compound CE increase |",
              "|---|---|---|---|---|---|"]
     for variant in COLORS:
@@ -373,6 +374,15 @@ def table(results):
             ratio = m["regularized"][0] / m["normal"][0]
             lines.append(f"| {m['l0']:.1f} | {fmt(*m['normal'])} | {fmt(*m['regularized'])} | {ratio:.2f} |")
     points = list(next(iter(results["normal"].values()))["norms"])
+    lines += ["", "Per point, at each model's first sweep point (--sweep=original: its smallest L1s):",
+              "", "| model | point | L0 | FVU | cosine(x, xhat) | dead fraction | CE increase |",
+              "|---|---|---|---|---|---|---|"]
+    for variant in COLORS:
+        runs = [r["sweep"][0]["points"] for r in results[variant].values()]
+        for p in points:
+            lines.append(f"| {variant} | {p} | " + " | ".join(
+                fmt(*mean_std([r[p][m] for r in runs]), digits=digits)
+                for m, digits in (("l0", 1), ("fvu", 3), ("cos", 3), ("dead_fraction", 3), ("ce_increase", 3))) + " |")
     lines += ["", "| model | " + " | ".join(f"point {p}: share of E\\|\\|x\\|\\|^2 in the mean, rms of what varies"
                                             for p in points) + " |", "|---|" + "---|" * len(points)]
     for variant in COLORS:
