@@ -179,8 +179,17 @@ def fresh_sae_sweep(config, points_of_sweep, device):
     summary = cfg.read_json(os.path.join(config.out_dir, config.run, "pretrain.json"))
     return {"val_ce": base["val_loss"], "ms_per_iter": summary["ms_per_iter"], "sweep": results,
             "activations": activation_split(model, val_ids, points, config.block_size, device),
+            "unigram_ce": unigram_ce(train_ids, val_ids, model.config.vocab_size),
             "norms_during_training": [{"iter": h["iter"], **h["norms"]} for h in summary["history"] if "norms" in h],
             "norms": summary["history"][-1].get("norms", {})}
+
+
+def unigram_ce(train_ids, val_ids, vocab_size):
+    """The held-out CE of a model that ignores context: -mean_t log p(y_t), p(v) = (count of v in train + 1) /
+    (train tokens + vocab_size). A spliced model whose CE passes it has lost everything the context gave."""
+    counts = torch.bincount(torch.as_tensor(train_ids).long(), minlength=vocab_size).double() + 1.0
+    log_p = (counts / counts.sum()).log()
+    return -log_p[torch.as_tensor(val_ids).long()].mean().item()
 
 
 def second_moment_split(x):
@@ -365,6 +374,11 @@ def table(results):
         c = curves(results, variant)
         for label, (l0, _), ce in zip(c["labels"], c["compound"][0], c["compound"][1]):
             lines.append(f"| {variant} | {fmt(*val)} | {ms[0]:.1f} | {label} | {l0:.1f} | {fmt(*ce)} |")
+    unigram = mean_std([r["unigram_ce"] for v in COLORS for r in results[v].values()])[0]
+    clean = {v: mean_std([r["sweep"][0]["clean_ce"] for r in results[v].values()])[0] for v in COLORS}
+    lines += ["", f"For scale: the held-out text's unigram CE (no context) is {unigram:.3f} nats, the clean CE on the "
+              f"windows above {clean['normal']:.3f} (normal) and {clean['regularized']:.3f} (regularized); a compound "
+              f"CE increase above {unigram - max(clean.values()):.3f} leaves the spliced model worse than the unigram."]
     matched = at_matched_l0(results)
     if matched:
         lines += ["", "At matched total L0 (linear between sweep points, over the range every curve covers):", "",

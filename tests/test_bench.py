@@ -32,7 +32,7 @@ def test_sae_reg_uses_each_seeds_corpus_throughout(tmp_path, monkeypatch):
         assert run["val_ce"] > 0 and [r["label"] for r in run["sweep"]] == ["k=2", "k=4"]
         assert run["sweep"][1]["total_l0"] > run["sweep"][0]["total_l0"]
         assert run["norms_during_training"][-1]["iter"] == 60 and set(run["norms"]) == {"0", "1"}
-        assert set(run["activations"]) == {"0", "1"}
+        assert set(run["activations"]) == {"0", "1"} and run["unigram_ce"] > run["val_ce"]
         assert all(0 < a["mean_share"] < 1 and 0 < a["centered_rms"] < a["rms"] for a in run["activations"].values())
     for name in ("sae_reg_per_point.png", "sae_reg_compound.png", "sae_reg_norms.png", "sae_reg_activations.png",
                  "sae_reg.md"):
@@ -141,6 +141,12 @@ def test_the_cpu_preset_is_the_original_but_for_the_compute_it_shrinks():
     points = sae_reg.sweep(config, options, "normal")
     assert len(points) == 4 and points[0][1][2].d_sae == 512 and points[0][2]["warmup"] == 300
     assert points[0][1][0].l1 == 0.0021 and points[-1][1][4].l1 == pytest.approx(0.87)  # the original's range
+
+
+def test_unigram_ce_by_hand():
+    # train counts of tokens 0, 1, 2 with add-one: (2 + 1, 0 + 1, 1 + 1) / 6; held out: 0, 1
+    expected = -(torch.log(torch.tensor(3 / 6)) + torch.log(torch.tensor(1 / 6))).item() / 2
+    assert sae_reg.unigram_ce([0, 0, 2], [0, 1], 3) == pytest.approx(expected)
 
 
 def test_second_moment_split_by_hand():
