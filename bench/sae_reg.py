@@ -298,7 +298,8 @@ def at_matched_l0(results, n=3):
 
 def plot(results, out):
     """sae_reg_per_point.png: CE increase vs L0 per point (log-log); sae_reg_compound.png: compound CE increase vs
-    total L0 (with the original's published points for --sweep=original); sae_reg_activations.png: the constant and
+    total L0 (with the original's published points for --sweep=original, and the line past which the spliced model
+    is worse than a unigram model); sae_reg_activations.png: the constant and
     the varying part of each point's activations at the end of pretraining; sae_reg_norms.png: the mean activation
     norm at each point along pretraining; normal vs regularized, mean over seeds, std as error bars."""
     both = {v: curves(results, v) for v in COLORS}
@@ -324,6 +325,8 @@ def plot(results, out):
             l0, ce = ORIGINAL["published"][variant]["compound"]
             ax.scatter([l0], [ce], marker="*", s=160, color=color, edgecolor="black", zorder=3,
                        label=f"{variant} (original, published)")
+    unigram = mean_std([r["unigram_ce"] - r["sweep"][0]["clean_ce"] for v in COLORS for r in results[v].values()])[0]
+    ax.axhline(unigram, color="gray", linestyle="--", label="above: worse than a unigram model")
     ax.set(xlabel="total L0 (sum over points)", ylabel="compound CE increase (nats)",
            title="all points spliced at once")
     ax.legend(fontsize=8)
