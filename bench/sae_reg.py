@@ -148,7 +148,7 @@ def fresh_sae_sweep(config, points_of_sweep, device):
     """Pretrain (or reuse, or resume) the model of config, then each sweep point's fresh SAEs at every residual
     point, spliced in on held-out text. Each sweep point is cached on its own: a rerun redoes only the missing."""
     base = pretrain(config, device)
-    model = model_from_checkpoint(base, device)
+    model = model_from_checkpoint(base, device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     train_ids, val_ids = corpus_of(config)  # the corpus this model was trained on
@@ -186,7 +186,7 @@ def fresh_sae_sweep(config, points_of_sweep, device):
 
 def unigram_ce(train_ids, val_ids, vocab_size):
     """The held-out CE of a model that ignores context: -mean_t log p(y_t), p(v) = (count of v in train + 1) /
-    (train tokens + vocab_size). A spliced model whose CE passes it has lost everything the context gave."""
+    (train tokens + vocab_size). A spliced model whose CE passes it does worse than one that ignores context."""
     counts = torch.bincount(torch.as_tensor(train_ids).long(), minlength=vocab_size).double() + 1.0
     log_p = (counts / counts.sum()).log()
     return -log_p[torch.as_tensor(val_ids).long()].mean().item()
@@ -205,9 +205,10 @@ def second_moment_split(x):
 
 
 def activation_split(model, ids, points, block_size, device, n_batches=20, batch_size=32, seed=1234):
-    """second_moment_split at each residual point of the frozen model, on the held-out windows sae_metrics uses.
-    A large mean_share means little of x carries information about the token: fresh SAEs reconstruct the constant
-    with one bias, so the cosine of x and xhat is high while the FVU (error over the token-to-token variance) is not."""
+    """second_moment_split at each residual point of the frozen model, on the held-out windows of sae_metrics (the
+    same n_batches, batch_size and seed as its defaults). A large mean_share means little of x carries information
+    about the token: fresh SAEs reconstruct the constant with one bias, so the cosine of x and xhat is high while
+    the FVU (error over the token-to-token variance) stays high."""
     from data.corpus import get_batch
 
     generator = torch.Generator().manual_seed(seed)
@@ -271,6 +272,12 @@ def curves(results, variant):
 COLORS = {"normal": "tab:blue", "regularized": "tab:orange"}
 
 
+def headroom(results, variant):
+    """The held-out unigram CE minus the model's clean CE, mean over seeds: a compound CE increase above it leaves
+    the spliced model worse than a model that ignores context."""
+    return mean_std([r["unigram_ce"] - r["sweep"][0]["clean_ce"] for r in results[variant].values()])[0]
+
+
 def interpolate(curve, l0):
     """curve: [(total L0, compound CE increase)] sorted by L0; the CE increase at l0, linear between points."""
     for (a, ya), (b, yb) in zip(curve, curve[1:]):
@@ -292,16 +299,17 @@ def at_matched_l0(results, n=3):
     low, high = max(curve[0][0] for curve in every), min(curve[-1][0] for curve in every)
     if low > high:
         return []
-    l0s = [high - (high - low) * i / (n - 1) for i in range(n)] if n > 1 and high > low else [high]
+    # the ends exactly, not as high - (high - low), which rounding can put just outside a curve
+    l0s = [high, *(high - (high - low) * i / (n - 1) for i in range(1, n - 1)), low] if high > low else [high]
     return [{"l0": l0, **{v: mean_std([interpolate(curve, l0) for curve in runs[v]]) for v in runs}} for l0 in l0s]
 
 
 def plot(results, out):
     """sae_reg_per_point.png: CE increase vs L0 per point (log-log); sae_reg_compound.png: compound CE increase vs
-    total L0 (with the original's published points for --sweep=original, and the line past which the spliced model
-    is worse than a unigram model); sae_reg_activations.png: the constant and
-    the varying part of each point's activations at the end of pretraining; sae_reg_norms.png: the mean activation
-    norm at each point along pretraining; normal vs regularized, mean over seeds, std as error bars."""
+    total L0 (with the original's published points for --sweep=original, and for each model the line past which
+    its spliced model is worse than a unigram model); sae_reg_activations.png: the constant and the varying part of
+    each point's activations at the end of pretraining; sae_reg_norms.png: the mean activation norm at each point
+    along pretraining, one line per seed. Normal vs regularized, mean over seeds, std as error bars where drawn."""
     both = {v: curves(results, v) for v in COLORS}
     points = list(both["normal"]["points"])
     fig, axes = plt.subplots(1, len(points), figsize=(3.6 * len(points), 3.4), squeeze=False)
@@ -325,8 +333,9 @@ def plot(results, out):
             l0, ce = ORIGINAL["published"][variant]["compound"]
             ax.scatter([l0], [ce], marker="*", s=160, color=color, edgecolor="black", zorder=3,
                        label=f"{variant} (original, published)")
-    unigram = mean_std([r["unigram_ce"] - r["sweep"][0]["clean_ce"] for v in COLORS for r in results[v].values()])[0]
-    ax.axhline(unigram, color="gray", linestyle="--", label="above: worse than a unigram model")
+    for variant, color in COLORS.items():
+        ax.axhline(headroom(results, variant), color=color, linestyle="--", linewidth=1,
+                   label=f"{variant}: above, worse than a unigram model")
     ax.set(xlabel="total L0 (sum over points)", ylabel="compound CE increase (nats)",
            title="all points spliced at once")
     ax.legend(fontsize=8)
@@ -378,10 +387,10 @@ def table(results):
         for label, (l0, _), ce in zip(c["labels"], c["compound"][0], c["compound"][1]):
             lines.append(f"| {variant} | {fmt(*val)} | {ms[0]:.1f} | {label} | {l0:.1f} | {fmt(*ce)} |")
     unigram = mean_std([r["unigram_ce"] for v in COLORS for r in results[v].values()])[0]
-    clean = {v: mean_std([r["sweep"][0]["clean_ce"] for r in results[v].values()])[0] for v in COLORS}
-    lines += ["", f"For scale: the held-out text's unigram CE (no context) is {unigram:.3f} nats, the clean CE on the "
-              f"windows above {clean['normal']:.3f} (normal) and {clean['regularized']:.3f} (regularized); a compound "
-              f"CE increase above {unigram - max(clean.values()):.3f} leaves the spliced model worse than the unigram."]
+    lines += ["", f"For scale: the held-out text's unigram CE (no context) is {unigram:.3f} nats; a compound CE "
+              f"increase above {headroom(results, 'normal'):.3f} (normal) or {headroom(results, 'regularized'):.3f} "
+              "(regularized), the unigram CE minus the model's clean CE, leaves the spliced model worse than a "
+              "model that ignores context."]
     matched = at_matched_l0(results)
     if matched:
         lines += ["", "At matched total L0 (linear between sweep points, over the range every curve covers):", "",
@@ -390,7 +399,7 @@ def table(results):
         for m in matched:
             ratio = m["regularized"][0] / m["normal"][0]
             lines.append(f"| {m['l0']:.1f} | {fmt(*m['normal'])} | {fmt(*m['regularized'])} | {ratio:.2f} |")
-    points = list(next(iter(results["normal"].values()))["norms"])
+    points = list(next(iter(results["normal"].values()))["sweep"][0]["points"])
     lines += ["", "Per point, at each model's first sweep point (--sweep=original: its smallest L1s):",
               "", "| model | point | L0 | FVU | cosine(x, xhat) | dead fraction | CE increase |",
               "|---|---|---|---|---|---|---|"]
@@ -400,8 +409,9 @@ def table(results):
             lines.append(f"| {variant} | {p} | " + " | ".join(
                 fmt(*mean_std([r[p][m] for r in runs]), digits=digits)
                 for m, digits in (("l0", 1), ("fvu", 3), ("cos", 3), ("dead_fraction", 3), ("ce_increase", 3))) + " |")
-    lines += ["", "| model | " + " | ".join(f"point {p}: share of E\\|\\|x\\|\\|^2 in the mean, rms of what varies"
-                                            for p in points) + " |", "|---|" + "---|" * len(points)]
+    lines += ["", "Each point's activations on the held-out windows: the share of E\\|\\|x\\|\\|^2 in their mean "
+              "over tokens (the constant), and the rms of what varies, sqrt(E\\|\\|x - mu\\|\\|^2):", "",
+              "| model | " + " | ".join(f"point {p}" for p in points) + " |", "|---|" + "---|" * len(points)]
     for variant in COLORS:
         runs = list(results[variant].values())
         lines.append(f"| {variant} | " + " | ".join(

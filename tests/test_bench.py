@@ -144,9 +144,9 @@ def test_the_cpu_preset_is_the_original_but_for_the_compute_it_shrinks():
 
 
 def test_unigram_ce_by_hand():
-    # train counts of tokens 0, 1, 2 with add-one: (2 + 1, 0 + 1, 1 + 1) / 6; held out: 0, 1
-    expected = -(torch.log(torch.tensor(3 / 6)) + torch.log(torch.tensor(1 / 6))).item() / 2
-    assert sae_reg.unigram_ce([0, 0, 2], [0, 1], 3) == pytest.approx(expected)
+    # train counts of tokens 0..3 with add-one: (2 + 1, 0 + 1, 1 + 1, 0 + 1) / 7 (token 3 never seen); held out: 0, 1
+    expected = -(torch.log(torch.tensor(3 / 7)) + torch.log(torch.tensor(1 / 7))).item() / 2
+    assert sae_reg.unigram_ce([0, 0, 2], [0, 1], 4) == pytest.approx(expected)
 
 
 def test_second_moment_split_by_hand():
@@ -171,11 +171,18 @@ def test_matched_l0_reads_every_curve_over_the_range_all_cover():
     assert high["normal"][0] == pytest.approx((2.0 + 1.4) / 2)
     # regularized: 2.0 - 1.0 * 50 / 100 = 1.5 and 2.5 - 1.2 * 110 / 120 = 1.4
     assert high["regularized"][0] == pytest.approx((1.5 + 1.4) / 2)
+    # at 175, normal: 3.0 - 75 / 100 = 2.25 and 3.0 - 2.0 * 55 / 100 = 1.9 (std of the two: 0.35 / sqrt 2)
+    assert middle["normal"][0] == pytest.approx((2.25 + 1.9) / 2)
+    assert middle["normal"][1] == pytest.approx(0.35 / 2**0.5)
     # at 150, normal: 3.0 - 50 / 100 = 2.5 and 3.0 - 2.0 * 30 / 100 = 2.4
     # regularized: 2.0 (seed 0's first point) and 2.5 - 1.2 * 60 / 120 = 1.9
     assert low["normal"][0] == pytest.approx(2.45) and low["regularized"][0] == pytest.approx((2.0 + 1.9) / 2)
     apart = {"normal": {"0": sweep_result((10, 1.0), (20, 0.5))},
              "regularized": {"0": sweep_result((30, 1.0), (40, 0.5))}}
     assert sae_reg.at_matched_l0(apart) == []
+    # the ends are read exactly where the curves start and stop, whatever the rounding of high - (high - low)
+    low, high = 114.15918208712814, 667.2505084667708
+    wide = {v: {"0": sweep_result((low, 2.0), (high, 1.0))} for v in ("normal", "regularized")}
+    assert [m["l0"] for m in sae_reg.at_matched_l0(wide)][::2] == [high, low]
     with pytest.raises(ValueError, match="outside"):
         sae_reg.interpolate([(10, 1.0), (20, 0.5)], 25)
