@@ -89,7 +89,7 @@ class Config:
     sae_reg_l1: tuple[float, ...] = (0.0,)  # sparsity weight per point 0..n_layer, or one for all (TopK: optional)
     sae_reg_expansion: int = 8  # d_sae of the joint SAEs = sae_reg_expansion * n_embd, unless sae_reg_widths
     sae_reg_widths: tuple[int, ...] = ()  # d_sae per point 0..n_layer; empty = sae_reg_expansion * n_embd
-    sae_reg_norm: str = "norm"  # reconstruction / ||x|| ('norm', the original's) or / ||x||^2 ('norm2', scale-free)
+    sae_reg_norm: str = "norm"  # joint error / ||x|| ('norm', the original's), / ||x||^2 ('norm2'), / variance ('var')
     # SAEs on the base model's residual stream
     sae_kind: str = "topk"  # 'topk', or 'relu' (ReLU + L1: L0 follows sae_l1; sae_k then takes one, unused, value)
     sae_l1: float = 0.01  # a ReLU SAE's sparsity weight
@@ -212,7 +212,7 @@ CHOICES = {  # fields whose value must be one of a fixed set
     "lora_targets": LORA_TARGETS,
     "sae_kind": tuple(SAE_KINDS),
     "sae_reg_kind": tuple(SAE_KINDS),
-    "sae_reg_norm": ("norm", "norm2"),
+    "sae_reg_norm": ("norm", "norm2", "var"),
 }
 STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those of the stages it is built from
     "pretrain": ("seed", "corpus", "corpus_lines", "n_layer", "n_head", "n_embd", "block_size", "dropout",

@@ -139,23 +139,36 @@ def greedy_samples(model, prompts, device, max_new_tokens=40, one_line=True):
 SAMPLE_PROMPTS = ("mia has", "what colour is tom's", "3 + 4 =", "lemon backwards", "the red cat is el", "x = f(")
 
 
-def sae_training_penalty(residuals, saes, lam, norm_power=1):
-    """(1/P) sum_i [ lam * ||x_i - xhat_i||^2 / ||x_i||^q  +  S_i(z_i) ]
+def reconstruction_scale(x, norm):
+    """The denominator D(x) of the joint reconstruction term, x (B, T, C), means over the B * T tokens:
+        'norm'   E||x||                the original's; grows with the scale of x
+        'norm2'  E||x||^2              scale-free: D(s x) = s^2 D(x), as the squared error
+        'var'    E||x - mu||^2         mu = E[x]: scale-free and blind to a constant vector added to every token
+    A constant costs an SAE nothing (its decoder bias reconstructs it), so under 'norm' and 'norm2' a model can lower
+    the term by moving its activations into one constant vector (docs/sae_reg.md measures it); under 'var', the FVU,
+    it cannot."""
+    if norm == "norm":
+        return x.norm(dim=-1).mean()
+    if norm == "norm2":
+        return x.pow(2).sum(-1).mean()
+    flat = x.reshape(-1, x.size(-1))
+    return (flat - flat.mean(0)).pow(2).sum(-1).mean()
+
+
+def sae_training_penalty(residuals, saes, lam, norm="norm"):
+    """(1/P) sum_i [ lam * ||x_i - xhat_i||^2 / D(x_i)  +  S_i(z_i) ]
 
     over the P residual points i that have an SAE (all L+1 of them in pretraining). The squared error is a mean over
-    tokens, ||x_i|| the mean L2 norm of the activations at point i, and S_i the SAE's own sparsity term (a ReLU SAE:
+    tokens, D the denominator reconstruction_scale names by `norm`, and S_i the SAE's own sparsity term (a ReLU SAE:
     l1_i sum_j z_j ||W_dec_j||; a TopK SAE: l1_i ||z||_1, 0 by default since k fixes L0), not scaled by lam, as in
     the original study. The inputs are *not* detached, so the gradient shapes the model towards activations the SAEs
-    reconstruct well. q = 1 is the original's form: it takes away part of the easy way out of shrinking the
-    activations, but not all of it (the term still grows linearly with their scale); q = 2 makes the term
-    scale-free (an FVU-like ratio)."""
+    reconstruct well."""
     total = 0.0
     for p, sae in saes.items():
         x = residuals[p]  # (B, T, C)
         xhat, z = sae.reconstruct(x)
         squared_error = (x - xhat).pow(2).sum(-1).mean()
-        scale = x.norm(dim=-1).mean() if norm_power == 1 else x.pow(2).sum(-1).mean()
-        total = total + lam * squared_error / scale + sae.sparsity(z)
+        total = total + lam * squared_error / reconstruction_scale(x, norm) + sae.sparsity(z)
     return total / len(saes)
 
 
@@ -232,8 +245,7 @@ def pretraining_loss(run, it, config, device, train_ids, aux_train):
     x, y = get_batch(train_ids, config.batch_size, config.block_size, generator, device)
     _, loss, residuals = model(x, y, read=tuple(joint_saes))
     if joint_saes:
-        loss = loss + sae_training_penalty(residuals, joint_saes, config.sae_reg_lambda,
-                                           norm_power=1 if config.sae_reg_norm == "norm" else 2)
+        loss = loss + sae_training_penalty(residuals, joint_saes, config.sae_reg_lambda, config.sae_reg_norm)
     if it >= config.max_iters:
         batch = trim_padding(aux_train.batch(config.batch_size, generator, device))
         loss = loss + model(batch.x, batch.y, batch.answer_mask)[1]

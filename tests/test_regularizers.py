@@ -327,12 +327,28 @@ def test_sae_training_penalty_by_hand():
     penalty = pretrain.sae_training_penalty({0: x}, {0: identity_sae()}, lam=3.0)
     assert penalty.item() == pytest.approx(3.0 * 2 / mean_norm)
     # the scale-free form: mean squared norm (5 + 9) / 2
-    assert pretrain.sae_training_penalty({0: x}, {0: identity_sae()}, lam=3.0, norm_power=2).item() == pytest.approx(
+    assert pretrain.sae_training_penalty({0: x}, {0: identity_sae()}, lam=3.0, norm="norm2").item() == pytest.approx(
         3.0 * 2 / 7)
+    # the variance: mu = (2, -1), x - mu = (-1, -1) and (1, 1), E||x - mu||^2 = 2
+    assert pretrain.sae_training_penalty({0: x}, {0: identity_sae()}, lam=3.0, norm="var").item() == pytest.approx(
+        3.0 * 2 / 2)
     # L1 of z per token: 1 and 3 -> mean 2, times the SAE's l1; and the mean over the points that have an SAE
     with_l1 = pretrain.sae_training_penalty({0: x, 1: torch.zeros(1, 2, 2) + 1.0},
                                        {0: identity_sae(l1=0.5), 1: identity_sae(l1=0.5)}, lam=3.0)
     assert with_l1.item() == pytest.approx((3.0 * 2 / mean_norm + 0.5 * 2 + 0.0 + 0.5 * 2) / 2)
+
+
+def test_only_the_variance_is_blind_to_a_constant_and_every_form_but_norm_to_scale():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4)
+    constant = torch.tensor([5.0, -3.0, 0.0, 2.0])  # the same vector at every token
+    scale = {n: pretrain.reconstruction_scale(x, n).item() for n in ("norm", "norm2", "var")}
+    shifted = {n: pretrain.reconstruction_scale(x + constant, n).item() for n in scale}
+    scaled = {n: pretrain.reconstruction_scale(3 * x, n).item() for n in scale}
+    assert shifted["var"] == pytest.approx(scale["var"])
+    assert shifted["norm"] > 2 * scale["norm"] and shifted["norm2"] > 5 * scale["norm2"]
+    assert scaled["norm"] == pytest.approx(3 * scale["norm"])
+    assert scaled["norm2"] == pytest.approx(9 * scale["norm2"]) and scaled["var"] == pytest.approx(9 * scale["var"])
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])

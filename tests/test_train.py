@@ -330,9 +330,10 @@ def test_the_instruction_phase_makes_the_base_answer_held_out_auxiliary_prompts(
     assert "aux_accuracy" in summary["history"][-1] and "aux_accuracy" not in summary["history"][0]
 
 
-def test_pretraining_with_relu_saes_of_per_point_widths_and_the_scale_free_form(tmp_path):
+@pytest.mark.parametrize("norm", ["norm2", "var"])
+def test_pretraining_with_relu_saes_of_per_point_widths_and_the_scale_free_forms(tmp_path, norm):
     config = tiny_config(tmp_path, "--sae_reg_lambda=3", "--sae_reg_kind=relu", "--sae_reg_widths=16,48",
-                         "--sae_reg_l1=0.02,0.05", "--sae_reg_norm=norm2")
+                         "--sae_reg_l1=0.02,0.05", f"--sae_reg_norm={norm}")
     checkpoint = train.pretrain(config, "cpu")
     assert [checkpoint["joint_saes"][p]["W_dec"].shape[0] for p in (0, 1)] == [16, 48]
     norms = [checkpoint["joint_saes"][p]["W_dec"].norm(dim=1) for p in (0, 1)]
