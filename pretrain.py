@@ -146,13 +146,15 @@ def reconstruction_scale(x, norm):
         'var'    E||x - mu||^2         mu = E[x]: scale-free and blind to a constant vector added to every token
     A constant costs an SAE nothing (its decoder bias reconstructs it), so under 'norm' and 'norm2' a model can lower
     the term by moving its activations into one constant vector (docs/sae_reg.md measures it); under 'var', the FVU,
-    it cannot."""
+    it cannot (the SAE's sparsity term, not divided, still rewards a smaller varying part)."""
     if norm == "norm":
         return x.norm(dim=-1).mean()
     if norm == "norm2":
         return x.pow(2).sum(-1).mean()
-    flat = x.reshape(-1, x.size(-1))
-    return (flat - flat.mean(0)).pow(2).sum(-1).mean()
+    if norm == "var":
+        flat = x.reshape(-1, x.size(-1))
+        return (flat - flat.mean(0)).pow(2).sum(-1).mean()
+    raise ValueError(f"--sae_reg_norm={norm}: choose from norm, norm2, var")
 
 
 def sae_training_penalty(residuals, saes, lam, norm="norm"):
