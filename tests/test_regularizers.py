@@ -349,6 +349,8 @@ def test_only_the_variance_is_blind_to_a_constant_and_every_form_but_norm_to_sca
     assert shifted["norm"] > 2 * scale["norm"] and shifted["norm2"] > 5 * scale["norm2"]
     assert scaled["norm"] == pytest.approx(3 * scale["norm"])
     assert scaled["norm2"] == pytest.approx(9 * scale["norm2"]) and scaled["var"] == pytest.approx(9 * scale["var"])
+    with pytest.raises(ValueError, match="--sae_reg_norm=norm3: choose from norm, norm2, var"):
+        pretrain.reconstruction_scale(x, "norm3")
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
