@@ -222,15 +222,15 @@ def fmt(mean, std=None, digits=3):
 
 
 def relearn_steps(summary):
-    """The n > 0 of relearn@n in a summary, in order."""
-    steps = {int(match[1]) for row in summary.values() for key in row if (match := re.fullmatch(r"relearn@(\d+)", key))}
-    return sorted(n for n in steps if n > 0)
+    """The n of relearn@n in a summary, in order (0 included: the final model's own accuracy)."""
+    return sorted({int(match[1]) for row in summary.values() for key in row
+                   if (match := re.fullmatch(r"relearn@(\d+)", key))})
 
 
 def results_table(summary):
     """Two markdown tables: what is kept (OP, BWT, and on the earlier tasks forced choice, relearn@n, kept@n, with
     the base model as the reference row), then what it costs (plasticity, forgetting, LM loss, bytes, step time)."""
-    steps = relearn_steps(summary)
+    steps = [n for n in relearn_steps(summary) if n > 0]  # relearn@0 is the exact match on the earlier tasks
     header = ["method", "OP", "BWT", "forced-choice"] + [c for n in steps for c in (f"relearn@{n}", f"kept@{n}")]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
 
@@ -414,8 +414,7 @@ MARKERS = "osD^vP*Xh<>"
 def plot_knowledge(summary, run_dir):
     """knowledge.png: the relearning curves (mean accuracy on the earlier tasks after n steps, per method, with the
     base model dashed), and forced-choice against exact-match accuracy on the earlier tasks, per method."""
-    steps = sorted({int(key.split("@")[1]) for r in summary.values() for key in r
-                    if re.fullmatch(r"relearn@\d+", key)})
+    steps = relearn_steps(summary)
     methods = [m for m in summary if any(f"relearn@{n}" in summary[m] for n in steps) or "forced_choice" in summary[m]]
     if not methods:
         return

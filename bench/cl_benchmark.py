@@ -1,7 +1,7 @@
 """
 The continual-learning benchmark of the README: every method (seqft, EWC, SI, MAS, LwF, O-LoRA, SAE-FD,
-SAE-guided, freeze, replay, multitask) over 3 seeds on the tiny-world task sequence, with the hyperparameters chosen on the
-validation split by bench/tune.py (give them as overrides: tuning.json's `chosen_args`). Seeds change the
+SAE-guided, freeze, replay, multitask) over 3 seeds on the tiny-world task sequence, with the hyperparameters chosen
+on the validation split by bench/tune.py (give them as overrides: tuning.json's `chosen_args`). Seeds change the
 fine-tuning (batch order, importance samples, replay buffer, anchors); the base model and its SAEs are the run's.
 Writes out/<run>/benchmark.md (command, wall time, the table) and the plots cl_matrix.png, cl_curves.png,
 cl_bars.png beside it (in out/<run>/<cl_dir>/ with --cl_dir).

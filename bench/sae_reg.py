@@ -107,7 +107,7 @@ def sweep(config, options, variant):
                  dict(steps=config.sae_steps, batch_size=config.sae_batch_size)) for k in options.k]
     schedule = dict(steps=options.sweep_steps, batch_size=options.sweep_batch_size, lr=ORIGINAL["sae_lr"],
                     min_lr=ORIGINAL["sae_min_lr"], warmup=options.sweep_steps // 10)  # the original: 750 of 7500
-    widths = config.sae_reg_widths or ORIGINAL["widths"]  # the fresh SAEs are as wide as the joint ones
+    widths = config.sae_reg_widths or ORIGINAL["widths"]  # as wide as the joint SAEs given, else the original's
     return [("l1=" + ",".join(f"{c:.5g}" for c in l1s),
              {p: SAEConfig(d_in=config.n_embd, d_sae=widths[p], k=0, kind="relu", l1=l1s[p],
                            auxk_coef=0.0) for p in points}, schedule)

@@ -70,8 +70,9 @@ def main(argv):
     if args is None:
         return 0
     options, passthrough = args
-    passthrough = ["--relearn_steps=", "--forced_choice_k=0"] + passthrough  # tuning reads val OP only (a given
-    methods = options.methods  # key still wins: it comes later)
+    # tuning reads the val OP only: no relearning or forced choice (a key given on the command line still wins)
+    passthrough = ["--relearn_steps=", "--forced_choice_k=0"] + passthrough
+    methods = options.methods
     base_config = cfg.parse_args(passthrough + ["--eval_split=val"])
     device = cfg.resolve_device(base_config)
     t0 = time.time()
