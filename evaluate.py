@@ -217,14 +217,27 @@ def fvu(x, xhat):
     return ((x - xhat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
 
 
+def second_moment_split(x):
+    """x: (tokens, d). E||x||^2 = ||mu||^2 + E||x - mu||^2, mu = E[x] over tokens: the constant part of the
+    residual stream (the same vector at every token) and the part that varies from token to token.
+    Returns {'rms': sqrt(E||x||^2), 'mean_share': ||mu||^2 / E||x||^2, 'centered_rms': sqrt(E||x - mu||^2)}."""
+    x = x.double()
+    mu = x.mean(0)
+    second = (x * x).sum(-1).mean()
+    centered = ((x - mu) ** 2).sum(-1).mean()
+    return {"rms": second.sqrt().item(), "mean_share": (mu @ mu / second).item(),
+            "centered_rms": centered.sqrt().item()}
+
+
 @torch.no_grad()
 def sae_metrics(model, saes, ids, block_size, device, n_batches=20, batch_size=32, seed=1234):
     """Metrics of {point: sae} on fixed random windows of held-out ids.
 
     Per point: L0 and FVU (the functions above), explained variance (1 - FVU), dead fraction (latents that never
-    fire on these tokens), mean cosine(x, xhat), and CE increase = CE(model with that point's reconstruction
-    spliced in) - CE(model). For the whole set: compound CE increase, every point spliced at once (each SAE reads
-    the already-patched stream). Losses are in nats per token."""
+    fire on these tokens), mean cosine(x, xhat), the activations' own second_moment_split (rms, mean_share,
+    centered_rms), and CE increase = CE(model with that point's reconstruction spliced in) - CE(model). For the
+    whole set: compound CE increase, every point spliced at once (each SAE reads the already-patched stream).
+    Losses are in nats per token."""
     from data.corpus import get_batch
 
     model.eval()
@@ -256,6 +269,7 @@ def sae_metrics(model, saes, ids, block_size, device, n_batches=20, batch_size=3
         point = {"l0": mean(a["l0"]), "fvu": fvu(torch.cat(a["x"]), torch.cat(a["xhat"])), "cos": mean(a["cos"]),
                  "dead_fraction": 1.0 - fired[p].float().mean().item(), "ce_increase": mean(a["ce"]) - mean(clean_ce)}
         point["explained_variance"] = 1.0 - point["fvu"]
+        point.update(second_moment_split(torch.cat(a["x"])))  # of the model's activations, not of the SAE
         results["points"][p] = point
         results["total_l0"] += point["l0"]
     return results

@@ -178,7 +178,9 @@ def fresh_sae_sweep(config, points_of_sweep, device):
         results.append(cached)
     summary = cfg.read_json(os.path.join(config.out_dir, config.run, "pretrain.json"))
     return {"val_ce": base["val_loss"], "ms_per_iter": summary["ms_per_iter"], "sweep": results,
-            "activations": activation_split(model, val_ids, points, config.block_size, device),
+            # the model's activations at each point (evaluate.second_moment_split), the same at every sweep point
+            "activations": {p: {k: m[k] for k in ("rms", "mean_share", "centered_rms")}
+                            for p, m in results[0]["points"].items()},
             "unigram_ce": unigram_ce(train_ids, val_ids, model.config.vocab_size),
             "norms_during_training": [{"iter": h["iter"], **h["norms"]} for h in summary["history"] if "norms" in h],
             "norms": summary["history"][-1].get("norms", {})}
@@ -190,36 +192,6 @@ def unigram_ce(train_ids, val_ids, vocab_size):
     counts = torch.bincount(torch.as_tensor(train_ids).long(), minlength=vocab_size).double() + 1.0
     log_p = (counts / counts.sum()).log()
     return -log_p[torch.as_tensor(val_ids).long()].mean().item()
-
-
-def second_moment_split(x):
-    """x: (tokens, d). E||x||^2 = ||mu||^2 + E||x - mu||^2, mu = E[x] over tokens: the constant part of the
-    residual stream (the same vector at every token) and the part that varies from token to token.
-    Returns {'rms': sqrt(E||x||^2), 'mean_share': ||mu||^2 / E||x||^2, 'centered_rms': sqrt(E||x - mu||^2)}."""
-    x = x.double()
-    mu = x.mean(0)
-    second = (x * x).sum(-1).mean()
-    centered = ((x - mu) ** 2).sum(-1).mean()
-    return {"rms": second.sqrt().item(), "mean_share": (mu @ mu / second).item(),
-            "centered_rms": centered.sqrt().item()}
-
-
-def activation_split(model, ids, points, block_size, device, n_batches=20, batch_size=32, seed=1234):
-    """second_moment_split at each residual point of the frozen model, on the held-out windows of sae_metrics (the
-    same n_batches, batch_size and seed as its defaults). A large mean_share means little of x carries information
-    about the token: fresh SAEs reconstruct the constant with one bias, so the cosine of x and xhat is high while
-    the FVU (error over the token-to-token variance) stays high."""
-    from data.corpus import get_batch
-
-    generator = torch.Generator().manual_seed(seed)
-    acts = {p: [] for p in points}
-    with torch.no_grad():
-        for _ in range(n_batches):
-            x, y = get_batch(ids, batch_size, block_size, generator, device)
-            residuals = model(x, y, read=points)[2]
-            for p in points:
-                acts[p].append(residuals[p].reshape(-1, residuals[p].size(-1)).cpu())
-    return {str(p): second_moment_split(torch.cat(acts[p])) for p in points}
 
 
 def main(argv):
@@ -375,8 +347,8 @@ def plot(results, out):
 def table(results):
     """Markdown: val CE and, per sweep point, total L0 and compound CE increase, normal vs regularized (mean ± std
     over seeds); both at matched total L0; per point at the first sweep point; what of each point's activations is
-    constant (activation_split); then the mean activation norm at each point along pretraining (first, middle, last
-    evaluation)."""
+    constant (evaluate.second_moment_split); then the mean activation norm at each point along pretraining (first,
+    middle, last evaluation)."""
     lines = ["| model | val CE | ms/iter | sweep point | total L0 | compound CE increase |",
              "|---|---|---|---|---|---|"]
     for variant in COLORS:

@@ -149,15 +149,6 @@ def test_unigram_ce_by_hand():
     assert sae_reg.unigram_ce([0, 0, 2], [0, 1], 4) == pytest.approx(expected)
 
 
-def test_second_moment_split_by_hand():
-    # tokens (3, 4) and (1, 0): mu = (2, 2), E||x||^2 = (25 + 1) / 2 = 13, ||mu||^2 = 8, E||x - mu||^2 = 5
-    split = sae_reg.second_moment_split(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
-    assert split["rms"] == pytest.approx(13 ** 0.5) and split["mean_share"] == pytest.approx(8 / 13)
-    assert split["centered_rms"] == pytest.approx(5 ** 0.5)
-    constant = sae_reg.second_moment_split(torch.tensor([[1.0, -2.0]] * 5))
-    assert constant["mean_share"] == pytest.approx(1.0) and constant["centered_rms"] == 0.0
-
-
 def sweep_result(*points):
     return {"sweep": [{"total_l0": l0, "compound_ce_increase": ce} for l0, ce in points]}
 

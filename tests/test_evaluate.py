@@ -7,7 +7,8 @@ import torch
 from data.tasks import answer_format, build_task_suite, concat_splits, format_example, to_tensors
 from data.tokenizer import NEWLINE, decode, encode
 from evaluate import (choice_candidates, cl_metrics, drift_split, forced_choice_accuracy, forgetting_diagnostic,
-                      forgetting_snapshot, format_confusion, greedy_answers, knowledge_metrics, task_accuracy)
+                      forgetting_snapshot, format_confusion, greedy_answers, knowledge_metrics, second_moment_split,
+                      task_accuracy)
 from model import GPT
 from report import load_cl_results, summarize_run
 from sae import SAEConfig, TopKSAE
@@ -270,3 +271,12 @@ def test_the_diagnostic_is_zero_for_an_unchanged_model_and_moves_with_the_model(
         assert point["drift"] > 0
         assert point["drift_mask"] + point["drift_rest"] == pytest.approx(point["drift"], rel=1e-5)
     assert moved["answer_kl"] > 0
+
+
+def test_second_moment_split_by_hand():
+    # tokens (3, 4) and (1, 0): mu = (2, 2), E||x||^2 = (25 + 1) / 2 = 13, ||mu||^2 = 8, E||x - mu||^2 = 5
+    split = second_moment_split(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
+    assert split["rms"] == pytest.approx(13 ** 0.5) and split["mean_share"] == pytest.approx(8 / 13)
+    assert split["centered_rms"] == pytest.approx(5 ** 0.5)
+    constant = second_moment_split(torch.tensor([[1.0, -2.0]] * 5))
+    assert constant["mean_share"] == pytest.approx(1.0) and constant["centered_rms"] == 0.0

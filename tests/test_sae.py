@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from evaluate import fvu, l0, sae_metrics
+from evaluate import fvu, l0, sae_metrics, second_moment_split
 from sae import SAEConfig, TopKSAE, check_sae_fits, normalized_mse, sae_lr, train_sae
 
 
@@ -212,6 +212,14 @@ def test_a_real_sae_increases_ce(tiny_model):
     assert point["fvu"] > 0.01 and point["l0"] <= 2.0
     assert point["ce_increase"] > 1e-3  # an imperfect reconstruction spliced in costs cross-entropy
     assert metrics["compound_ce_increase"] == pytest.approx(point["ce_increase"])  # one point: the same splice
+    # the constant and varying parts are the model's activations' on the same windows, not the reconstruction's
+    from data.corpus import get_batch
+    generator = torch.Generator().manual_seed(1234)
+    x = torch.cat([tiny_model(get_batch(ids, 4, 32, generator, "cpu")[0], read=(1,))[2][1].reshape(-1, 32)
+                   for _ in range(2)])
+    expected = second_moment_split(x)
+    assert {k: point[k] for k in expected} == pytest.approx(expected)
+    assert second_moment_split(sae(x))["centered_rms"] != pytest.approx(expected["centered_rms"])
 
 
 def test_sae_that_does_not_fit_the_model_is_refused(tiny_model):
