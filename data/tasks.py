@@ -6,8 +6,11 @@ uses cross-entropy on the answer tokens only (the answer and its closing newline
 the greedy-decoded answer. Each task draws from the world of data/world.py, so its skill was seen in pretraining
 and a few hundred fine-tuning steps teach the format.
 
-Splits: the distinct prompts of a task are shuffled (seeded) and cut into test, val and train pools; the three
-never share a prompt. `val` is carved from training data, for tuning hyperparameters without touching `test`.
+Splits: the distinct prompts of a task are shuffled (seeded), ordered so that their answers come in turn, and cut
+into test, val and train pools; the three never share a prompt. `val` is carved from training data, for tuning
+hyperparameters without touching `test`. No task can be answered by a constant: on every test split the most
+frequent answer is at most a quarter of it, except stance, which is binary by nature and exactly half each way
+(a data test checks it; constant_guess is the baseline the report prints beside each task's accuracy).
 """
 
 import random
@@ -17,8 +20,8 @@ from typing import NamedTuple
 import torch
 
 from data.tokenizer import NEWLINE, encode
-from data.world import (ADJECTIVES, NOUNS, PEOPLE, SPELL_WORDS, carry_free_sum, fact_questions, random_brackets,
-                        random_letters, random_mood_sentence, translate)
+from data.world import (ADJECTIVES, COLOURS, NOUNS, PEOPLE, PETS, PLACES, carry_free_sum, counted_letters,
+                        fact_questions, random_brackets, random_letters, random_mood_sentence, translate)
 
 
 def stance(rng):
@@ -52,9 +55,8 @@ def translation(rng):
 
 
 def count(rng):
-    word = rng.choice(SPELL_WORDS)
-    letter = rng.choice(sorted(set(word)))
-    return f"count {letter}: {word}", str(word.count(letter))
+    letter, word, n = counted_letters(rng)
+    return f"count {letter}: {word}", str(n)
 
 
 def sort(rng):
@@ -81,6 +83,40 @@ def format_example(question, answer):
     return question + SEPARATOR, answer + "\n"
 
 
+def answers_in_turn(questions, answer_of):
+    """The questions reordered so that their answers come in turn (the first question of each answer, then the
+    second of each, ...), each answer's questions in their given order. The splits are cut from the front, so test
+    and val hold every answer as evenly as the task allows (stance: exactly half 'pos'); a task whose answers are
+    all different keeps its order."""
+    by_answer = {}
+    for q in questions:
+        by_answer.setdefault(answer_of[q], []).append(q)
+    rounds = max(len(qs) for qs in by_answer.values())
+    return [qs[i] for i in range(rounds) for qs in by_answer.values() if i < len(qs)]
+
+
+def answer_kind(task, answer):
+    """The class of answers a distractor of forced choice is drawn from: for facts the fact asked for (a colour, a
+    place or a pet), for close the number of brackets, for every other task the answer_format (character classes
+    and length). A wrong answer of another kind would be too easy to reject."""
+    if task == "facts":
+        return next(kind for kind, values in (("colour", COLOURS), ("place", PLACES), ("pet", PETS))
+                    if answer in values)
+    if task == "close":
+        return f"brackets{len(answer)}"
+    return answer_format(answer)
+
+
+def constant_guess(train_answers, eval_answers):
+    """(answer, accuracy): the most frequent answer of the training split (ties: the first seen), and the exact
+    match on the evaluation split of always giving it, the strongest question-blind baseline of exact match."""
+    counts = {}
+    for a in train_answers:
+        counts[a] = counts.get(a, 0) + 1
+    answer = max(counts, key=counts.get)
+    return answer, sum(a == answer for a in eval_answers) / len(eval_answers)
+
+
 def make_splits(name, n_train=2000, n_val=100, n_test=200, seed=0, tasks=TASKS):
     """{'train', 'val', 'test'}: lists of (question, answer) with pairwise disjoint questions, from tasks[name]
     (the benchmark's TASKS, or data/instructions.py's AUX_TASKS).
@@ -98,6 +134,7 @@ def make_splits(name, n_train=2000, n_val=100, n_test=200, seed=0, tasks=TASKS):
             break
     questions = sorted(distinct)
     rng.shuffle(questions)
+    questions = answers_in_turn(questions, distinct)
     n = len(questions)
     n_test_q, n_val_q = n_test, n_val
     if n < n_train + n_val + n_test:  # a small universe: hold out 25% / 10% of it at most

@@ -14,7 +14,9 @@ import random
 
 WORLD_SEED = 1234
 
-PEOPLE = ["mia", "tom", "ana", "leo", "zoe", "sam", "eva", "max", "ivy", "ben"]
+PEOPLE = ["mia", "tom", "ana", "leo", "zoe", "sam", "eva", "max", "ivy", "ben", "jon", "kim", "ali", "amy", "bob",
+          "dan", "eli", "fay", "gus", "hal", "ida", "jay", "kay", "lee", "liz", "meg", "ned", "noa", "oli", "pam",
+          "ray", "rex", "sal", "ted", "uma", "val", "wes", "yan", "zak", "ada"]
 PETS = ["cat", "dog", "bird", "fish", "frog", "duck"]
 COLOURS = ["red", "blue", "green", "black", "white", "brown", "pink", "gray"]
 PLACES = ["park", "farm", "town", "lake", "hill", "city", "beach", "wood"]
@@ -37,11 +39,18 @@ BRACKETS = {"(": ")", "[": "]", "{": "}"}
 
 
 def _make_world():
+    """Each value of a fact used as evenly as the numbers allow (40 people: every colour and place 5 times, every
+    pet 6 or 7 times), so that no answer of the facts task is a good constant guess."""
     rng = random.Random(WORLD_SEED)
-    return {
-        name: {"pet": rng.choice(PETS), "colour": rng.choice(COLOURS), "place": rng.choice(PLACES)}
-        for name in PEOPLE
-    }
+
+    def evenly(values):
+        drawn = (values * (len(PEOPLE) // len(values) + 1))[: len(PEOPLE)]
+        rng.shuffle(drawn)
+        return drawn
+
+    pets, colours, places = evenly(PETS), evenly(COLOURS), evenly(PLACES)
+    return {name: {"pet": pet, "colour": colour, "place": place}
+            for name, pet, colour, place in zip(PEOPLE, pets, colours, places)}
 
 
 WORLD = _make_world()  # {person: {"pet": ..., "colour": ..., "place": ...}}
@@ -78,6 +87,18 @@ def random_brackets(rng, max_open=3):
 
 def random_letters(rng, n=3):
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
+
+
+def counted_letters(rng, length=6, max_count=4):
+    """(letter, word, count): a random word of `length` letters holding `letter` exactly `count` times, the count
+    drawn uniformly from 1..max_count, so that no count is a good constant guess ('count a: bakaxa > 3')."""
+    count = rng.randint(1, max_count)
+    letter = rng.choice("abcdefghijklmnopqrstuvwxyz")
+    others = [c for c in "abcdefghijklmnopqrstuvwxyz" if c != letter]
+    word = [rng.choice(others) for _ in range(length)]
+    for position in rng.sample(range(length), count):
+        word[position] = letter
+    return letter, "".join(word), count
 
 
 def fact_questions(name):
@@ -150,7 +171,10 @@ def letters_line(rng):
     if which == "spell":
         return f"{word} is spelled {' '.join(word)}.", {"kind": "spell", "word": word}
     if which == "count":
-        letter = rng.choice(sorted(set(word)))
+        if rng.random() < 0.5:  # a random word, as the count task asks about
+            letter, word, _ = counted_letters(rng)
+        else:
+            letter = rng.choice(sorted(set(word)))
         return f"{word} has {word.count(letter)} {letter}.", {"kind": "letter_count", "word": word, "letter": letter}
     if rng.random() < 0.5:
         word = random_letters(rng)

@@ -5,8 +5,8 @@ import torch
 
 from data.corpus import get_batch, load_corpus
 from data.instructions import AUX_TASKS, aux_task_names
-from data.tasks import (DEFAULT_ORDER, TASKS, Batch, answer_format, build_task_suite, format_example, make_splits,
-                        trim_padding)
+from data.tasks import (DEFAULT_ORDER, TASKS, Batch, answer_format, answer_kind, answers_in_turn, build_task_suite,
+                        constant_guess, format_example, make_splits, trim_padding)
 from data.tokenizer import VOCAB_SIZE, decode, encode
 from data.world import LEXICON, WORLD, generate_corpus, generate_lines
 
@@ -225,3 +225,32 @@ def test_asking_for_more_auxiliary_tags_than_exist_is_an_error():
     assert aux_task_names(3) == tuple(AUX_TASKS)[:3]
     with pytest.raises(ValueError, match="instruct_tags=99"):
         aux_task_names(99)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_no_task_can_be_answered_by_a_constant(name):
+    """On every test split (the benchmark's sizes) the most frequent answer is at most a quarter of it; stance, binary
+    by nature, is exactly half each way. count was 94% '1' before this test; facts' answers were a third pets."""
+    splits = make_splits(name)
+    answers = [a for _, a in splits["test"]]
+    top_share = max(answers.count(a) for a in set(answers)) / len(answers)
+    if name == "stance":
+        assert top_share == 0.5
+    else:
+        assert top_share <= 0.25, (name, top_share)
+    assert len(answers) >= 50  # large enough to read: one example is at most 2 points of accuracy
+
+
+def test_answers_in_turn_and_the_constant_guess_by_hand():
+    answer_of = {"q1": "a", "q2": "a", "q3": "a", "q4": "b", "q5": "c"}
+    assert answers_in_turn(["q1", "q2", "q4", "q3", "q5"], answer_of) == ["q1", "q4", "q5", "q2", "q3"]
+    assert answers_in_turn(["q5", "q4"], answer_of) == ["q5", "q4"]  # all answers different: the order stays
+    assert constant_guess(["a", "b", "b", "c"], ["b", "a", "b", "c", "c"]) == ("b", 0.4)
+    assert constant_guess(["x", "y"], ["y", "y"]) == ("x", 0.0)  # a tie keeps the first seen
+
+
+def test_answer_kinds_of_distractors():
+    assert answer_kind("facts", "red") == answer_kind("facts", "gray") != answer_kind("facts", "cat")
+    assert answer_kind("facts", "park") != answer_kind("facts", "cat")  # 'park' and 'frog': one format, two kinds
+    assert answer_kind("close", ")]") == answer_kind("close", "}}") != answer_kind("close", ")")
+    assert answer_kind("sort", "123") == answer_kind("add", "456") == "999"
