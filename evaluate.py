@@ -3,8 +3,10 @@ Measurements: what a model does on the tasks, what an SAE keeps of the activatio
 metrics. (report.py turns saved results into tables, plots and the report.)
 
 - Task accuracy: exact match of the greedy-decoded answer (computed teacher-forced, in one pass).
-- What a model knows beyond its greedy answers: forced-choice accuracy (does the correct answer outrank answers of
-  the same task and format?); with the relearning curves train.py measures, kept@n (knowledge_metrics).
+- What a model knows beyond its greedy answers, each beside its control: forced-choice accuracy (does the correct
+  answer outrank answers of the same task and kind?) and the same after another example's question (answer priors
+  alone); with the relearning curves train.py measures (true and shuffled answers), kept@n and content kept@n
+  (knowledge_metrics).
 - Continual-learning metrics from the accuracy matrix R, where R[t][i] is the accuracy on task i after training
   task t (row 0: before any task): OP, plasticity, BWT, forgetting.
 - SAE metrics on held-out text: L0, FVU, explained variance, dead fraction, cosine(x, xhat), CE increase when a
@@ -18,7 +20,7 @@ import random
 
 import torch
 
-from data.tasks import Batch, answer_format, format_example, to_tensors, trim_padding
+from data.tasks import Batch, answer_format, answer_kind, format_example, to_tensors, trim_padding
 from data.tokenizer import NEWLINE, decode, encode
 from regularizers import answer_log_likelihood, propagate_mask
 
@@ -84,41 +86,58 @@ def greedy_answers(model, split, device, n_examples=None):
 # forced choice: knowledge without the answer's format
 
 
-def choice_candidates(split, pool, k, seed=0):
+def choice_candidates(split, k, seed=0):
     """For each example of the split, [its answer, then up to k distractors]: answers of other examples of the same
-    task (pool, a list of answers with their repeats) that have the same answer_format (character classes and
-    length), differ from the correct answer and from each other. Distractors are drawn example by example from the
-    pool, so a common answer is drawn more often: a model that knows only how often each answer occurs scores about
-    chance. A task with fewer distinct answers of a format gets fewer distractors (stance: one)."""
+    split and task (the pool the correct answer comes from, so memorised training answers neither help nor sink a
+    score) of the same answer_kind (facts: the fact asked for; close: as many brackets; the rest: the answer's
+    character classes and length), different from the correct answer and from each other. Distractors are drawn
+    with the pool's repeats, so a common answer is drawn more often. A kind with fewer distinct answers gives fewer
+    distractors (stance: one)."""
     rng = random.Random(seed)
-    by_format = {}
-    for answer in pool:
-        by_format.setdefault(answer_format(answer), []).append(answer)
+    by_kind = {}
+    for _, answer in split.examples:
+        by_kind.setdefault(answer_kind(split.name, answer), []).append(answer)
     candidates = []
     for _, answer in split.examples:
-        same_format = by_format.get(answer_format(answer), [])
-        n_distractors = min(k, len(set(same_format) - {answer}))
+        same_kind = by_kind[answer_kind(split.name, answer)]
+        n_distractors = min(k, len(set(same_kind) - {answer}))
         chosen = []
         while len(chosen) < n_distractors:
-            other = rng.choice(same_format)
+            other = rng.choice(same_kind)
             if other != answer and other not in chosen:
                 chosen.append(other)
         candidates.append([answer] + chosen)
     return candidates
 
 
+def blind_questions(split, seed=0):
+    """For each example, the question of another example of the split whose answer differs (seeded): the question-
+    blind control of forced choice reads it in place of the example's own. A model that knows the answer's prior
+    only (how often, how long, what format) scores the control as it scores forced choice; a model that reads the
+    question ranks the example's answer high under its own question only."""
+    rng = random.Random(seed)
+    examples = split.examples
+    blind = []
+    for _, answer in examples:
+        others = [q for q, a in examples if a != answer]
+        blind.append(rng.choice(others) if others else None)
+    return blind
+
+
 @torch.no_grad()
-def forced_choice_accuracy(model, split, candidates, device, batch_size=512):
+def forced_choice_accuracy(model, split, candidates, device, questions=None, batch_size=512):
     """(accuracy, chance): the share of examples whose correct answer scores highest among its candidates, with
 
         score(a) = sum over the completion's tokens (the answer and its newline) of log p(a_t | prompt, a_<t)
 
     teacher-forced, every candidate of every example in one batched pass; a tie of the correct answer with m - 1
     others for the highest score counts 1/m (the expected credit of a random tie-break). chance is the mean over
-    examples of 1 / (number of candidates)."""
+    examples of 1 / (number of candidates). questions: the prompt each example's candidates are scored after
+    (default: its own question; blind_questions gives the control's)."""
     was_training = model.training
     model.eval()
-    rows = [(question, c) for (question, _), cs in zip(split.examples, candidates) for c in cs]
+    questions = questions or [q for q, _ in split.examples]
+    rows = [(question, c) for question, cs in zip(questions, candidates) for c in cs]
     tensors = to_tensors(split.name, rows, split.x.size(1))
     scores = []
     for start in range(0, len(rows), batch_size):
@@ -131,14 +150,16 @@ def forced_choice_accuracy(model, split, candidates, device, batch_size=512):
 
 
 def forced_choice(model, suite, tasks, split_name, device, k, seed=0):
-    """{task: {'accuracy', 'chance'}} of forced choice on each task's `split_name` split, the distractors drawn
-    from the answers of the task's training and evaluation examples (the same candidates for every model)."""
+    """{task: {'accuracy', 'control', 'chance'}} of forced choice on each task's `split_name` split (the same
+    candidates for every model), and its question-blind control: the same candidates, the same correct answer,
+    scored after another example's question (blind_questions). knowledge = accuracy - control (knowledge_metrics)."""
     results = {}
     for task in tasks:
         split = suite[task][split_name]
-        pool = [a for _, a in suite[task]["train"].examples + split.examples]
-        accuracy, chance = forced_choice_accuracy(model, split, choice_candidates(split, pool, k, seed), device)
-        results[task] = {"accuracy": accuracy, "chance": chance}
+        candidates = choice_candidates(split, k, seed)
+        accuracy, chance = forced_choice_accuracy(model, split, candidates, device)
+        control, _ = forced_choice_accuracy(model, split, candidates, device, blind_questions(split, seed))
+        results[task] = {"accuracy": accuracy, "control": control, "chance": chance}
     return results
 
 
@@ -299,27 +320,42 @@ def cl_metrics(R):
 
 
 def knowledge_metrics(run, base):
-    """What one run's final model keeps of the earlier tasks i < T (every task but the last), beside exact match:
+    """What one run's final model keeps of the earlier tasks i < T (every task but the last), each a mean over
+    those tasks, every task counted once whatever its size, beside the control it is read against:
 
-        exact_match     = mean_i R[T][i]
-        forced_choice   = mean_i (forced-choice accuracy on task i), over the tasks i that have distractors
-        relearn@n       = mean_i acc_i(final model + n steps of fine-tuning on task i alone)
-        kept@n          = relearn@n(this run) - relearn@n(the base model, same seed and steps)
+        exact_match        = mean_i R[T][i]
+        constant_guess     = mean_i (exact match of always giving task i's most frequent training answer)
+        forced_choice      = mean_i (forced-choice accuracy on task i), over the tasks i that have distractors
+        choice_control     = the same with each example's candidates scored after another example's question
+        knowledge          = forced_choice - choice_control (0 for a model that knows answer priors only)
+        relearn@n          = mean_i acc_i(final model + n steps of fine-tuning on task i alone)
+        kept@n             = relearn@n(this run) - relearn@n(the base model, same seed and steps)
+        shuffled@n         = mean_i acc_i(final model + n steps on task i with its answers shuffled among its
+                             examples), scored on the true answers: what re-teaching the format alone gives back
+        content_kept@n     = relearn@n - shuffled@n (0 for a model that holds the tasks' format only)
 
     base: the base model's result of the same seed (train.base_reference), or None (no kept@n)."""
     earlier = run["tasks"][:-1]
     if not earlier:  # one task: nothing learned before the last
         return {}
-    metrics = {"exact_match": sum(run["R"][-1][:-1]) / len(earlier)}
-    # forced choice over the earlier tasks that offer a choice: close's answers (bracket sequences) share their
-    # format with no other answer, so they have no distractor (chance 1) and are left out of the mean
-    choosable = [t for t in earlier if run.get("forced_choice") and run["forced_choice"][t]["chance"] < 1]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    metrics = {"exact_match": mean(run["R"][-1][:-1])}
+    if run.get("constant_guess"):
+        metrics["constant_guess"] = mean([run["constant_guess"][t]["accuracy"] for t in earlier])
+    choice = run.get("forced_choice") or {}
+    choosable = [t for t in earlier if t in choice and choice[t]["chance"] < 1]  # a task with no distractor: no choice
     if choosable:
-        metrics["forced_choice"] = sum(run["forced_choice"][t]["accuracy"] for t in choosable) / len(choosable)
-        metrics["forced_choice_chance"] = sum(run["forced_choice"][t]["chance"] for t in choosable) / len(choosable)
+        metrics["forced_choice"] = mean([choice[t]["accuracy"] for t in choosable])
+        metrics["forced_choice_chance"] = mean([choice[t]["chance"] for t in choosable])
+        if all("control" in choice[t] for t in choosable):
+            metrics["choice_control"] = mean([choice[t]["control"] for t in choosable])
+            metrics["knowledge"] = metrics["forced_choice"] - metrics["choice_control"]
     if run.get("relearn"):
         for j, n in enumerate(run["relearn_steps"]):
-            metrics[f"relearn@{n}"] = sum(run["relearn"][t][j] for t in earlier) / len(earlier)
+            metrics[f"relearn@{n}"] = mean([run["relearn"][t][j] for t in earlier])
+            if run.get("relearn_shuffled"):
+                metrics[f"shuffled@{n}"] = mean([run["relearn_shuffled"][t][j] for t in earlier])
+                metrics[f"content_kept@{n}"] = metrics[f"relearn@{n}"] - metrics[f"shuffled@{n}"]
             if base is not None:
                 metrics[f"kept@{n}"] = metrics[f"relearn@{n}"] - knowledge_metrics(base, None)[f"relearn@{n}"]
     return metrics

@@ -99,7 +99,8 @@ def base_problem(r):
         return "its seed or shared key is missing"
     if not isinstance(r.get("tasks"), list) or not isinstance(r.get("R"), list):
         return "its tasks or R are missing"
-    if "relearn" in r and not (isinstance(r["relearn"], dict) and isinstance(r.get("relearn_steps"), list)):
+    if any(k in r and not (isinstance(r[k], dict) and isinstance(r.get("relearn_steps"), list))
+           for k in ("relearn", "relearn_shuffled")):
         return "its relearning curves are damaged"
     return None
 
@@ -180,7 +181,8 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
         row = {"seeds": [r["seed"] for r in runs], "tasks": runs[0]["tasks"], "eval_split": runs[0]["eval_split"]}
         for key in ("op", "bwt", "plasticity", "forgetting"):
             row[key], row[key + "_std"] = mean_std([m[key] for m in per_seed])
-        knowledge = {key for m in per_seed for key in m if key == "exact_match" or "@" in key or "forced" in key}
+        knowledge = {key for m in per_seed for key in m if key not in ("op", "bwt", "plasticity", "forgetting",
+                                                                       "forgetting_per_task")}
         for key in sorted(knowledge):  # kept@n only where every seed has its base result
             if all(key in m for m in per_seed):
                 row[key], row[key + "_std"] = mean_std([m[key] for m in per_seed])
@@ -196,6 +198,8 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
         ratios = [r["step_seconds"] / seqft_step[r["seed"]] for r in runs if r["seed"] in seqft_step]
         row["step_time_ratio"], _ = mean_std(ratios)
         row["R_mean"] = torch.tensor([r["R"] for r in runs], dtype=torch.float64).mean(0).tolist()
+        if "constant_guess" in runs[0]:  # a property of the data: the same for every seed
+            row["constant_guess_per_task"] = runs[0]["constant_guess"]
         if all(r.get("aux_accuracy") for r in runs):  # an instruction-following base: the tags along the sequence
             row["aux_accuracy"] = torch.tensor([r["aux_accuracy"] for r in runs]).mean(0).tolist()
         if all(r.get("diagnostic") for r in runs):
@@ -227,35 +231,48 @@ def relearn_steps(summary):
                    if (match := re.fullmatch(r"relearn@(\d+)", key))})
 
 
+KEPT_COLUMNS = (("exact match", "exact_match"), ("forced choice", "forced_choice"), ("control", "choice_control"),
+                ("knowledge", "knowledge"))
+
+
 def results_table(summary):
-    """Two markdown tables: what is kept (OP, BWT, and on the earlier tasks forced choice, relearn@n, kept@n, with
-    the base model as the reference row), then what it costs (plasticity, forgetting, LM loss, bytes, step time)."""
+    """Three markdown tables: what is kept of the earlier tasks (each measure beside its control: exact match beside
+    the constant guess, forced choice beside its question-blind control, relearning beside the base model and
+    beside relearning on shuffled answers), what it costs, and per task the constant guess beside R[i][i]."""
     steps = [n for n in relearn_steps(summary) if n > 0]  # relearn@0 is the exact match on the earlier tasks
-    header = ["method", "OP", "BWT", "forced-choice"] + [c for n in steps for c in (f"relearn@{n}", f"kept@{n}")]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-
-    def cell(row, key):
-        return fmt(row.get(key), row.get(key + "_std"))
-
+    relearn_keys = [(f"{name}@{n}", f"{key}@{n}") for n in steps
+                    for name, key in (("relearn", "relearn"), ("kept", "kept"), ("content kept", "content_kept"))]
+    columns = [("OP", "op"), ("BWT", "bwt")] + list(KEPT_COLUMNS) + relearn_keys
+    columns = [(name, key) for name, key in columns  # a measure no run made (switched off) has no column
+               if key in ("op", "bwt") or any(key in r for r in summary.values())]
+    lines = ["| method | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, r in summary.items():
-        cells = [method, cell(r, "op"), cell(r, "bwt"), cell(r, "forced_choice")]
-        cells += [cell(r, f"{k}@{n}") for n in steps for k in ("relearn", "kept")]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | " + " | ".join(fmt(r.get(key), r.get(key + "_std")) for _, key in columns) + " |")
     base = next((r["base"] for r in summary.values() if "base" in r), None)
-    if base:  # the base model, never trained on the tasks: what relearning and forced choice give without them
-        cells = ["*base model*", "-", "-", fmt(base.get("forced_choice"))]
-        lines.append("| " + " | ".join(cells + [c for n in steps for c in (fmt(base.get(f"relearn@{n}")), "0")])
-                     + " |")
-    chance = next((r["forced_choice_chance"] for r in summary.values() if "forced_choice_chance" in r), None)
-    notes = []  # one line per column, printed with the table
+    if base:  # the base model, never trained on the tasks: what each measure gives without them
+        cells = ["0" if key.startswith("kept@") else fmt(base.get(key)) for _, key in columns]
+        lines.append("| *base model* | " + " | ".join(cells) + " |")
+    guess = next((r for r in summary.values() if "constant_guess" in r), None)
+    if guess:  # always the task's most frequent training answer: exact match's strongest trivial baseline
+        per_task = guess["constant_guess_per_task"]
+        cells = {"op": fmt(sum(v["accuracy"] for v in per_task.values()) / len(per_task)),
+                 "exact_match": fmt(guess["constant_guess"])}
+        lines.append("| *constant guess* | " + " | ".join(cells.get(key, "-") for _, key in columns) + " |")
+    first = next(iter(summary.values()))
+    chance = first.get("forced_choice_chance")
+    notes = ["every column but OP is a mean over the earlier tasks (all but the last), each task counted once "
+             "whatever its size", "exact match: greedy answer right; *constant guess*: always the task's most "
+             "frequent training answer"]
     if chance is not None:
-        notes.append(f"forced-choice: share of the earlier tasks' examples whose correct answer outranks the "
-                     f"distractors, answers of the same format (chance {chance:.3f}; a task with none left out)")
+        notes.append(f"forced choice: share of examples whose correct answer outranks distractors of the same kind "
+                     f"from the task's evaluation answers (chance {chance:.3f}); control: the same candidates after "
+                     f"another example's question; knowledge = forced choice - control")
     if steps:
-        notes += ["relearn@n: accuracy on the earlier tasks after n steps of fine-tuning on each alone, from the "
-                  "final model", "kept@n: relearn@n minus the base model's (same steps, batches, seed): what the "
-                  "final model holds beyond the base"]
-    lines += [""] + notes if notes else []
+        notes += ["relearn@n: accuracy after n steps of fine-tuning on each task alone, from the final model; "
+                  "kept@n: relearn@n minus the base model's (same steps, batches, seed)",
+                  "content kept@n: relearn@n minus the same relearning on the task's answers shuffled among its "
+                  "examples (format right, content wrong)"]
+    lines += [""] + notes
     lines += ["", "| method | plasticity | forgetting | LM loss after (before) | retained bytes | step time vs seqft |",
               "|---|---|---|---|---|---|"]
     for method, r in summary.items():
@@ -264,18 +281,44 @@ def results_table(summary):
             f"| {method} | {fmt(r['plasticity'], r['plasticity_std'])} | {fmt(r['forgetting'], r['forgetting_std'])} | "
             f"{fmt(r['lm_loss_after'], r['lm_loss_after_std'])} ({r['lm_loss_before']:.3f}) | "
             f"{int(r['retained_bytes']):,} | {ratio} |")
+    if guess:
+        lines += ["", per_task_table(summary, guess["constant_guess_per_task"])]
     return "\n".join(lines)
+
+
+def learned_accuracy(R, i):
+    """R[i][i] of a sequence (task i right after it was learned, rows counted from 0 before any task); the final
+    row of a joint run, which has no other."""
+    return R[i + 1][i] if len(R) > i + 1 and len(R) > 2 else R[-1][i]
+
+
+def per_task_table(summary, per_task):
+    """Per task: its evaluation examples, the constant guess and one standard deviation of a score on that many
+    examples at accuracy 0.5 (the widest binomial spread, sqrt(0.25 / n)), beside each method's R[i][i] (mean over
+    seeds): a task learned no better than its constant guess was not learned."""
+    header = ["task", "examples", "constant guess", "± (binomial)"] + list(summary)
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for i, (task, g) in enumerate(per_task.items()):
+        cells = [task, str(g["n"]), f"{g['accuracy']:.3f} ({g['answer']})", f"{(0.25 / g['n']) ** 0.5:.3f}"]
+        cells += [f"{learned_accuracy(r['R_mean'], i):.3f}" for r in summary.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "R[i][i] per task (multitask: after its joint run), beside the constant guess\n\n" + "\n".join(lines)
 
 
 LEGEND = """Reading the columns (R[t][i]: exact-match accuracy on task i after training task t; T tasks):
 - OP = mean_i R[T][i]: accuracy on every task after the whole sequence. BWT = mean_{i<T} (R[T][i] - R[i][i]):
   what the earlier tasks lost by the end (-1 total forgetting, 0 none).
-- forced-choice: on the earlier tasks, the share of evaluation examples whose correct answer has a higher
-  log-likelihood than every distractor (answers of other examples of the task, same format): knowledge that does
-  not need the answer's format.
-- relearn@n: on the earlier tasks, accuracy after n steps of plain fine-tuning on that task alone, from the final
-  model. kept@n = relearn@n - the base model's relearn@n (same steps, same seed): what the final model holds of the
-  tasks beyond what the base already had. Forgetting that relearning undoes quickly was hidden, not lost.
+- Each measure of what is kept is a mean over the earlier tasks (all but the last), every task counted once, and
+  stands beside its control. exact match: the greedy answer is right; *constant guess*: always the task's most
+  frequent training answer.
+- forced choice: the share of evaluation examples whose correct answer has a higher log-likelihood than every
+  distractor (answers of other evaluation examples of the task, same kind). control: the same candidates scored
+  after another example's question, so answer priors (frequency, length, format) score the same in both.
+  knowledge = forced choice - control: 0 for a model that knows the answers' priors only.
+- relearn@n: accuracy after n steps of plain fine-tuning on that task alone, from the final model. kept@n =
+  relearn@n - the base model's relearn@n (same steps, same seed). content kept@n = relearn@n - relearn@n on the
+  task's answers shuffled among its examples: re-teaching restores the format either way, so what is left is what
+  the model still holds of the content.
 - plasticity = mean_i R[i][i]; forgetting = mean_{i<T} (max_{t<T} R[t][i] - R[T][i]); LM loss: base-corpus
   cross-entropy after (before) the sequence; retained bytes: what the method keeps between tasks; step time:
   against seqft's, seed by seed."""
@@ -412,20 +455,21 @@ MARKERS = "osD^vP*Xh<>"
 
 
 def plot_knowledge(summary, run_dir):
-    """knowledge.png: the relearning curves (mean accuracy on the earlier tasks after n steps, per method, with the
-    base model dashed), and forced-choice against exact-match accuracy on the earlier tasks, per method."""
+    """knowledge.png, each measure beside its control: (1) the relearning curves on the earlier tasks per method,
+    the base model dashed; (2) knowledge (forced choice - its question-blind control) against exact match;
+    (3) content kept@n (relearning on true minus on shuffled answers) per method, the base model's as a line."""
     steps = relearn_steps(summary)
-    methods = [m for m in summary if any(f"relearn@{n}" in summary[m] for n in steps) or "forced_choice" in summary[m]]
+    methods = [m for m in summary if any(f"relearn@{n}" in summary[m] for n in steps) or "knowledge" in summary[m]]
     if not methods:
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
     colours = {m: plt.get_cmap("tab20")(2 * i % 20 + 2 * i // 20) for i, m in enumerate(summary)}  # 20 distinct
+    marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(summary)}
     for method in methods:
         if all(f"relearn@{n}" in summary[method] for n in steps) and steps:
             r = summary[method]
             ax1.errorbar(steps, [r[f"relearn@{n}"] for n in steps], yerr=[r[f"relearn@{n}_std"] or 0 for n in steps],
-                         marker=MARKERS[list(summary).index(method) % len(MARKERS)], capsize=3,
-                         color=colours[method], label=method)
+                         marker=marker[method], capsize=3, color=colours[method], label=method)
     base = next((r["base"] for r in summary.values() if "base" in r), None)
     if base and steps and all(f"relearn@{n}" in base for n in steps):
         ax1.plot(steps, [base[f"relearn@{n}"] for n in steps], "k--", marker="s", label="base model")
@@ -435,23 +479,34 @@ def plot_knowledge(summary, run_dir):
     ax1.legend(fontsize=7, ncol=2)
     for method in methods:
         r = summary[method]
-        if "forced_choice" in r:
-            ax2.errorbar(r["exact_match"], r["forced_choice"], xerr=r["exact_match_std"] or 0,
-                         yerr=r["forced_choice_std"] or 0, marker=MARKERS[list(summary).index(method) % len(MARKERS)],
-                         capsize=3, color=colours[method])
-            ax2.annotate(method, (r["exact_match"], r["forced_choice"]), fontsize=8, xytext=(4, 4),
+        if "knowledge" in r:
+            ax2.errorbar(r["exact_match"], r["knowledge"], xerr=r["exact_match_std"] or 0,
+                         yerr=r["knowledge_std"] or 0, marker=marker[method], capsize=3, color=colours[method])
+            ax2.annotate(method, (r["exact_match"], r["knowledge"]), fontsize=8, xytext=(4, 4),
                          textcoords="offset points")
-    chance = next((r["forced_choice_chance"] for r in summary.values() if "forced_choice_chance" in r), None)
-    if chance is not None:
-        ax2.axhline(chance, color="grey", ls=":", label=f"chance ({chance:.2f})")
-    if base and "forced_choice" in base:
-        ax2.axhline(base["forced_choice"], color="k", ls="--", label=f"base model ({base['forced_choice']:.2f})")
-    ax2.plot([0, 1], [0, 1], color="lightgrey", lw=0.8)
-    ax2.set(xlabel="exact match (greedy answer)", ylabel="forced choice (correct answer ranked first)",
-            title="the earlier tasks after the sequence", xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
+    ax2.axhline(0, color="grey", ls=":", label="answer priors only (the control)")
+    if base and "knowledge" in base:
+        ax2.axhline(base["knowledge"], color="k", ls="--", label=f"base model ({base['knowledge']:.2f})")
+    ax2.set(xlabel="exact match (greedy answer)", ylabel="knowledge = forced choice - its control",
+            title="does the model read the question?", xlim=(-0.03, 1.03))
     ax2.legend(fontsize=7, loc="lower right")
+    content = [n for n in steps if n > 0 and all(f"content_kept@{n}" in summary[m] for m in methods)]
+    width = 0.8 / max(1, len(content))
+    for j, n in enumerate(content):
+        x = [i + (j - (len(content) - 1) / 2) * width for i in range(len(methods))]
+        ax3.bar(x, [summary[m][f"content_kept@{n}"] for m in methods], width,
+                yerr=[summary[m][f"content_kept@{n}_std"] or 0 for m in methods], capsize=2,
+                color=plt.get_cmap("Blues")(0.45 + 0.5 * j / max(1, len(content) - 1)), label=f"after {n} steps")
+        if base and f"content_kept@{n}" in base:
+            ax3.axhline(base[f"content_kept@{n}"], color=plt.get_cmap("Greys")(0.5 + 0.4 * j / max(1, len(content))),
+                        ls="--", lw=1, label=f"base model, {n} steps")
+    ax3.axhline(0, color="grey", lw=0.8)
+    ax3.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+    ax3.set(ylabel="relearn(true answers) - relearn(shuffled)", title="content kept: beyond re-teaching the format")
+    ax3.legend(fontsize=7)
     seeds = summary[methods[0]]["seeds"]
-    fig.suptitle(f"what each method keeps of the tasks before the last (mean ± std over seeds {seeds})")
+    fig.suptitle(f"what each method keeps of the tasks before the last, each beside its control "
+                 f"(mean ± std over seeds {seeds})")
     fig.tight_layout()
     save_figure(fig, os.path.join(run_dir, "knowledge.png"))
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import configurator as cfg
 from configurator import Config, parse_args, progress, resolve_device, stage_code, stage_config
-from data.tasks import answer_format, build_task_suite, concat_splits, trim_padding
+from data.tasks import answer_format, build_task_suite, concat_splits, constant_guess, shuffle_answers, trim_padding
 from evaluate import (forced_choice, forgetting_diagnostic, forgetting_snapshot, sae_metrics, task_accuracy)
 from model import model_from_checkpoint
 from pretrain import (aux_accuracy, aux_suite, check_finite, clip_gradients, corpus_hash, corpus_of,
@@ -182,20 +182,23 @@ def relearnable(model, finetune):
     return model
 
 
-def relearn(model, suite, config, device, seed, desc):
+def relearn(model, suite, config, device, seed, desc, shuffled=False):
     """{task: [accuracy after n steps, for n in relearn_steps]} for every task but the last: a copy of the model is
     fine-tuned on that task alone (its training split, a fresh AdamW at cl_lr, cl_batch_size, cross-entropy only,
     batches drawn by the seed) and scored on the task's evaluation split after n steps, for each n in turn (one
-    run to the largest n). Measurement only: the model itself is not changed."""
+    run to the largest n). shuffled: the training split's answers permuted among its examples (shuffle_answers;
+    scored on the true answers): the control, what re-teaching the format alone gives back. Measurement only: the
+    model itself is not changed."""
     tasks = config.tasks[:-1]
     curves = {}
     with progress(total=len(tasks) * config.relearn_steps[-1], desc=desc) as bar:
         for task in tasks:
             student = relearnable(copy.deepcopy(model), config.finetune)
             optimizer, generator = cl_optimizer(student, config, device), torch.Generator().manual_seed(seed)
+            split = shuffle_answers(suite[task]["train"], seed) if shuffled else suite[task]["train"]
             curves[task], done = [], 0
             for n in config.relearn_steps:
-                train_steps(student, suite[task]["train"], n - done, Method(config, student), config=config,
+                train_steps(student, split, n - done, Method(config, student), config=config,
                             device=device, generator=generator, bar=bar, optimizer=optimizer)
                 curves[task].append(task_accuracy(student, suite[task][config.eval_split], device))
                 done = n
@@ -203,15 +206,23 @@ def relearn(model, suite, config, device, seed, desc):
 
 
 def knowledge(model, suite, config, device, seed, desc):
-    """What a model holds of the tasks beyond its greedy answers (evaluate.knowledge_metrics reads it): forced
-    choice on every task, and the relearning curves of the tasks before the last."""
-    result = {}
+    """What a model holds of the tasks beyond its greedy answers, each with its control (evaluate.knowledge_metrics
+    reads them): every task's constant guess; forced choice on every task with its question-blind control; and the
+    relearning curves of the tasks before the last, on true and on shuffled answers."""
+    result = {"constant_guess": {}}
+    for task in config.tasks:
+        answer, accuracy = constant_guess([a for _, a in suite[task]["train"].examples],
+                                          [a for _, a in suite[task][config.eval_split].examples])
+        result["constant_guess"][task] = {"answer": answer, "accuracy": accuracy,
+                                          "n": len(suite[task][config.eval_split])}
     if config.forced_choice_k:
         result["forced_choice"] = forced_choice(model, suite, config.tasks, config.eval_split, device,
                                                 config.forced_choice_k)
     if config.relearn_steps and len(config.tasks) > 1:
         result["relearn_steps"] = list(config.relearn_steps)
         result["relearn"] = relearn(model, suite, config, device, seed, desc)
+        result["relearn_shuffled"] = relearn(model, suite, config, device, seed, desc + " (shuffled answers)",
+                                             shuffled=True)
     return result
 
 

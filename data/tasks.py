@@ -240,6 +240,15 @@ def to_tensors(name, examples, length, template_is_content=True):
     return TaskSplit(name, examples, x, y, answer_mask, content_mask)
 
 
+def shuffle_answers(split, seed):
+    """The TaskSplit with its answers permuted among its examples (seeded): every answer still has the task's format
+    and the answers keep their frequencies, but a question mostly gets another question's answer. Relearning on it
+    restores a task's format without its content: the control of relearning."""
+    answers = [a for _, a in split.examples]
+    random.Random(seed).shuffle(answers)
+    return to_tensors(split.name, [(q, a) for (q, _), a in zip(split.examples, answers)], split.x.size(1))
+
+
 def build_task_suite(names, n_train=2000, n_val=100, n_test=200, seed=0, length=None, block_size=None,
                      template_is_content=True, tasks=TASKS):
     """{task: {'train'|'val'|'test': TaskSplit}}, all padded to one length so batches of different tasks mix.

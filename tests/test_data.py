@@ -6,7 +6,7 @@ import torch
 from data.corpus import get_batch, load_corpus
 from data.instructions import AUX_TASKS, aux_task_names
 from data.tasks import (DEFAULT_ORDER, TASKS, Batch, answer_format, answer_kind, answers_in_turn, build_task_suite,
-                        constant_guess, format_example, make_splits, trim_padding)
+                        constant_guess, format_example, make_splits, shuffle_answers, trim_padding)
 from data.tokenizer import VOCAB_SIZE, decode, encode
 from data.world import LEXICON, WORLD, generate_corpus, generate_lines
 
@@ -254,3 +254,14 @@ def test_answer_kinds_of_distractors():
     assert answer_kind("facts", "park") != answer_kind("facts", "cat")  # 'park' and 'frog': one format, two kinds
     assert answer_kind("close", ")]") == answer_kind("close", "}}") != answer_kind("close", ")")
     assert answer_kind("sort", "123") == answer_kind("add", "456") == "999"
+
+
+def test_shuffled_answers_keep_the_format_and_frequencies_but_not_the_pairs():
+    split = build_task_suite(["count"], n_train=200, n_val=5, n_test=5)["count"]["train"]
+    shuffled = shuffle_answers(split, seed=0)
+    assert [q for q, _ in shuffled.examples] == [q for q, _ in split.examples]
+    assert sorted(a for _, a in shuffled.examples) == sorted(a for _, a in split.examples)
+    moved = sum(a != b for (_, a), (_, b) in zip(split.examples, shuffled.examples)) / len(split)
+    assert moved > 0.6  # four balanced counts: about 3/4 of the questions get another count
+    assert torch.equal(shuffled.answer_mask, split.answer_mask)  # one length, one format: the same positions
+    assert shuffled.examples == shuffle_answers(split, seed=0).examples != shuffle_answers(split, seed=1).examples

@@ -4,9 +4,10 @@ import os
 import pytest
 import torch
 
-from data.tasks import answer_format, build_task_suite, concat_splits, format_example, to_tensors
+from data.tasks import SEPARATOR, answer_format, answer_kind, build_task_suite, concat_splits, format_example, to_tensors
 from data.tokenizer import NEWLINE, decode, encode
-from evaluate import (choice_candidates, cl_metrics, drift_split, forced_choice_accuracy, forgetting_diagnostic,
+from evaluate import (blind_questions, choice_candidates, cl_metrics, drift_split, forced_choice_accuracy,
+                      forgetting_diagnostic,
                       forgetting_snapshot, format_confusion, greedy_answers, knowledge_metrics, second_moment_split,
                       task_accuracy)
 from model import GPT
@@ -97,26 +98,77 @@ def test_long_answers_are_scored_in_full():
 # forced choice
 
 
-def test_distractors_share_the_tasks_format_and_differ_from_the_answer_and_each_other():
-    suite = build_task_suite(["reverse", "stance", "count"], n_train=200, n_val=5, n_test=50)
-    for task, k in (("reverse", 9), ("stance", 9), ("count", 3)):
+def test_distractors_are_evaluation_answers_of_the_same_kind_and_differ_from_the_answer_and_each_other():
+    suite = build_task_suite(["reverse", "stance", "facts", "close"], n_train=200, n_val=5, n_test=50)
+    for task, k in (("reverse", 9), ("stance", 9), ("facts", 9), ("close", 3)):
         split = suite[task]["test"]
-        pool = [a for _, a in suite[task]["train"].examples + split.examples]
-        candidates = choice_candidates(split, pool, k)
+        pool = [a for _, a in split.examples]  # the evaluation answers: the correct answer's own pool
+        candidates = choice_candidates(split, k)
         for (_, answer), (first, *distractors) in zip(split.examples, candidates):
             assert first == answer and answer not in distractors and len(set(distractors)) == len(distractors)
-            assert all(answer_format(d) == answer_format(answer) and d in pool for d in distractors)
-            available = len({a for a in pool if answer_format(a) == answer_format(answer)} - {answer})
+            assert all(answer_kind(task, d) == answer_kind(task, answer) and d in pool for d in distractors)
+            available = len({a for a in pool if answer_kind(task, a) == answer_kind(task, answer)} - {answer})
             assert len(distractors) == min(k, available)
         if task == "stance":  # two answers, 'pos' and 'neg': one distractor each, chance 1/2
             assert all(len(c) == 2 for c in candidates)
-    assert candidates == choice_candidates(split, pool, 3)  # seeded: the same candidates for every model
+        if task == "close":  # every example has a choice now: bracket strings of its length
+            assert all(len(c) > 1 for c in candidates)
+    assert candidates == choice_candidates(split, 3)  # seeded: the same candidates for every model
+
+
+class PriorOracle(torch.nn.Module):
+    """A question-blind 'model' that knows only how often each answer occurs: after the separator ' > ' it predicts
+    each next character by the answers' frequencies given the answer's prefix, p(a) = count(a) / N, whatever the
+    question. What a model that forgot the task but kept its answer priors would do."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = [a + "\n" for a in answers]
+        self.config = type("C", (), {"block_size": 64})()
+
+    def forward(self, idx):
+        logits = torch.full((idx.size(0), idx.size(1), 96), -30.0)
+        separator = encode(SEPARATOR)
+        for b, row in enumerate(idx.tolist()):
+            start = next(t for t in range(len(row)) if row[t : t + len(separator)] == separator) + len(separator)
+            for t in range(start - 1, len(row)):
+                prefix = decode(row[start : t + 1])
+                for a in self.answers:
+                    if a.startswith(prefix) and len(a) > len(prefix):
+                        logits[b, t, encode(a[len(prefix)])[0]] = torch.logaddexp(
+                            logits[b, t, encode(a[len(prefix)])[0]], torch.tensor(0.0))  # log count
+        return logits, None, {}
+
+
+def test_a_question_blind_model_scores_forced_choice_above_chance_but_zero_knowledge():
+    """The control is what makes the measure: on a skewed task (as count was: mostly '1') a model that knows only
+    the answers' frequencies scores forced choice far above chance, and exactly its control."""
+    examples = [(f"count a: {w}", a) for w, a in zip(["ab", "ba", "aab", "abc", "cab", "bba", "aaa", "aba", "cca",
+                                                        "bca"], "1121112312")]
+    split = to_tensors("count", examples, 24)
+    candidates, blind = choice_candidates(split, 9), blind_questions(split)
+    prior = PriorOracle([a for _, a in examples])
+    accuracy, chance = forced_choice_accuracy(prior, split, candidates, "cpu")
+    control, _ = forced_choice_accuracy(prior, split, candidates, "cpu", questions=blind)
+    assert chance == pytest.approx(1 / 3) and accuracy == pytest.approx(0.6)  # '1' ranked first: 6 of 10
+    assert control == accuracy  # knowledge = 0, exactly
+    # the memoriser of the evaluation answers reads the question: all of forced choice, little of its control
+    accuracy, _ = forced_choice_accuracy(Oracle(split), split, candidates, "cpu")
+    control, _ = forced_choice_accuracy(Oracle(split), split, candidates, "cpu", questions=blind)
+    assert accuracy == 1.0 and control < 0.2
+
+
+def test_blind_questions_are_other_examples_with_another_answer():
+    split = build_task_suite(["stance"], n_train=20, n_val=5, n_test=40)["stance"]["test"]
+    blind = blind_questions(split)
+    answer_of = dict(split.examples)
+    assert all(b != q and answer_of[b] != a for (q, a), b in zip(split.examples, blind))
+    assert blind == blind_questions(split) and blind != blind_questions(split, seed=1)
 
 
 def test_forced_choice_is_one_for_a_memorised_task_and_about_chance_with_shuffled_answers():
     split = build_task_suite(["reverse"], n_train=200, n_val=5, n_test=200)["reverse"]["test"]
-    pool = [a for _, a in split.examples]
-    candidates = choice_candidates(split, pool, 9)
+    candidates = choice_candidates(split, 9)
     accuracy, chance = forced_choice_accuracy(Oracle(split), split, candidates, "cpu", batch_size=300)
     assert accuracy == 1.0 and chance == pytest.approx(0.1)  # reverse's answers are many: 9 distractors each
     # the same oracle with the answers shuffled among the questions: it knows answers of the format, not which
@@ -142,6 +194,20 @@ def test_kept_is_relearning_beyond_the_base_models_on_the_earlier_tasks():
     assert m["relearn@5"] == pytest.approx(0.7) and m["kept@5"] == pytest.approx(0.7 - 0.2)
     assert m["kept@0"] == pytest.approx(0.1) and "kept@5" not in knowledge_metrics(run, None)
     assert knowledge_metrics({"tasks": ["a"], "R": [[0], [1]]}, None) == {}  # one task: no earlier task
+
+
+def test_each_knowledge_measure_beside_its_control_by_hand():
+    run = {"tasks": ["a", "b", "c"], "R": [[0, 0, 0], [0.2, 0.0, 1.0]], "relearn_steps": [0, 5],
+           "constant_guess": {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.25}, "c": {"accuracy": 0.9}},
+           "forced_choice": {"a": {"accuracy": 0.6, "control": 0.5, "chance": 0.1},
+                             "b": {"accuracy": 0.4, "control": 0.1, "chance": 0.5},
+                             "c": {"accuracy": 1.0, "control": 0.0, "chance": 0.1}},
+           "relearn": {"a": [0.2, 0.9], "b": [0.0, 0.5]}, "relearn_shuffled": {"a": [0.2, 0.5], "b": [0.0, 0.6]}}
+    m = knowledge_metrics(run, None)
+    assert m["constant_guess"] == pytest.approx(0.375)  # tasks a and b, each counted once: (0.5 + 0.25) / 2
+    assert m["choice_control"] == pytest.approx(0.3) and m["knowledge"] == pytest.approx(0.5 - 0.3)
+    assert m["shuffled@5"] == pytest.approx(0.55) and m["content_kept@5"] == pytest.approx(0.7 - 0.55)
+    assert m["content_kept@0"] == 0.0  # no step taken: the same model scored twice
 
 
 def fake_result(method, seed, cl_lr=3e-4, settings=None, step_seconds=0.01):

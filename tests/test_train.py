@@ -10,7 +10,8 @@ import configurator as cfg
 import pretrain
 import train
 from conftest import TINY, TINY_PIPELINE
-from evaluate import knowledge_metrics
+from evaluate import greedy_answers, knowledge_metrics
+from model import GPT, GPTConfig
 from train import main, parse_args
 
 
@@ -316,7 +317,11 @@ def test_lr_schedule_of_the_instruction_phase():
     assert pretrain.get_lr(209, config) == pytest.approx(1e-4, rel=1e-3)
 
 
-def test_the_instruction_phase_makes_the_base_answer_held_out_auxiliary_prompts(tmp_path):
+def test_the_instruction_phase_makes_the_base_answer_held_out_auxiliary_prompts_in_the_tags_style(tmp_path):
+    """On held-out prompts the phase's model answers in the auxiliary style (upper case or '#', which no corpus text
+    has) and the plain base never does. A model this tiny learns the tag's style, not the content: its exact match
+    on the held-out prompts is near a constant guess's (once 0.25, from parity's two held-out prompts both 'EVEN';
+    the splits now hold answers in turn), so the test reads the style."""
     extra = ["--n_embd=48", "--instruct_tags=4", "--instruct_iters=200", "--instruct_lr=3e-3",
              "--instruct_examples=200"]
     config = tiny_config(tmp_path, *extra)
@@ -324,8 +329,12 @@ def test_the_instruction_phase_makes_the_base_answer_held_out_auxiliary_prompts(
     summary = json.loads((tmp_path / "default" / "pretrain.json").read_text())
     without = train.model_from_checkpoint(train.pretrain(tiny_config(tmp_path / "plain", "--n_embd=48"), "cpu"), "cpu")
     suite = train.aux_suite(config)
-    assert train.aux_accuracy(without, suite, "cpu") < 0.05  # never saw a tagged prompt
-    assert train.aux_accuracy(with_phase, suite, "cpu") >= 0.2  # held-out prompts: the tag selects the answer
+
+    def styled(model):  # the share of held-out answers written in the auxiliary style
+        answers = [a for s in suite.values() for a in greedy_answers(model, s["test"], "cpu")]
+        return sum(any(c.isupper() or c == "#" for c in a) for a in answers) / len(answers)
+
+    assert styled(without) == 0.0 and styled(with_phase) >= 0.8
     assert summary["aux_accuracy"] == pytest.approx(train.aux_accuracy(with_phase, suite, "cpu"))
     assert "aux_accuracy" in summary["history"][-1] and "aux_accuracy" not in summary["history"][0]
 
@@ -386,6 +395,25 @@ def test_kept_is_exactly_zero_for_the_base_model_run_through_the_methods_path(tm
     assert result["relearn"] == reference["relearn"] and result["forced_choice"] == reference["forced_choice"]
     assert all(knowledge_metrics(result, reference)[f"kept@{n}"] == 0.0 for n in (0, 1, 3))
     assert all(curve[0] < curve[1] < curve[2] for curve in reference["relearn"].values())  # relearning trains
+    # the control: the same steps from the same model, on other answers (a tiny model this short learns the format
+    # either way, so no order between the two is asserted here; the question-blind test below reads the difference)
+    for task, curve in reference["relearn"].items():
+        shuffled = reference["relearn_shuffled"][task]
+        assert shuffled[0] == curve[0] and shuffled[1] != curve[1] and shuffled[2] != curve[2]
+
+
+def test_a_question_blind_model_relearns_the_format_and_keeps_no_content(tmp_path):
+    """A model with no block reads only the current token and its position: it can learn count's format (a digit,
+    then the newline) but not which digit a question asks for. Its relearn@n is a constant's 0.25 on the balanced
+    test split; content kept@n, relearning on true minus on shuffled answers, is 0."""
+    config = tiny_config(tmp_path, "--tasks=count,sort", "--n_train=200", "--n_test=40", "--n_val=8",
+                         "--relearn_steps=0,30", "--cl_lr=3e-2")
+    suite = train.task_suite(config)
+    torch.manual_seed(0)
+    blind = GPT(GPTConfig(vocab_size=96, block_size=config.block_size, n_layer=0, n_head=2, n_embd=32))
+    true = train.relearn(blind, suite, config, "cpu", 0, "relearn")["count"]
+    shuffled = train.relearn(blind, suite, config, "cpu", 0, "relearn", shuffled=True)["count"]
+    assert true == [0.0, 0.25] and shuffled == [0.0, 0.25]  # format learned both ways; content kept 0 - 0 and 0.25 - 0.25
 
 
 def test_relearning_trains_a_copy_as_the_regime_trains(tmp_path):
