@@ -124,24 +124,24 @@ class Config:
     relearn_steps: tuple[int, ...] = (0, 5, 20)  # relearn@n: n steps of fine-tuning on one earlier task; empty = off
     forced_choice_k: int = 9  # distractors per example in forced choice (fewer if a task has fewer answers); 0 = off
     # EWC: w = diagonal Fisher
-    ewc_lambda: float = 1e5  # penalty weight (chosen on val by bench/tune.py, docs/tuning.md)
+    ewc_lambda: float = 1e3  # penalty weight (chosen on val by bench/tune.py, docs/tuning.md)
     ewc_mode: str = "separate"  # one (F, theta*) per task, or 'online': F <- gamma F_old + F_new
     ewc_gamma: float = 1.0  # online mode's decay of the old Fisher
     ewc_fisher_examples: int = 256  # examples the Fisher is estimated on
     ewc_fisher_labels: str = "true"  # true: y sampled from the model; empirical: ground truth
     # SI: w = path integral of -g * delta_theta over the task
-    si_lambda: float = 1e3  # penalty weight (chosen on val by bench/tune.py)
+    si_lambda: float = 1e4  # penalty weight (chosen on val by bench/tune.py)
     si_xi: float = 1e-3  # damping of the division by the squared total change
     # MAS: w = mean |gradient of the squared output norm|
     mas_lambda: float = 1.0  # penalty weight (chosen on val by bench/tune.py)
     mas_examples: int = 256  # examples the importance is estimated on
     # LwF: distillation of the task-start model's outputs
-    lwf_lambda: float = 1.0  # weight of the KL term (chosen on val by bench/tune.py)
+    lwf_lambda: float = 0.01  # weight of the KL term (chosen on val by bench/tune.py)
     lwf_temperature: float = 2.0  # softmax temperature T of both distributions
     # O-LoRA: an adapter set per task (lora_rank, lora_alpha, lora_targets; its own under finetune=full), all summed
     o_lora_lambda: float = 0.1  # weight of the orthogonality loss sum_{s<t} ||A_t A_s^T||_F^2 (chosen on val)
     # freeze (Zheng et al. 2025): the bottom of the model is not trained during the sequence
-    freeze_layers: int = 1  # blocks frozen from the bottom, with the embeddings (and so the tied head; chosen on val)
+    freeze_layers: int = 0  # blocks frozen from the bottom, with the embeddings (and so the tied head; chosen on val)
     # SAE-FD: distillation of SAE codes on stored anchors of finished tasks (stores data)
     sae_fd_lambda: float = 1.0  # weight of the squared code distance on the anchors (chosen on val)
     sae_fd_anchors: int = 64  # training inputs of each finished task kept, with their SAE codes

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -6,10 +7,9 @@ import torch
 
 from data.tasks import SEPARATOR, answer_format, answer_kind, build_task_suite, concat_splits, format_example, to_tensors
 from data.tokenizer import NEWLINE, decode, encode
-from evaluate import (blind_questions, choice_candidates, cl_metrics, drift_split, forced_choice_accuracy,
-                      forgetting_diagnostic,
-                      forgetting_snapshot, format_confusion, greedy_answers, knowledge_metrics, second_moment_split,
-                      task_accuracy)
+from evaluate import (blind_questions, choice_candidates, cl_metrics, drift_split, forced_choice,
+                      forced_choice_accuracy, forgetting_diagnostic, forgetting_snapshot, format_confusion,
+                      greedy_answers, knowledge_metrics, sae_metrics, second_moment_split, task_accuracy)
 from model import GPT
 from report import load_cl_results, summarize_run
 from sae import SAEConfig, TopKSAE
@@ -346,3 +346,79 @@ def test_second_moment_split_by_hand():
     assert split["centered_rms"] == pytest.approx(5 ** 0.5)
     constant = second_moment_split(torch.tensor([[1.0, -2.0]] * 5))
     assert constant["mean_share"] == pytest.approx(1.0) and constant["centered_rms"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tests that bite: each computes a value by hand that a small, realistic change of the code would move
+
+
+def test_forgetting_takes_the_best_before_the_final_row_by_hand():
+    """forgetting_i = max_{t<T} R[t][i] - R[T][i]: a task that recovers at the end has negative forgetting (the
+    final row is not among the rows the max looks at)."""
+    R = [[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.4, 1.0, 0.0], [0.9, 0.2, 1.0]]
+    m = cl_metrics(R)
+    assert m["forgetting_per_task"] == pytest.approx([0.5 - 0.9, 1.0 - 0.2])
+    assert m["forgetting"] == pytest.approx(0.2)
+
+
+def test_forced_choice_chance_is_the_mean_of_one_over_each_examples_candidates():
+    split = to_tensors("count", [("count a: ab", "1"), ("count a: aab", "2")], 24)
+    _, chance = forced_choice_accuracy(Oracle(split), split, [["1", "2"], ["2", "1", "3", "4"]], "cpu")
+    assert chance == pytest.approx((1 / 2 + 1 / 4) / 2)  # 0.375, not 1 / mean(3) = 0.333
+
+
+def test_forced_choice_reads_the_evaluation_split_and_wires_its_control():
+    """A memoriser of the test split alone: forced choice 1 on test (on another split it could not score at all),
+    and its control, the same candidates after another question, far below."""
+    suite = build_task_suite(["reverse", "sort"], n_train=50, n_val=5, n_test=40)
+    known = concat_splits([suite["reverse"]["test"], suite["sort"]["test"]])
+    result = forced_choice(Oracle(known), suite, ["reverse", "sort"], "test", "cpu", k=9)
+    for task in ("reverse", "sort"):
+        assert result[task]["accuracy"] == 1.0 and result[task]["control"] < 0.2
+        assert result[task]["chance"] == pytest.approx(0.1)
+
+
+def hand_snapshot(codes, mask, log_probs, answers=("12",)):
+    return {"codes": {1: codes.to_sparse()}, "error_norm": {1: torch.tensor([1.0, 2.0])}, "mask": {1: mask},
+            "answers": list(answers), "log_probs": torch.tensor(log_probs).log()}
+
+
+def test_forgetting_diagnostic_by_hand_kl_direction_and_the_tasks_own_mask():
+    """KL(p_end || p_now), not the reverse; the drift split by the mask of the task's own snapshot (end), not by
+    the current one's."""
+    end = hand_snapshot(torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 2.0]]), torch.tensor([1.0, 0.0, 0.5]),
+                        [[0.9, 0.1]])
+    now = hand_snapshot(torch.tensor([[0.0, 0.0, 2.0], [0.0, 3.0, 1.0]]), torch.tensor([0.0, 1.0, 0.0]),
+                        [[0.5, 0.5]])
+    result = forgetting_diagnostic(end, now, {"99"}, {"99"})
+    # d = mean over the 2 tokens of |z_now - z_end| = (0.5, 1.5, 0.5); the end mask (1, 0, 0.5)
+    point = result["points"][1]
+    assert point["drift"] == pytest.approx(2.5)
+    assert point["drift_mask"] == pytest.approx(0.5 + 0.25) and point["drift_rest"] == pytest.approx(1.5 + 0.25)
+    kl = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)  # 0.368; the reverse would be 0.511
+    assert result["answer_kl"] == pytest.approx(kl)
+    assert point["error_norm_change"] == 0.0
+
+
+def test_compound_ce_increase_splices_every_point_into_the_already_patched_stream(tiny_model):
+    """sae_metrics' compound CE increase equals CE(model with every SAE spliced at once, each reading the patched
+    stream) - CE(model), recomputed on its windows; splicing each point's reconstruction of the clean stream gives
+    another number on this model, so the test tells the two apart."""
+    from data.corpus import get_batch
+
+    torch.manual_seed(0)
+    saes = {p: TopKSAE(SAEConfig(32, 64, 2)).requires_grad_(False) for p in (1, 2)}
+    ids = torch.randint(0, 96, (4000,))
+    metrics = sae_metrics(tiny_model, saes, ids, 48, "cpu", n_batches=2, batch_size=4, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    patched, clean_stream, clean = [], [], []
+    for _ in range(2):
+        x, y = get_batch(ids, 4, 48, generator, "cpu")
+        _, loss, residuals = tiny_model(x, y, read=(1, 2))
+        clean.append(loss.item())
+        patched.append(tiny_model(x, y, patch=dict(saes))[1].item())
+        fixed = {p: (lambda h, r=saes[p].reconstruct(residuals[p])[0]: r) for p in saes}
+        clean_stream.append(tiny_model(x, y, patch=fixed)[1].item())
+    expected = sum(patched) / 2 - sum(clean) / 2
+    assert metrics["compound_ce_increase"] == pytest.approx(expected, abs=1e-6)
+    assert abs((sum(clean_stream) / 2 - sum(clean) / 2) - expected) > 1e-4

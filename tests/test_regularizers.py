@@ -566,3 +566,49 @@ def test_sae_fd_distance_is_the_squared_code_distance_by_hand(tiny_model, add_sp
         distance += (z - stored).pow(2).sum(-1).mean().item()  # mean over tokens of ||z - z*||^2, summed over points
     assert distance > 0 and logs["fd"] == pytest.approx(distance, rel=1e-4)
     assert penalty.item() == pytest.approx(2.0 * distance, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tests that bite: SAE-guided's masks, and the gradient of the SAE-training penalty
+
+
+def test_protect_past_merges_the_earlier_tasks_masks_only(tiny_model, add_split):
+    """With protect_past, the mask of task t is m_t * (1 - max_{s<t} m_s): the earlier masks, never task t's own
+    (which would turn every relevant feature into a protected one)."""
+    config = dataclasses.replace(train.Config(), sae_guided_mask_examples=16, sae_guided_mask_knn=3,
+                                 sae_guided_protect_past=True)
+    saes = tiny_saes()
+    sort_split = build_task_suite(["sort"], n_train=40, n_val=5, n_test=5)["sort"]["train"]
+    method = reg.SAEGuided(config, tiny_model, saes)
+    method.before_task(tiny_model, add_split, 0)
+    first = reg.build_feature_masks(tiny_model, saes, add_split, n_examples=16, knn=3, alpha=0.5)
+    assert all(torch.equal(method.mask[p], first[p]) for p in saes)  # nothing before the first task
+    method.after_task(tiny_model, add_split, 0)
+    method.before_task(tiny_model, sort_split, 1)
+    second = reg.build_feature_masks(tiny_model, saes, sort_split, n_examples=16, knn=3, alpha=0.5)
+    for p in saes:
+        assert torch.allclose(method.mask[p], second[p] * (1 - first[p]))
+
+
+def test_the_base_reference_builds_the_mask_from_the_base_not_from_the_trained_model(tiny_model, add_split):
+    config = dataclasses.replace(train.Config(), sae_guided_mask_examples=16, sae_guided_mask_knn=3,
+                                 sae_guided_reference="base")
+    saes = tiny_saes()
+    base_mask = reg.build_feature_masks(tiny_model, saes, add_split, n_examples=16, knn=3, alpha=0.5)
+    method = reg.SAEGuided(config, tiny_model, saes)
+    with torch.no_grad():  # the model moves away from the base, as a task's training moves it
+        for p in tiny_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved_mask = reg.build_feature_masks(tiny_model, saes, add_split, n_examples=16, knn=3, alpha=0.5)
+    method.before_task(tiny_model, add_split, 1)
+    for p in saes:
+        assert torch.equal(method.mask[p], base_mask[p]) and not torch.equal(method.mask[p], moved_mask[p])
+
+
+@pytest.mark.parametrize("norm", ["norm", "norm2", "var"])
+def test_sae_training_penalty_gradient_matches_finite_differences(norm):
+    """The denominator D(x) is part of the loss: its gradient reaches x (gradcheck compares autograd with finite
+    differences; a detached D would differ)."""
+    sae = identity_sae().double()
+    x = torch.tensor([[[1.0, -2.0], [3.0, 0.5], [-0.7, 1.3]]], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: pretrain.sae_training_penalty({0: x}, {0: sae}, 3.0, norm=norm), (x,))

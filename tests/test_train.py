@@ -369,6 +369,13 @@ def test_relearning_starts_at_the_final_accuracy_and_the_base_reference_is_made_
         assert result["relearn_steps"] == [0, 2] and list(result["relearn"]) == ["add"]  # the tasks before the last
         assert result["relearn"]["add"][0] == result["R"][-1][0]  # relearn@0 is the final accuracy
         assert set(result["forced_choice"]) == {"add", "reverse"}
+        suite = train.task_suite(parse_args(argv))  # the constant guess: the training majority, scored on test
+        for task in ("add", "reverse"):
+            answers = [a for _, a in suite[task]["train"].examples]
+            majority = max(answers, key=answers.count)
+            test = [a for _, a in suite[task]["test"].examples]
+            assert result["constant_guess"][task] == {"answer": majority, "accuracy": test.count(majority) / 16,
+                                                      "n": 16}
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
     assert "kept@2" in summary["seqft"] and "forced_choice" in summary["freeze"]
     capsys.readouterr()
@@ -446,18 +453,19 @@ def test_an_edit_redoes_only_the_stages_that_run_the_edited_file(tmp_path, monke
         capsys.readouterr()
         assert main(argv) == 0
         out = capsys.readouterr().out
-        return ["pretrain: reusing" in out, "sae: reusing" in out, out.count("cl: reusing") == 2]  # run and base
+        return ["pretrain: reusing" in out, "sae: reusing" in out, out.count("cl: reusing")]  # of 2: run and base
 
     def append_comment(name):
         return lambda: open(copy / name, "a").write("# a student's comment\n")
 
-    assert run_after() == [False, False, False]
-    assert run_after() == [True, True, True]  # nothing changed: everything reused
-    assert run_after(append_comment("regularizers.py")) == [True, True, False]
-    assert run_after(append_comment("report.py")) == [True, True, True]  # the report makes no stage
-    assert run_after(append_comment("sae.py")) == [True, False, False]  # the diagnostic reads the SAEs
-    assert run_after(append_comment("model.py")) == [False, False, False]
-    assert run_after(lambda: (copy / "scratch.py").write_text("print('hello')\n")) == [True, True, True]
+    assert run_after() == [False, False, 0]
+    assert run_after() == [True, True, 2]  # nothing changed: everything reused
+    assert run_after(append_comment("regularizers.py")) == [True, True, 0]
+    assert run_after(append_comment("report.py")) == [True, True, 2]  # the report makes no stage
+    assert run_after(append_comment("evaluate.py")) == [True, False, 0]  # SAE metrics; the scores, base's too
+    assert run_after(append_comment("sae.py")) == [True, False, 1]  # the diagnostic reads the SAEs; the base does not
+    assert run_after(append_comment("model.py")) == [False, False, 0]
+    assert run_after(lambda: (copy / "scratch.py").write_text("print('hello')\n")) == [True, True, 2]
 
 
 def test_two_writers_of_one_file_never_share_a_temporary_file(tmp_path):
@@ -466,3 +474,75 @@ def test_two_writers_of_one_file_never_share_a_temporary_file(tmp_path):
     other.write_text("half of another process's file")
     cfg.save_json({"value": 1}, str(path))
     assert json.loads(path.read_text()) == {"value": 1} and other.read_text() == "half of another process's file"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tests that bite: relearning's steps, starting weights and optimizer, the keys of what it depends on
+
+
+def test_relearning_segments_add_up_to_one_run_from_the_final_model_per_task(tmp_path, monkeypatch):
+    """With a continuous score: every task's curve starts at the model's own score (each task relearns from the final
+    model, not from the previous task's student); the segments 0, 2, 5 train 5 steps in all with one optimizer, so
+    the score at 5 equals that of one run of 5 steps."""
+    def answer_likelihood(model, split, device):
+        with torch.no_grad():
+            return -model(split.x, split.y, split.answer_mask)[1].item()
+
+    monkeypatch.setattr(train, "task_accuracy", answer_likelihood)
+    steps = []
+    original = train.train_steps
+    monkeypatch.setattr(train, "train_steps", lambda *a, **kw: steps.append(a[2]) or original(*a, **kw))
+    config = tiny_config(tmp_path, "--tasks=add,reverse,sort", "--n_train=64", "--n_test=16", "--n_val=8")
+    model = train.start_model(train.pretrain(config, "cpu"), config, "cpu", seed=0)
+    suite = train.task_suite(config)
+    segmented = train.relearn(model, suite, dataclasses.replace(config, relearn_steps=(0, 2, 5)), "cpu", 0, "r")
+    assert steps == [0, 2, 3, 0, 2, 3]  # per task: n minus the steps done
+    one_run = train.relearn(model, suite, dataclasses.replace(config, relearn_steps=(0, 5)), "cpu", 0, "r")
+    for task in ("add", "reverse"):
+        assert segmented[task][0] == answer_likelihood(model, suite[task]["test"], "cpu")
+        assert segmented[task][2] == one_run[task][1]  # one optimizer carried across the segments
+
+
+def test_the_measures_settings_are_in_the_keys_of_the_runs_and_of_the_base_reference():
+    config = parse_args(["--diagnose=false"])
+    base = {"sha": "b"}
+
+    def keys(*extra):
+        c = parse_args(["--diagnose=false", *extra])
+        key, shared, _ = train.method_key(c, "seqft", 0, "cpu", base, None)
+        return key, shared
+
+    assert keys() == keys()
+    for extra in ("--relearn_steps=0,5", "--forced_choice_k=3"):
+        assert keys(extra)[0] != keys()[0] and keys(extra)[1] != keys()[1]  # a run, and the base reference (shared)
+    assert "evaluate.py" in cfg.stage_code(config, "pretrain", "cl")  # forced choice and relearning's scores
+    with pytest.raises(ValueError, match="increasing"):
+        parse_args(["--relearn_steps=20,5"])
+
+
+def test_a_checkpoint_whose_content_does_not_match_its_hash_is_not_returned(tmp_path, capsys):
+    path = str(tmp_path / "ck.pt")
+    model = {"w": torch.ones(3)}
+    cfg.save_checkpoint({"key": {"k": 1}, "model": model, "sha": cfg.tensor_hash(model)}, path)
+    assert cfg.load_checkpoint(path, {"k": 1}, "model") is not None
+    cfg.save_checkpoint({"key": {"k": 1}, "model": {"w": torch.zeros(3)}, "sha": cfg.tensor_hash(model)}, path)
+    assert cfg.load_checkpoint(path, {"k": 1}, "model") is None
+    assert "does not match its content hash" in capsys.readouterr().out
+
+
+def test_an_os_error_half_way_through_a_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "summary.json"
+    cfg.save_json({"value": 1}, str(path))
+
+    def half_then_full(target, data):
+        with open(target, "wb") as handle:
+            handle.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cfg, "write_bytes", half_then_full)
+    with pytest.raises(ValueError, match="the disk is full"):
+        cfg.save_json({"value": 2}, str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    assert json.loads(path.read_text())["value"] == 1
