@@ -392,12 +392,13 @@ class NoOptions:
     pass  # the keys of a script that has none of its own: every key is the pipeline's
 
 
-def parse_script_args(argv, options_class, command):
+def parse_script_args(argv, options_class, command, doc):
     """(options, rest) for a script (bench/, evidence.py): its own keys, the fields of options_class, and every
     other --key=value, which are the pipeline's (Config: the script parses or passes them on, and an unknown one is
-    an error there). One --key=value style for every script; None after printing both lists of keys for --help."""
+    an error there). One --key=value style for every script; None after printing the script's docstring `doc` and
+    both lists of keys for --help."""
     if "--help" in argv or "-h" in argv:
-        doc = sys.modules[options_class.__module__].__doc__ or ""
+        doc = doc or ""
         pipeline = help_text(Config).split("\n", 2)[2]  # without its usage line
         print(doc.strip() + "\n\n" + help_text(options_class, command) + "\n\nthe pipeline's keys:\n" + pipeline)
         return None

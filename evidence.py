@@ -704,7 +704,7 @@ class Options:
 
 def parse_args(argv):
     """(parts, configurator.Config), or None for --help."""
-    parsed = cfg.parse_script_args(argv, Options, "python evidence.py")
+    parsed = cfg.parse_script_args(argv, Options, "python evidence.py", __doc__)
     if parsed is None:
         return None
     options, rest = parsed

@@ -90,7 +90,7 @@ class Options:
 
 
 def main(argv):
-    parsed = cfg.parse_script_args(argv, Options, "python -m bench.calibrate")
+    parsed = cfg.parse_script_args(argv, Options, "python -m bench.calibrate", __doc__)
     if parsed is None:
         return 0
     args, passthrough = parsed

@@ -28,7 +28,7 @@ SECOND_ORDER = ("sort", "count", "translate", "reverse", "close", "add", "facts"
 
 
 def main(argv):
-    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.cl_benchmark")
+    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.cl_benchmark", __doc__)
     if args is None:
         return 0
     argv = ARGS + args[1]

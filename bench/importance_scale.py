@@ -22,7 +22,7 @@ from regularizers import METHODS
 
 
 def main(argv):
-    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.importance_scale")
+    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.importance_scale", __doc__)
     if args is None:
         return 0
     config = cfg.parse_args(args[1])

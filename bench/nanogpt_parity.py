@@ -29,7 +29,7 @@ def default_corpus():
 
 
 def main(argv):
-    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.nanogpt_parity")
+    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.nanogpt_parity", __doc__)
     if args is None:
         return 0
     argv = BABY + [f"--corpus={default_corpus()}", "--run=shakespeare_baby", "--stage=pretrain"] + args[1]

@@ -22,7 +22,7 @@ WARMUP, STEPS, PROFILED = 30, 200, 30
 
 
 def main(argv):
-    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.profile_step")
+    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.profile_step", __doc__)
     if args is None:
         return 0
     config = cfg.parse_args(BABY + [f"--corpus={default_corpus()}"] + args[1])

@@ -75,7 +75,7 @@ class Options:
 def parse(argv):
     """(options of this script, configurator.Config), or None for --help; every value is checked before anything is
     trained."""
-    args = cfg.parse_script_args(argv, Options, "python -m bench.sae_reg")
+    args = cfg.parse_script_args(argv, Options, "python -m bench.sae_reg", __doc__)
     if args is None:
         return None
     options, config = args[0], cfg.parse_args(args[1])

@@ -71,7 +71,7 @@ def penalty_parts_ms(model, method, split, config, n=STEPS):
 
 
 def main(argv):
-    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.step_cost")
+    args = cfg.parse_script_args(argv, cfg.NoOptions, "python -m bench.step_cost", __doc__)
     if args is None:
         return 0
     torch.set_num_threads(1)

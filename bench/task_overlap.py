@@ -54,7 +54,7 @@ class Options:
 
 
 def main(argv):
-    parsed = cfg.parse_script_args(argv, Options, "python -m bench.task_overlap")
+    parsed = cfg.parse_script_args(argv, Options, "python -m bench.task_overlap", __doc__)
     if parsed is None:
         return 0
     options, config = parsed[0], cfg.parse_args(parsed[1])

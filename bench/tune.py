@@ -66,7 +66,7 @@ class Options:
 
 
 def main(argv):
-    args = cfg.parse_script_args(argv, Options, "python -m bench.tune")
+    args = cfg.parse_script_args(argv, Options, "python -m bench.tune", __doc__)
     if args is None:
         return 0
     options, passthrough = args
