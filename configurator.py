@@ -1,47 +1,30 @@
 """
-The configuration of the pipeline and the cache of its stages (nanoGPT names its version of this file so).
+The configuration of the pipeline (nanoGPT names its version of this file so).
 
     Config                     every setting, one dataclass grouped by stage; PRESETS name sets of them
     parse_args(argv)           Config from ['--key=value', ...]; unknown keys and bad values are one-line errors
     help_text(Config)          every key with its default and the comment beside it, grouped by stage
     validate(config)           choices, ranges, finiteness; raises ValueError naming the key and what is allowed
-    result_key(...)            what a stage's result depends on: its config keys, the code it runs, the data, the
-                               device, and the checkpoint it was built from
-    load_cached / save_*       read a cached result only if its key matches; write atomically (temp file, rename)
+    parse_script_args(...)     the same --key=value style for the scripts of bench/ and evidence.py
 
-A cached result is reused only if the code, data, device and config that made it are unchanged: the key of every
-stage holds its config fields, a hash of the files whose code it runs (STAGE_CODE: a stage's own and those of the
-stages it is built from), a hash of the corpus file, the device and the torch version, and the content hash of the
-checkpoint it was built from, so that a redone pretraining invalidates the SAEs and continual-learning results
-made from the old one, while an edit of a method redoes only the continual-learning runs.
+What a stage's result depends on, and how it is cached, is cache.py's; the worker pool and progress bars, jobs.py's.
 """
 
 import dataclasses
 import difflib
-import errno
-import glob
-import hashlib
 import inspect
-import io
-import json
 import math
-import os
 import re
-import sys
-import tempfile
 import typing
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from data.instructions import aux_task_names
 from data.tasks import DEFAULT_ORDER, TASKS
 from model import LORA_TARGETS
 from regularizers import METHODS
 from sae import SAE_KINDS
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------------------------
 # the configuration: every setting, grouped by stage
@@ -214,29 +197,6 @@ CHOICES = {  # fields whose value must be one of a fixed set
     "sae_reg_kind": tuple(SAE_KINDS),
     "sae_reg_norm": ("norm", "norm2", "var"),
 }
-STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those of the stages it is built from
-    "pretrain": ("seed", "corpus", "corpus_lines", "n_layer", "n_head", "n_embd", "block_size", "dropout",
-                 "bias", "batch_size", "max_iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
-                 "grad_clip", "eval_interval", "eval_iters", "instruct_tags", "instruct_iters", "instruct_lr",
-                 "instruct_examples", "sae_reg_lambda", "sae_reg_kind", "sae_reg_k", "sae_reg_l1",
-                 "sae_reg_expansion", "sae_reg_widths", "sae_reg_norm"),
-    "sae": ("sae_kind", "sae_l1", "sae_points", "sae_expansion", "sae_k", "sae_steps", "sae_batch_size",
-            "sae_tokens", "sae_auxk", "sae_aux_k", "sae_dead_firings"),
-    "cl": ("tasks", "steps_per_task", "cl_batch_size", "cl_lr", "finetune", "lora_rank", "lora_alpha", "lora_targets",
-           "content_tokens", "n_train", "n_val", "n_test", "eval_split", "diagnose", "diagnose_examples",
-           "relearn_steps", "forced_choice_k"),
-}  # and each method's own fields, '<method>_*' (regularizers.Method.config_keys)
-NOT_RESULT_KEYS = ("run", "out_dir", "preset", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device,
-# preset: in the keys as the resolved device and as the values the preset set
-
-STAGE_CODE = {  # the project's files whose code each stage runs, beside the files of the stages it is built from
-    "pretrain": ("model.py", "data/*.py", "pretrain.py"),  # + sae.py with joint SAEs, evaluate.py with instructions
-    "sae": ("sae.py", "evaluate.py", "train.py"),
-    "cl": ("regularizers.py", "evaluate.py", "train.py"),
-}  # report.py, configurator.py (settings and their checks only), evidence.py, bench/, tests/ and other files make
-# no stage's result
-
-
 def validate(config):
     """Everything that can be checked before compute is spent; ValueError names the key and what is allowed."""
     check_fields(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "sae_guided_points",
@@ -303,21 +263,6 @@ def resolve_device(config):
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return config.device
-
-
-def stage_config(config, *stages):
-    """The config fields the given stages' results depend on."""
-    return {key: getattr(config, key) for stage in stages for key in STAGE_KEYS[stage]}
-
-
-def stage_code(config, *stages):
-    """The files whose code the given stages run (STAGE_CODE), in a fixed order."""
-    files = [f for stage in stages for f in STAGE_CODE[stage]]
-    if "pretrain" in stages and config.sae_reg_lambda > 0:
-        files.append("sae.py")  # the SAEs trained jointly with the model
-    if "pretrain" in stages and config.instruct_tags:
-        files.append("evaluate.py")  # the instruction phase measures its held-out accuracy
-    return sorted({path for pattern in files for path in glob.glob(pattern, root_dir=ROOT)})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,19 +354,6 @@ def parse_script_args(argv, options_class, command, doc):
     return options, [a for a in argv if a not in mine]
 
 
-def run_script(main, argv):
-    """A script's exit status: main(argv)'s (0 if it returns None); 2 after a one-line error for bad input or a loss
-    that is not finite; 130 after Ctrl-C, in one line (what was finished is cached: a rerun resumes)."""
-    try:
-        return main(argv) or 0
-    except (ValueError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun to resume", file=sys.stderr)
-        return 130
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # validation: every check that can be made before compute is spent
 
@@ -451,201 +383,3 @@ def check_fields(config, choices, at_least_zero=()):
                 raise ValueError(f"--{name}={shown}: must be at least {low}")
             if any(v >= 2**63 for v in values):  # torch's seeds and sizes are 64-bit integers
                 raise ValueError(f"--{name}={shown}: must be below 2^63")
-
-
-def check_out_dir(path):
-    """The output folder exists (or is made) and takes a file: checked before compute, not at the first checkpoint."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--out_dir={path!r} is a file, not a folder; choose another --out_dir")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise ValueError(f"--out_dir={path!r} cannot hold files ({error.strerror}); choose another --out_dir") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# what a result depends on
-
-
-def sha256_of_files(paths):
-    """A hash of the project's files at these paths (relative to the project's root), names and contents."""
-    digest = hashlib.sha256()
-    for name in paths:
-        digest.update(name.encode())
-        with open(os.path.join(ROOT, name), "rb") as f:
-            digest.update(f.read())
-    return digest.hexdigest()[:16]
-
-
-def tensor_hash(obj):
-    """A content hash of the tensors in a nested dict / list (keys in sorted order): a checkpoint's identity."""
-    digest = hashlib.sha256()
-
-    def visit(o):
-        if torch.is_tensor(o):
-            digest.update(o.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(o, dict):
-            for k in sorted(o, key=str):
-                digest.update(str(k).encode())
-                visit(o[k])
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                visit(v)
-
-    visit(obj)
-    return digest.hexdigest()[:16]
-
-
-def result_key(config_part, code_files, device, corpus_hash, built_from=None):
-    """The full key of a cached result; JSON-normal so that it compares equal after a round trip. code_files: the
-    project files whose code made it (stage_code); corpus_hash: pretrain.corpus_hash."""
-    key = {"config": config_part, "code": sha256_of_files(code_files), "torch": torch.__version__, "device": device,
-           "corpus": corpus_hash, "built_from": built_from or {}}
-    return json.loads(json.dumps(key))
-
-
-def key_difference(old, new):
-    """What differs between two keys, in words: 'config (lr, max_iters)', 'code', 'device', ..."""
-    if not isinstance(old, dict) or "code" not in old:
-        return "an older format"
-    parts = []
-    for part in ("config", "code", "torch", "device", "corpus", "built_from"):
-        if old.get(part) != new.get(part):
-            if part == "config":
-                a, b = old.get("config") or {}, new["config"]
-                changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                parts.append(f"config ({', '.join(changed)})")
-            else:
-                parts.append({"code": "source code", "corpus": "corpus file", "built_from": "the checkpoint it "
-                              "was built from"}.get(part, part))
-    return ", ".join(parts)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# cached results on disk, written atomically
-
-
-def write_bytes(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def write_atomically(path, data):
-    """Write data (bytes) to a temporary file of this process beside path, then rename it to path: an interrupted or
-    failed write leaves the previous file intact and no temporary file, and two processes writing one file never
-    share a temporary file (the last to finish wins). A full disk or another OS error is a one-line ValueError."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write_bytes(tmp, data)
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except OSError as error:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if error.errno == errno.ENOSPC:
-            raise ValueError(f"cannot write {path}: the disk is full ({len(data):,} bytes needed); free some space "
-                             "and rerun (the previous file is intact)") from None
-        raise ValueError(f"cannot write {path} ({error.strerror}); the previous file is intact") from None
-
-
-def save_checkpoint(obj, path):
-    """torch.save, written atomically (write_atomically)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_atomically(path, buffer.getvalue())
-
-
-def save_json(obj, path):
-    """JSON, written atomically; NaN or infinity is an error, never a bare NaN in the file (not valid JSON)."""
-    write_atomically(path, json.dumps(obj, indent=2, allow_nan=False).encode())
-
-
-def save_text(text, path):
-    write_atomically(path, text.encode())
-
-
-def read_json(path):
-    """The JSON object at path, or None if it is missing; a damaged file is named, and None returned."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-        if not isinstance(obj, dict):
-            raise ValueError("not a JSON object")
-        return obj
-    except (ValueError, UnicodeDecodeError) as error:
-        print(f"{path} is damaged ({error}); redoing it")
-        return None
-
-
-def load_cached(path, key, loader):
-    """loader(path) if the file there was made with this key, else None; says why a file is not reused."""
-    if not os.path.exists(path):
-        return None
-    try:
-        obj = loader(path)
-    except Exception as error:  # a file we cannot read is redone, not trusted
-        print(f"cannot read {path} ({type(error).__name__}: {error}); redoing it")
-        return None
-    if obj is None:
-        return None
-    if obj.get("key") != key:
-        print(f"{path} was made with a different {key_difference(obj.get('key'), key)}; redoing it")
-        return None
-    return obj
-
-
-def load_checkpoint(path, key, hashed):
-    """The checkpoint at path if it was made with this key and its tensors `hashed` (a field: 'model', 'saes')
-    still match the content hash stored beside them; else None (a damaged file is named and redone)."""
-    checkpoint = load_cached(path, key, lambda p: torch.load(p, map_location="cpu", weights_only=False))
-    if checkpoint is not None and tensor_hash(checkpoint[hashed]) != checkpoint["sha"]:
-        print(f"{path} is damaged (its {hashed} does not match its content hash); redoing it")
-        return None
-    return checkpoint
-
-
-def load_json_result(path, key):
-    return load_cached(path, key, read_json)
-
-
-def summary_is_there(stage, path, summary_path, key):
-    """A finished stage is reused only with its summary JSON, made with the same key, beside it; else it is redone
-    (and the summary written again)."""
-    if load_json_result(summary_path, key) is not None:
-        print(f"{stage}: reusing {path}")
-        return True
-    print(f"{stage}: {summary_path} is missing or stale; redoing the stage")
-    return False
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# progress bars that read well in a terminal and in a log file
-
-
-class LogLines:
-    """A file for tqdm in a log: each redraw becomes a line of its own (no carriage returns, no blank lines)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text):
-        line = text.replace("\r", "").strip("\n").rstrip()
-        if line:
-            self.stream.write(line + "\n")
-
-    def flush(self):
-        self.stream.flush()
-
-
-def progress(iterable=None, **kwargs):
-    """tqdm that redraws in place in a terminal, and writes a line at most every 30 s into a log file (when
-    stderr is not a terminal), plus one when the bar closes."""
-    if not sys.stderr.isatty():
-        if hasattr(sys.stdout, "reconfigure"):  # printed lines and bar lines reach the log in order
-            sys.stdout.reconfigure(line_buffering=True)
-        kwargs.update(mininterval=30.0, leave=True, ascii=True, file=LogLines(sys.stderr))
-    return tqdm(iterable, **kwargs)

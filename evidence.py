@@ -33,11 +33,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.utils import vector_to_parameters  # noqa: E402
 
+import cache
 import configurator as cfg  # noqa: E402
+import jobs
 import regularizers as reg  # noqa: E402
 import report  # noqa: E402
 import train  # noqa: E402
-from configurator import progress  # noqa: E402
+from jobs import progress  # noqa: E402
 from data.tasks import build_task_suite, trim_padding  # noqa: E402
 from data.tokenizer import NEWLINE, VOCAB_SIZE, encode  # noqa: E402
 from data.world import generate_lines  # noqa: E402
@@ -727,7 +729,7 @@ def timed(function, *args):
 
 def save(part, result, seconds, out_dir, command):
     """Write a part's JSON and plot, print its table; returns its section of evidence.md."""
-    cfg.save_json(result, os.path.join(out_dir, f"{part}.json"))
+    cache.save_json(result, os.path.join(out_dir, f"{part}.json"))
     PLOTS[part](result, os.path.join(out_dir, f"{part}.png"))
     table = TABLES[part](result)
     print(table)
@@ -744,7 +746,7 @@ def write_report(sections, path):
                 if part in PARTS and part not in sections:
                     sections[part] = "## " + text.rstrip("\n") + "\n"
     body = "\n".join(sections[part] for part in PARTS if part in sections)
-    cfg.save_text("# Evidence for the thesis (each section names the command that made it)\n\n" + body, path)
+    cache.save_text("# Evidence for the thesis (each section names the command that made it)\n\n" + body, path)
 
 
 def main(argv):
@@ -814,4 +816,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(cfg.run_script(main, sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

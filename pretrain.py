@@ -13,8 +13,9 @@ import time
 
 import torch
 
-import configurator as cfg
-from configurator import progress, stage_code, stage_config
+import cache
+from cache import stage_code, stage_config
+from jobs import progress
 from data.corpus import get_batch, load_corpus
 from data.instructions import AUX_TASKS, aux_task_names
 from data.tasks import build_task_suite, concat_splits, trim_padding
@@ -40,7 +41,7 @@ def corpus_of(config):
 def corpus_hash(config):
     """The corpus's part of every key: a hash of what was read (once: a pipe cannot be read again), or 'generated'
     for the tiny world's corpus, which its config fields make."""
-    return cfg.tensor_hash(list(corpus_of(config))) if config.corpus else "generated"
+    return cache.tensor_hash(list(corpus_of(config))) if config.corpus else "generated"
 
 
 AUX_HELD_OUT = 32  # held-out prompts per auxiliary task: the instruction-following accuracy is measured on them
@@ -184,10 +185,10 @@ def pretrain(config, device):
     reused only when both are there and made by this key)."""
     run_dir = os.path.join(config.out_dir, config.run)
     path, summary_path = os.path.join(run_dir, "base.pt"), os.path.join(run_dir, "pretrain.json")
-    key = cfg.result_key(stage_config(config, "pretrain"), stage_code(config, "pretrain"), device, corpus_hash(config))
-    checkpoint = cfg.load_checkpoint(path, key, "model")
+    key = cache.result_key(stage_config(config, "pretrain"), stage_code(config, "pretrain"), device, corpus_hash(config))
+    checkpoint = cache.load_checkpoint(path, key, "model")
     if checkpoint is not None and checkpoint["done"]:
-        if cfg.summary_is_there("pretrain", path, summary_path, key):
+        if cache.summary_is_there("pretrain", path, summary_path, key):
             return checkpoint
         checkpoint = None
     run = new_run(config, device, key)
@@ -224,7 +225,7 @@ def snapshot(run, done, val_loss=None):
     return {"key": run["key"], "model_args": run["model_args"], "model": model.state_dict(),
             "optimizer": run["optimizer"].state_dict(), "generator": run["generator"].get_state(),
             "torch_rng": torch.get_rng_state(), "iter": run["iter"], "history": run["history"], "done": done,
-            "val_loss": val_loss, "sha": cfg.tensor_hash(model.state_dict()),
+            "val_loss": val_loss, "sha": cache.tensor_hash(model.state_dict()),
             "joint_saes": {p: s.state_dict() for p, s in run["joint_saes"].items()}}
 
 
@@ -294,7 +295,7 @@ def train_run(run, config, device, path):
                 bar.write(f"iter {it + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}" + (
                     f", held-out auxiliary accuracy {history[-1]['aux_accuracy']:.3f}" if it >= config.max_iters
                     else ""))
-                cfg.save_checkpoint(snapshot(run, done=False), path)
+                cache.save_checkpoint(snapshot(run, done=False), path)
     return {"seconds": time.time() - t0, "ms_per_iter": 1000 * step_seconds / max(1, total_iters - start_iter)}
 
 
@@ -307,7 +308,7 @@ def finish(run, config, device, path, summary_path, timing):
     else:
         samples = greedy_samples(model, SAMPLE_PROMPTS, device)
     checkpoint = snapshot(run, done=True, val_loss=val_loss)
-    cfg.save_checkpoint(checkpoint, path)
+    cache.save_checkpoint(checkpoint, path)
     summary = {"key": run["key"], "val_loss": val_loss, "train_loss": history[-1]["train_loss"], **timing,
                "history": history, "samples": samples, "params": model.num_params(), "sha": checkpoint["sha"]}
     aux = aux_suite(config)
@@ -319,7 +320,7 @@ def finish(run, config, device, path, summary_path, timing):
                                                                                 for s in aux.values())], device)
         print(f"pretrain: instruction phase, held-out auxiliary accuracy {summary['aux_accuracy']:.3f} "
               f"(trained prompts {summary['aux_train_accuracy']:.3f})")
-    cfg.save_json(summary, summary_path)
+    cache.save_json(summary, summary_path)
     print(f"pretrain: val loss {val_loss:.4f} in {timing['seconds']:.1f}s; greedy samples:")
     for sample in samples:
         print("   ", sample.strip("\n").replace("\n", "\n    "))

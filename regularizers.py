@@ -49,7 +49,7 @@ from data.tasks import Batch, concat_splits, example_keys
 from model import AdaptersOff, frozen_copy
 
 # ----------------------------------------------------------------------------------------------------------------
-# the methods: the hooks, each method, and METHODS (the math they use follows)
+# the hooks every method has, and the baseline that adds nothing
 
 
 class Method:
@@ -101,6 +101,25 @@ class SeqFT(Method):
     """Sequential fine-tuning: cross-entropy only. The lower bound."""
 
     name = "seqft"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the one squared hinge every constraint-style penalty goes through
+
+
+def hinge_penalty(drift, weight, bound, upper=True, per_coordinate=False):
+    """Squared-hinge penalty on drift (>= 0) with non-negative weights; see the module docstring.
+
+    upper=True:  penalise drift above bound (protect).   upper=False: penalise drift below bound (guide)."""
+    sign = 1.0 if upper else -1.0
+    if per_coordinate:
+        return (weight * F.relu(sign * (drift - bound)).pow(2)).sum()
+    mean_drift = (weight * drift).sum() / weight.sum().clamp(min=1e-12)
+    return F.relu(sign * (mean_drift - bound)).pow(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the weight-space family (EWC, SI, MAS): one penalty, (lambda/2) sum_i w_i (theta_i - theta*_i)^2, three importances
 
 
 class WeightSpaceMethod(Method):
@@ -178,6 +197,119 @@ class MAS(WeightSpaceMethod):
         return mas_importance(model, split, self.config.mas_examples, seed=self.seed + t)
 
 
+def trainable(model):
+    """(name, parameter) of the parameters being trained, in a fixed order: the coordinates theta_i."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def flat_parameters(model):
+    return parameters_to_vector([p for _, p in trainable(model)])
+
+
+def weight_penalty(model, anchors, lam):
+    """(lambda/2) sum_anchors sum_i w_i (theta_i - theta*_i)^2: the per-coordinate hinge with bound 0."""
+    theta = flat_parameters(model)  # differentiable: gradients flow back to each parameter
+    total = 0.0
+    for anchor in anchors:
+        drift = (theta - anchor["theta"]).abs()
+        total = total + 0.5 * lam * hinge_penalty(drift, anchor["importance"], 0.0, per_coordinate=True)
+    return total
+
+
+def consolidate(anchors, importance, theta, mode="separate", gamma=1.0):
+    """After a task, add (w, theta*) to anchors, each a flat vector over the trained parameters.
+
+    separate: one (w, theta*) pair per past task.   online: w <- gamma w_old + w_new, one anchor at theta* = now."""
+    if mode == "separate" or not anchors:
+        anchors.append({"importance": importance, "theta": theta})
+    elif mode == "online":
+        anchors[0] = {"importance": gamma * anchors[0]["importance"] + importance, "theta": theta}
+    else:
+        raise ValueError(f"consolidation mode {mode!r}: choose 'separate' or 'online'")
+
+
+def fisher_diagonal(model, split, n_examples, labels="true", seed=0):
+    """EWC's importance, the diagonal Fisher F_i = E_x E_y [ (d log p(y|x) / d theta_i)^2 ], in eval mode.
+
+    labels="true" samples each answer token y_t from the model's own distribution given the ground-truth prefix
+    (the true Fisher); labels="empirical" uses the ground-truth tokens."""
+    if labels not in ("true", "empirical"):
+        raise ValueError(f"fisher labels {labels!r}: choose 'true' or 'empirical'")
+
+    def log_likelihood(params, x1, y1, m1):
+        logits = functional_call(model, params, (x1.unsqueeze(0),))[0][0]  # (T, V)
+        return answer_log_likelihood(logits, y1, m1)
+
+    with evaluating(model):
+        batch = sample_examples(split, n_examples, seed, model)
+        y = batch.y
+        if labels == "true":
+            with torch.no_grad():
+                probs = F.softmax(model(batch.x)[0], dim=-1)  # (N, T, V)
+                sample_gen = torch.Generator(device=probs.device).manual_seed(seed)
+                y = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=sample_gen).view_as(y)
+        return per_example_mean(model, log_likelihood, (batch.x, y, batch.answer_mask), torch.square)
+
+
+def mas_importance(model, split, n_examples, seed=0):
+    """MAS's importance: w_i = E_x | d ||f(x)||^2 / d theta_i |, with ||f(x)||^2 the squared L2 norm of the
+    logits, averaged over the answer positions (where the model writes its output). No labels are used."""
+
+    def output_norm(params, x1, m1):
+        logits = functional_call(model, params, (x1.unsqueeze(0),))[0][0]  # (T, V)
+        return (logits.pow(2).sum(-1) * m1).sum() / m1.sum().clamp(min=1.0)
+
+    with evaluating(model):
+        batch = sample_examples(split, n_examples, seed, model)
+        return per_example_mean(model, output_norm, (batch.x, batch.answer_mask), torch.abs)
+
+
+def per_example_mean(model, example_fn, tensors, reduce, chunk_size=64):
+    """(1/N) sum_n reduce( d example_fn(theta; example n) / d theta ), as a flat vector over the trained parameters.
+
+    Per-example gradients come from torch.func's vmap of grad, never from a batch-mean gradient. example_fn(params,
+    *one example's tensors) is a scalar; tensors are (N, ...) each."""
+    params = {name: p.detach() for name, p in trainable(model)}
+    per_example_grad = vmap(grad(example_fn), in_dims=(None,) + (0,) * len(tensors))
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    n = len(tensors[0])
+    for start in range(0, n, chunk_size):
+        with warnings.catch_warnings():  # SDPA has no vmap batching rule on CPU yet; the fallback is correct
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            grads = per_example_grad(params, *(t[start : start + chunk_size] for t in tensors))
+        for name, g in grads.items():
+            total[name] += reduce(g).sum(0)
+    return parameters_to_vector([total[name] / n for name in params])
+
+
+def answer_log_likelihood(logits, targets, answer_mask):
+    """sum over answer positions of log p(target_t | x_<=t); logits (..., T, V), targets and mask (..., T)."""
+    log_probs = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (log_probs * answer_mask).sum(-1)
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) for the duration, then the mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def sample_examples(split, n_examples, seed, model):
+    """A seeded random Batch of n_examples of the split, on the model's device."""
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n_examples]
+    device = next(model.parameters()).device
+    return Batch(*(t.to(device) for t in split.rows(idx)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LwF: the task-start model's outputs, distilled
+
+
 class LwF(Method):
     """Learning without forgetting: lambda T^2 KL(p_ref || p_theta) at temperature T on the current batch's content
     tokens, p_ref the model at task start (a frozen copy held during the task only)."""
@@ -196,6 +328,114 @@ class LwF(Method):
 
     def after_task(self, model, split, t):
         self.reference = None
+
+
+def distillation_loss(logits, ref_logits, mask, temperature):
+    """T^2 * mean over positions where mask is 1 of KL( softmax(ref_logits / T) || softmax(logits / T) )."""
+    ref_log_probs = F.log_softmax(ref_logits / temperature, dim=-1)
+    log_probs = F.log_softmax(logits / temperature, dim=-1)
+    kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)  # (B, T)
+    return temperature**2 * (kl * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SAE-guided activation regularization (the paper's method): the penalty on the drift, the mask, the class
+
+
+def sae_guided_penalty(drifts, masks, *, lambda_p, lambda_g, eps, delta):
+    """lambda_p sum_l relu(D_prot_l - eps)^2 + lambda_g sum_l relu(delta - D_guide_l)^2, with
+    D_prot_l = sum_j (1 - m_j) d_j / sum_j (1 - m_j) and D_guide_l = sum_j m_j d_j / sum_j m_j, for the drift d
+    ({point: (d_sae,)}) of each SAE point l.
+    Returns (penalty, {'protect': sum_l D_prot_l, 'guide': sum_l D_guide_l}) for logging."""
+    penalty = 0.0
+    logs = {"protect": 0.0, "guide": 0.0}
+    for p, drift in drifts.items():
+        m = masks[p]
+        penalty = penalty + lambda_p * hinge_penalty(drift, 1.0 - m, eps, upper=True)
+        penalty = penalty + lambda_g * hinge_penalty(drift, m, delta, upper=False)
+        with torch.no_grad():
+            logs["protect"] += ((1 - m) * drift).sum().item() / (1 - m).sum().clamp(min=1e-12).item()
+            logs["guide"] += (m * drift).sum().item() / m.sum().clamp(min=1e-12).item()
+    return penalty, logs
+
+
+def feature_drift(z, z_ref):
+    """d_j = mean over tokens of |z_j - z_ref_j|; z, z_ref (n_tokens, d_sae), the codes of the content tokens."""
+    return (z - z_ref).abs().mean(0)
+
+
+def sae_codes(sae, x, codes="topk"):
+    """The SAE code the drift is measured on: the TopK code z (default) or the dense ReLU pre-activations."""
+    return sae.encode(x) if codes == "topk" else sae.pre_activations(x)
+
+
+def content_codes(sae, residual, content_mask, codes="topk"):
+    """The SAE codes of the content tokens only: residual (B, T, C), content_mask (B, T). TopK codes come sparse,
+    (values, indices) each (n_tokens, k), with sae.encode_sparse's cheap backward; dense codes as (n_tokens, d_sae).
+    Only the tokens the drift is measured on are encoded."""
+    x = residual[content_mask.bool()]  # (n_tokens, C)
+    return sae.encode_sparse(x) if codes == "topk" else sae.pre_activations(x)
+
+
+@torch.no_grad()
+def feature_relevance(reference, saes, split, n_examples, codes="topk", batch_size=128):
+    """{point: r (d_sae,)}: r_j = mean over content tokens of |z_j| under the reference model, divided by max_j r_j
+    so that r lies in [0, 1]."""
+    device = next(reference.parameters()).device
+    points = sorted(saes)
+    total = {p: 0.0 for p in points}
+    n_tokens = 0.0
+    for start in range(0, min(n_examples, len(split)), batch_size):
+        end = min(start + batch_size, n_examples, len(split))
+        x, content = split.x[start:end].to(device), split.content_mask[start:end].to(device)
+        _, _, residuals = reference(x, read=points)
+        for p in points:
+            z = sae_codes(saes[p], residuals[p], codes)  # (B, T, d_sae)
+            total[p] = total[p] + (z.abs() * content.unsqueeze(-1)).sum((0, 1))
+        n_tokens += content.sum().item()
+    relevance = {}
+    for p in points:
+        r = total[p] / n_tokens
+        relevance[p] = r / r.max().clamp(min=1e-12)
+    return relevance
+
+
+def propagate_mask(relevance, decoder, knn=4, alpha=0.5):
+    """m_j = max(r_j, alpha * max_{k in N(j)} S_jk r_k), S_jk the cosine similarity of decoder rows j and k and
+    N(j) the knn most similar other features: a feature close to a relevant one counts as partly relevant."""
+    rows = F.normalize(decoder, dim=1)
+    similarity = rows @ rows.t()  # (d_sae, d_sae)
+    similarity.fill_diagonal_(float("-inf"))  # a feature is not its own neighbour
+    neighbour_sim, neighbours = similarity.topk(knn, dim=1)  # (d_sae, knn)
+    spread = (neighbour_sim * relevance[neighbours]).max(dim=1).values
+    return torch.maximum(relevance, alpha * spread)
+
+
+def build_feature_masks(reference, saes, split, *, n_examples, knn, alpha, codes="topk", binary_threshold=None):
+    """{point: m (d_sae,)}: the continuous feature mask of a task from its data. Only these vectors are kept."""
+    relevance = feature_relevance(reference, saes, split, n_examples, codes)
+    masks = {}
+    for p, r in relevance.items():
+        m = propagate_mask(r, saes[p].W_dec.detach(), knn, alpha)
+        if binary_threshold is not None:
+            m = (m >= binary_threshold).float()
+        masks[p] = m.detach().clone()
+    return masks
+
+
+def merge_past_masks(mask, past_masks):
+    """Option: features earlier tasks relied on are protected too: m_j <- m_j * (1 - max_{s<t} m^s_j)."""
+    if not past_masks:
+        return mask
+    past = torch.stack(past_masks).max(dim=0).values
+    return mask * (1.0 - past)
+
+
+def shuffled_masks(masks, seed):
+    """{point: m[pi]} with pi a seeded random permutation of the features: the same mass and the same values,
+    on features chosen without looking at the task (the random-mask control of the ablations)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {p: m[torch.randperm(len(m), generator=generator).to(m.device)] for p, m in masks.items()}
 
 
 class SAEGuided(Method):
@@ -278,6 +518,78 @@ class SAEGuided(Method):
             if point not in sae_points:
                 raise ValueError(f"--sae_guided_points: {point} has no SAE; valid points are "
                                  f"{', '.join(map(str, sae_points))} (--sae_points)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SAE-guided's speed-up: the reference's TopK codes cached once per task and the drift computed on sparse codes
+# (the same d_j as feature_drift, tested; code_drift picks the path)
+
+
+def code_drift(code, ref_code, d_sae):
+    """d (d_sae,) between two codes of the same tokens, sparse (TopK) or dense."""
+    if isinstance(code, tuple):
+        return sparse_feature_drift(code, ref_code, d_sae)
+    return feature_drift(code, ref_code)
+
+
+def sparse_feature_drift(code, ref_code, d_sae):
+    """The same d_j from TopK codes kept sparse, (values, indices) each (n_tokens, k), without a dense
+    (n_tokens, d_sae) tensor: a latent active in both codes of a token adds |z_j - z_ref_j|, a latent active in one
+    only adds its value (the other is 0), and the other latents add nothing."""
+    values, indices = code
+    ref_values, ref_indices = ref_code
+    same = indices.unsqueeze(-1) == ref_indices.unsqueeze(-2)  # (n, k, k): z's a-th latent is z_ref's b-th
+    ref_at_z = (same * ref_values.unsqueeze(-2)).sum(-1)  # (n, k): z_ref at z's latents, 0 where inactive
+    ref_only = ref_values * ~same.any(-2)  # (n, k): z_ref's latents that z does not have
+    total = values.new_zeros(d_sae).index_add(0, indices.reshape(-1), (values - ref_at_z).abs().reshape(-1))
+    total = total.index_add(0, ref_indices.reshape(-1), ref_only.reshape(-1))
+    return total / max(len(values), 1)
+
+
+def sparse_to_dense(values, indices, d_sae):
+    """z (..., d_sae) from a TopK code's (values, indices) (..., k); differentiable in the values."""
+    return values.new_zeros(*values.shape[:-1], d_sae).scatter(-1, indices, values)
+
+
+@torch.no_grad()
+def sparse_codes(model, saes, x, content_mask=None, batch_size=128):
+    """{point: (values, indices), each (N, T, k)}: the model's TopK SAE codes on the inputs x (N, T), kept sparse;
+    with a content_mask (N, T), only those tokens are encoded (content_codes), the others left zero."""
+    points = sorted(saes)
+    values, indices = {p: [] for p in points}, {p: [] for p in points}
+    for start in range(0, len(x), batch_size):
+        rows = slice(start, start + batch_size)
+        _, _, residuals = model(x[rows], read=points)
+        content = torch.ones_like(x[rows], dtype=torch.bool) if content_mask is None else content_mask[rows].bool()
+        for p in points:
+            v, i = content_codes(saes[p], residuals[p], content)  # (n_tokens, k) each
+            values[p].append(v.new_zeros(*content.shape, v.size(-1)).index_put_((content,), v))
+            indices[p].append(i.new_zeros(*content.shape, i.size(-1)).index_put_((content,), i))
+    return {p: (torch.cat(values[p]), torch.cat(indices[p])) for p in points}
+
+
+def reference_codes(reference, saes, split):
+    """{'rows': {example key: row}, 'codes': sparse_codes of every example of the split at its content tokens}.
+    The reference is frozen while a task trains, so its codes on the task's training examples are computed once,
+    when the task starts, and looked up per batch (lookup_codes)."""
+    device = next(reference.parameters()).device
+    rows = {key: row for row, key in enumerate(example_keys(split.rows(slice(None))))}
+    return {"rows": rows, "codes": sparse_codes(reference, saes, split.x.to(device), split.content_mask.to(device))}
+
+
+def lookup_codes(cache, batch):
+    """{point: (values, indices), each (n_tokens, k)}: the cached codes of the batch's examples at its content
+    tokens, the same tokens in the same order as content_codes."""
+    codes = cache["codes"]
+    some_values = next(iter(codes.values()))[0]
+    rows = torch.tensor([cache["rows"][key] for key in example_keys(batch)], device=some_values.device)
+    length, content = batch.x.size(1), batch.content_mask.bool()  # the batch may be trimmed: its first columns
+    return {p: (values[rows, :length][content], indices[rows, :length][content])
+            for p, (values, indices) in codes.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SAE-FD, O-LoRA, freeze, replay, multitask
 
 
 class SAEFD(Method):
@@ -364,6 +676,17 @@ class OLoRA(Method):
         return [list(layer.past) for layer in self.layers]
 
 
+def orthogonality_loss(model):
+    """sum over adapted layers sum_{s<t} ||A_t A_s^T||_F^2: the current adapter's rows (the input directions it
+    reads) against every earlier adapter's; 0 when they span orthogonal subspaces."""
+    total = 0.0
+    for layer in model.lora_layers():
+        *earlier, (A, _) = layer.pairs()
+        for A_s, _ in earlier:
+            total = total + (A @ A_s.t()).pow(2).sum()
+    return total
+
+
 class Freeze(Method):
     """Freeze the bottom (after Zheng et al. 2025, "spurious forgetting"): the token and position embeddings and the
     first freeze_layers blocks are not trained during the sequence (under LoRA: those blocks' adapters); no penalty.
@@ -414,6 +737,12 @@ class Replay(Method):
             raise ValueError(f"--replay_fraction={config.replay_fraction}: must be in (0, 1]")
 
 
+def replay_sample(split, fraction, seed=0):
+    """Indices of a random `fraction` of a task's training examples, to keep in the replay buffer."""
+    n = max(1, int(round(fraction * len(split))))
+    return torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
+
+
 class Multitask(Method):
     """Every task at once, as many steps as the whole sequence: the upper bound."""
 
@@ -421,335 +750,12 @@ class Multitask(Method):
     joint = True
 
 
-# every method by its name, in the order of the reports
+# ----------------------------------------------------------------------------------------------------------------
+# every method by its name, and what a method keeps
 
 
 METHODS = {cls.name: cls for cls in (SeqFT, EWC, SI, MAS, LwF, OLoRA, SAEFD, SAEGuided, Freeze, Replay,
                                      Multitask)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the one squared hinge
-
-
-def hinge_penalty(drift, weight, bound, upper=True, per_coordinate=False):
-    """Squared-hinge penalty on drift (>= 0) with non-negative weights; see the module docstring.
-
-    upper=True:  penalise drift above bound (protect).   upper=False: penalise drift below bound (guide)."""
-    sign = 1.0 if upper else -1.0
-    if per_coordinate:
-        return (weight * F.relu(sign * (drift - bound)).pow(2)).sum()
-    mean_drift = (weight * drift).sum() / weight.sum().clamp(min=1e-12)
-    return F.relu(sign * (mean_drift - bound)).pow(2)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the weight-space family: one penalty, three importances
-
-
-def trainable(model):
-    """(name, parameter) of the parameters being trained, in a fixed order: the coordinates theta_i."""
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def flat_parameters(model):
-    return parameters_to_vector([p for _, p in trainable(model)])
-
-
-def weight_penalty(model, anchors, lam):
-    """(lambda/2) sum_anchors sum_i w_i (theta_i - theta*_i)^2: the per-coordinate hinge with bound 0."""
-    theta = flat_parameters(model)  # differentiable: gradients flow back to each parameter
-    total = 0.0
-    for anchor in anchors:
-        drift = (theta - anchor["theta"]).abs()
-        total = total + 0.5 * lam * hinge_penalty(drift, anchor["importance"], 0.0, per_coordinate=True)
-    return total
-
-
-def consolidate(anchors, importance, theta, mode="separate", gamma=1.0):
-    """After a task, add (w, theta*) to anchors, each a flat vector over the trained parameters.
-
-    separate: one (w, theta*) pair per past task.   online: w <- gamma w_old + w_new, one anchor at theta* = now."""
-    if mode == "separate" or not anchors:
-        anchors.append({"importance": importance, "theta": theta})
-    elif mode == "online":
-        anchors[0] = {"importance": gamma * anchors[0]["importance"] + importance, "theta": theta}
-    else:
-        raise ValueError(f"consolidation mode {mode!r}: choose 'separate' or 'online'")
-
-
-def per_example_mean(model, example_fn, tensors, reduce, chunk_size=64):
-    """(1/N) sum_n reduce( d example_fn(theta; example n) / d theta ), as a flat vector over the trained parameters.
-
-    Per-example gradients come from torch.func's vmap of grad, never from a batch-mean gradient. example_fn(params,
-    *one example's tensors) is a scalar; tensors are (N, ...) each."""
-    params = {name: p.detach() for name, p in trainable(model)}
-    per_example_grad = vmap(grad(example_fn), in_dims=(None,) + (0,) * len(tensors))
-    total = {name: torch.zeros_like(p) for name, p in params.items()}
-    n = len(tensors[0])
-    for start in range(0, n, chunk_size):
-        with warnings.catch_warnings():  # SDPA has no vmap batching rule on CPU yet; the fallback is correct
-            warnings.filterwarnings("ignore", message=".*batching rule.*")
-            grads = per_example_grad(params, *(t[start : start + chunk_size] for t in tensors))
-        for name, g in grads.items():
-            total[name] += reduce(g).sum(0)
-    return parameters_to_vector([total[name] / n for name in params])
-
-
-def answer_log_likelihood(logits, targets, answer_mask):
-    """sum over answer positions of log p(target_t | x_<=t); logits (..., T, V), targets and mask (..., T)."""
-    log_probs = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (log_probs * answer_mask).sum(-1)
-
-
-@contextlib.contextmanager
-def evaluating(model):
-    """Eval mode (no dropout) for the duration, then the mode the model was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def sample_examples(split, n_examples, seed, model):
-    """A seeded random Batch of n_examples of the split, on the model's device."""
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n_examples]
-    device = next(model.parameters()).device
-    return Batch(*(t.to(device) for t in split.rows(idx)))
-
-
-def fisher_diagonal(model, split, n_examples, labels="true", seed=0):
-    """EWC's importance, the diagonal Fisher F_i = E_x E_y [ (d log p(y|x) / d theta_i)^2 ], in eval mode.
-
-    labels="true" samples each answer token y_t from the model's own distribution given the ground-truth prefix
-    (the true Fisher); labels="empirical" uses the ground-truth tokens."""
-    if labels not in ("true", "empirical"):
-        raise ValueError(f"fisher labels {labels!r}: choose 'true' or 'empirical'")
-
-    def log_likelihood(params, x1, y1, m1):
-        logits = functional_call(model, params, (x1.unsqueeze(0),))[0][0]  # (T, V)
-        return answer_log_likelihood(logits, y1, m1)
-
-    with evaluating(model):
-        batch = sample_examples(split, n_examples, seed, model)
-        y = batch.y
-        if labels == "true":
-            with torch.no_grad():
-                probs = F.softmax(model(batch.x)[0], dim=-1)  # (N, T, V)
-                sample_gen = torch.Generator(device=probs.device).manual_seed(seed)
-                y = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=sample_gen).view_as(y)
-        return per_example_mean(model, log_likelihood, (batch.x, y, batch.answer_mask), torch.square)
-
-
-def mas_importance(model, split, n_examples, seed=0):
-    """MAS's importance: w_i = E_x | d ||f(x)||^2 / d theta_i |, with ||f(x)||^2 the squared L2 norm of the
-    logits, averaged over the answer positions (where the model writes its output). No labels are used."""
-
-    def output_norm(params, x1, m1):
-        logits = functional_call(model, params, (x1.unsqueeze(0),))[0][0]  # (T, V)
-        return (logits.pow(2).sum(-1) * m1).sum() / m1.sum().clamp(min=1.0)
-
-    with evaluating(model):
-        batch = sample_examples(split, n_examples, seed, model)
-        return per_example_mean(model, output_norm, (batch.x, batch.answer_mask), torch.abs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# SAE-guided activation regularization: masks, codes, drift
-
-
-def sae_codes(sae, x, codes="topk"):
-    """The SAE code the drift is measured on: the TopK code z (default) or the dense ReLU pre-activations."""
-    return sae.encode(x) if codes == "topk" else sae.pre_activations(x)
-
-
-def sparse_to_dense(values, indices, d_sae):
-    """z (..., d_sae) from a TopK code's (values, indices) (..., k); differentiable in the values."""
-    return values.new_zeros(*values.shape[:-1], d_sae).scatter(-1, indices, values)
-
-
-def content_codes(sae, residual, content_mask, codes="topk"):
-    """The SAE codes of the content tokens only: residual (B, T, C), content_mask (B, T). TopK codes come sparse,
-    (values, indices) each (n_tokens, k), with sae.encode_sparse's cheap backward; dense codes as (n_tokens, d_sae).
-    Only the tokens the drift is measured on are encoded."""
-    x = residual[content_mask.bool()]  # (n_tokens, C)
-    return sae.encode_sparse(x) if codes == "topk" else sae.pre_activations(x)
-
-
-@torch.no_grad()
-def feature_relevance(reference, saes, split, n_examples, codes="topk", batch_size=128):
-    """{point: r (d_sae,)}: r_j = mean over content tokens of |z_j| under the reference model, divided by max_j r_j
-    so that r lies in [0, 1]."""
-    device = next(reference.parameters()).device
-    points = sorted(saes)
-    total = {p: 0.0 for p in points}
-    n_tokens = 0.0
-    for start in range(0, min(n_examples, len(split)), batch_size):
-        end = min(start + batch_size, n_examples, len(split))
-        x, content = split.x[start:end].to(device), split.content_mask[start:end].to(device)
-        _, _, residuals = reference(x, read=points)
-        for p in points:
-            z = sae_codes(saes[p], residuals[p], codes)  # (B, T, d_sae)
-            total[p] = total[p] + (z.abs() * content.unsqueeze(-1)).sum((0, 1))
-        n_tokens += content.sum().item()
-    relevance = {}
-    for p in points:
-        r = total[p] / n_tokens
-        relevance[p] = r / r.max().clamp(min=1e-12)
-    return relevance
-
-
-def propagate_mask(relevance, decoder, knn=4, alpha=0.5):
-    """m_j = max(r_j, alpha * max_{k in N(j)} S_jk r_k), S_jk the cosine similarity of decoder rows j and k and
-    N(j) the knn most similar other features: a feature close to a relevant one counts as partly relevant."""
-    rows = F.normalize(decoder, dim=1)
-    similarity = rows @ rows.t()  # (d_sae, d_sae)
-    similarity.fill_diagonal_(float("-inf"))  # a feature is not its own neighbour
-    neighbour_sim, neighbours = similarity.topk(knn, dim=1)  # (d_sae, knn)
-    spread = (neighbour_sim * relevance[neighbours]).max(dim=1).values
-    return torch.maximum(relevance, alpha * spread)
-
-
-def build_feature_masks(reference, saes, split, *, n_examples, knn, alpha, codes="topk", binary_threshold=None):
-    """{point: m (d_sae,)}: the continuous feature mask of a task from its data. Only these vectors are kept."""
-    relevance = feature_relevance(reference, saes, split, n_examples, codes)
-    masks = {}
-    for p, r in relevance.items():
-        m = propagate_mask(r, saes[p].W_dec.detach(), knn, alpha)
-        if binary_threshold is not None:
-            m = (m >= binary_threshold).float()
-        masks[p] = m.detach().clone()
-    return masks
-
-
-@torch.no_grad()
-def sparse_codes(model, saes, x, content_mask=None, batch_size=128):
-    """{point: (values, indices), each (N, T, k)}: the model's TopK SAE codes on the inputs x (N, T), kept sparse;
-    with a content_mask (N, T), only those tokens are encoded (content_codes), the others left zero."""
-    points = sorted(saes)
-    values, indices = {p: [] for p in points}, {p: [] for p in points}
-    for start in range(0, len(x), batch_size):
-        rows = slice(start, start + batch_size)
-        _, _, residuals = model(x[rows], read=points)
-        content = torch.ones_like(x[rows], dtype=torch.bool) if content_mask is None else content_mask[rows].bool()
-        for p in points:
-            v, i = content_codes(saes[p], residuals[p], content)  # (n_tokens, k) each
-            values[p].append(v.new_zeros(*content.shape, v.size(-1)).index_put_((content,), v))
-            indices[p].append(i.new_zeros(*content.shape, i.size(-1)).index_put_((content,), i))
-    return {p: (torch.cat(values[p]), torch.cat(indices[p])) for p in points}
-
-
-def reference_codes(reference, saes, split):
-    """{'rows': {example key: row}, 'codes': sparse_codes of every example of the split at its content tokens}.
-    The reference is frozen while a task trains, so its codes on the task's training examples are computed once,
-    when the task starts, and looked up per batch (lookup_codes)."""
-    device = next(reference.parameters()).device
-    rows = {key: row for row, key in enumerate(example_keys(split.rows(slice(None))))}
-    return {"rows": rows, "codes": sparse_codes(reference, saes, split.x.to(device), split.content_mask.to(device))}
-
-
-def lookup_codes(cache, batch):
-    """{point: (values, indices), each (n_tokens, k)}: the cached codes of the batch's examples at its content
-    tokens, the same tokens in the same order as content_codes."""
-    codes = cache["codes"]
-    some_values = next(iter(codes.values()))[0]
-    rows = torch.tensor([cache["rows"][key] for key in example_keys(batch)], device=some_values.device)
-    length, content = batch.x.size(1), batch.content_mask.bool()  # the batch may be trimmed: its first columns
-    return {p: (values[rows, :length][content], indices[rows, :length][content])
-            for p, (values, indices) in codes.items()}
-
-
-def feature_drift(z, z_ref):
-    """d_j = mean over tokens of |z_j - z_ref_j|; z, z_ref (n_tokens, d_sae), the codes of the content tokens."""
-    return (z - z_ref).abs().mean(0)
-
-
-def sparse_feature_drift(code, ref_code, d_sae):
-    """The same d_j from TopK codes kept sparse, (values, indices) each (n_tokens, k), without a dense
-    (n_tokens, d_sae) tensor: a latent active in both codes of a token adds |z_j - z_ref_j|, a latent active in one
-    only adds its value (the other is 0), and the other latents add nothing."""
-    values, indices = code
-    ref_values, ref_indices = ref_code
-    same = indices.unsqueeze(-1) == ref_indices.unsqueeze(-2)  # (n, k, k): z's a-th latent is z_ref's b-th
-    ref_at_z = (same * ref_values.unsqueeze(-2)).sum(-1)  # (n, k): z_ref at z's latents, 0 where inactive
-    ref_only = ref_values * ~same.any(-2)  # (n, k): z_ref's latents that z does not have
-    total = values.new_zeros(d_sae).index_add(0, indices.reshape(-1), (values - ref_at_z).abs().reshape(-1))
-    total = total.index_add(0, ref_indices.reshape(-1), ref_only.reshape(-1))
-    return total / max(len(values), 1)
-
-
-def code_drift(code, ref_code, d_sae):
-    """d (d_sae,) between two codes of the same tokens, sparse (TopK) or dense."""
-    if isinstance(code, tuple):
-        return sparse_feature_drift(code, ref_code, d_sae)
-    return feature_drift(code, ref_code)
-
-
-def sae_guided_penalty(drifts, masks, *, lambda_p, lambda_g, eps, delta):
-    """lambda_p sum_l relu(D_prot_l - eps)^2 + lambda_g sum_l relu(delta - D_guide_l)^2, with
-    D_prot_l = sum_j (1 - m_j) d_j / sum_j (1 - m_j) and D_guide_l = sum_j m_j d_j / sum_j m_j, for the drift d
-    ({point: (d_sae,)}) of each SAE point l.
-    Returns (penalty, {'protect': sum_l D_prot_l, 'guide': sum_l D_guide_l}) for logging."""
-    penalty = 0.0
-    logs = {"protect": 0.0, "guide": 0.0}
-    for p, drift in drifts.items():
-        m = masks[p]
-        penalty = penalty + lambda_p * hinge_penalty(drift, 1.0 - m, eps, upper=True)
-        penalty = penalty + lambda_g * hinge_penalty(drift, m, delta, upper=False)
-        with torch.no_grad():
-            logs["protect"] += ((1 - m) * drift).sum().item() / (1 - m).sum().clamp(min=1e-12).item()
-            logs["guide"] += (m * drift).sum().item() / m.sum().clamp(min=1e-12).item()
-    return penalty, logs
-
-
-def shuffled_masks(masks, seed):
-    """{point: m[pi]} with pi a seeded random permutation of the features: the same mass and the same values,
-    on features chosen without looking at the task (the random-mask control of the ablations)."""
-    generator = torch.Generator().manual_seed(seed)
-    return {p: m[torch.randperm(len(m), generator=generator).to(m.device)] for p, m in masks.items()}
-
-
-def merge_past_masks(mask, past_masks):
-    """Option: features earlier tasks relied on are protected too: m_j <- m_j * (1 - max_{s<t} m^s_j)."""
-    if not past_masks:
-        return mask
-    past = torch.stack(past_masks).max(dim=0).values
-    return mask * (1.0 - past)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# LwF and O-LoRA
-
-
-def distillation_loss(logits, ref_logits, mask, temperature):
-    """T^2 * mean over positions where mask is 1 of KL( softmax(ref_logits / T) || softmax(logits / T) )."""
-    ref_log_probs = F.log_softmax(ref_logits / temperature, dim=-1)
-    log_probs = F.log_softmax(logits / temperature, dim=-1)
-    kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)  # (B, T)
-    return temperature**2 * (kl * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def orthogonality_loss(model):
-    """sum over adapted layers sum_{s<t} ||A_t A_s^T||_F^2: the current adapter's rows (the input directions it
-    reads) against every earlier adapter's; 0 when they span orthogonal subspaces."""
-    total = 0.0
-    for layer in model.lora_layers():
-        *earlier, (A, _) = layer.pairs()
-        for A_s, _ in earlier:
-            total = total + (A @ A_s.t()).pow(2).sum()
-    return total
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# replay and memory accounting
-
-
-def replay_sample(split, fraction, seed=0):
-    """Indices of a random `fraction` of a task's training examples, to keep in the replay buffer."""
-    n = max(1, int(round(fraction * len(split))))
-    return torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
 
 
 def tensor_bytes(obj):

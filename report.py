@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-import configurator as cfg  # noqa: E402
+import cache
 from evaluate import cl_metrics, knowledge_metrics  # noqa: E402
 from regularizers import METHODS  # noqa: E402  (the report lists methods in the registry's order)
 
@@ -126,6 +126,16 @@ def load_base_results(folder):
     return results
 
 
+def base_matches(b, shared):
+    """Whether a base model's reference was made for the runs whose shared key is `shared`: the same code, torch,
+    device, corpus and base model, and the same value of every config field its own key holds (a subset of the
+    runs' fields: the base reference does not depend on the diagnostic's)."""
+    key = b.get("key") or {}
+    return (isinstance(key.get("config"), dict) and all(key.get(part) == shared.get(part) for part in
+                                                        ("code", "torch", "device", "corpus", "built_from"))
+            and all(shared["config"].get(k) == v for k, v in key["config"].items()))
+
+
 def differing_keys(dicts):
     """The keys whose values are not the same in all of dicts."""
     return sorted(k for k in set().union(*dicts) if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1)
@@ -171,7 +181,8 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
                          f"{os.path.join(run_dir, cl_dir)}")
     check_comparable(results)
     shared = next(iter(results.values()))[0]["shared"]  # a base reference of other settings is a stale one
-    base = {seed: b for seed, b in load_base_results(os.path.join(run_dir, cl_dir)).items() if b["shared"] == shared}
+    base = {seed: b for seed, b in load_base_results(os.path.join(run_dir, cl_dir)).items()
+            if base_matches(b, shared)}
     if cl_dir != "cl":
         run_dir = os.path.join(run_dir, cl_dir)
     seqft_step = {r["seed"]: r["step_seconds"] for r in results.get("seqft", [])}
@@ -190,6 +201,11 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
         if base_runs and len(base_runs) == len(runs):  # the base model, on the same seeds: the reference row
             base_metrics = [knowledge_metrics(b, None) for b in base_runs]
             row["base"] = {key: mean_std([m[key] for m in base_metrics])[0] for key in base_metrics[0]}
+            # beyond the base model, seed by seed: a method's controlled measure minus the base's of the same seed
+            for key in [k for k in base_metrics[0] if k == "knowledge" or k.startswith("content_kept@")]:
+                if all(key in m for m in per_seed):
+                    row[key + "_vs_base"], row[key + "_vs_base_std"] = mean_std(
+                        [m[key] - b[key] for m, b in zip(per_seed, base_metrics)])
         row["lm_loss_before"], _ = mean_std([r["lm_loss_before"] for r in runs])
         row["lm_loss_after"], row["lm_loss_after_std"] = mean_std([r["lm_loss_after"] for r in runs])
         row["retained_bytes"], _ = mean_std([r["retained_bytes"] for r in runs])
@@ -205,7 +221,7 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
         if all(r.get("diagnostic") for r in runs):
             row["diagnostic"] = diagnostic_curves(runs)
         summary[method] = row
-    cfg.save_json(summary, os.path.join(run_dir, "summary.json"))
+    cache.save_json(summary, os.path.join(run_dir, "summary.json"))
     table = results_table(summary)
     print(table)
     plot_cl(summary, run_dir)
@@ -281,6 +297,16 @@ def results_table(summary):
             f"| {method} | {fmt(r['plasticity'], r['plasticity_std'])} | {fmt(r['forgetting'], r['forgetting_std'])} | "
             f"{fmt(r['lm_loss_after'], r['lm_loss_after_std'])} ({r['lm_loss_before']:.3f}) | "
             f"{int(r['retained_bytes']):,} | {ratio} |")
+    beyond = [key for key in ["knowledge"] + [f"content_kept@{n}" for n in steps]
+              if any(key + "_vs_base" in r for r in summary.values())]
+    if beyond:  # the controlled measures against the base model, paired by seed
+        lines += ["", "| method | " + " | ".join(f"{k.replace('_', ' ')} - base" for k in beyond) + " |",
+                  "|---" * (len(beyond) + 1) + "|"]
+        lines += [f"| {method} | " + " | ".join(fmt(r.get(k + "_vs_base"), r.get(k + "_vs_base_std")) for k in beyond)
+                  + " |" for method, r in summary.items()]
+        lines += ["", "beyond the base model: each controlled measure minus the base model's of the same seed, mean "
+                  "± std over seeds (above 0 by more than the spread: the method's final model holds more than the "
+                  "base)"]
     if guess:
         lines += ["", per_task_table(summary, guess["constant_guess_per_task"])]
     return "\n".join(lines)
@@ -333,7 +359,7 @@ def save_figure(fig, path):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    cfg.write_atomically(path, buffer.getvalue())
+    cache.write_atomically(path, buffer.getvalue())
 
 
 def panel_grid(n, width, height, columns=4, **kwargs):
@@ -560,7 +586,7 @@ def write_report(summary, table, run_dir):
         lines += ["![what each method keeps](knowledge.png)", ""]
     if os.path.exists(os.path.join(run_dir, "forgetting.png")):
         lines += ["![the forgetting diagnostic](forgetting.png)", ""]
-    cfg.save_text("\n".join(lines), os.path.join(run_dir, "report.md"))
+    cache.save_text("\n".join(lines), os.path.join(run_dir, "report.md"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

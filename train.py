@@ -7,29 +7,26 @@ method learns the tasks in order, and after the sequence what its final model ke
     python train.py --stage=pretrain      # stop after a stage: pretrain | sae | cl (= all)
     python train.py --methods=seqft,ewc,si,mas,lwf,o_lora,sae_fd,sae_guided,freeze,replay,multitask --seeds=0,1,2
 
-Stages write to out/<run>/ and cache their result with what made it (configurator.py): a later run reuses a stage
+Stages write to out/<run>/ and cache their result with what made it (cache.py): a later run reuses a stage
 whose config, code, data, device and upstream checkpoint are unchanged and redoes it otherwise. Checkpoints are
 written atomically, and an interrupted pretraining resumes from its last checkpoint.
 """
 
 import copy
 import json
-import multiprocessing
 import os
-import signal
 import sys
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 import torch
-from tqdm import tqdm
 
+import cache
 import configurator as cfg
-from configurator import Config, parse_args, progress, resolve_device, stage_code, stage_config
+from cache import stage_code, stage_config
+from configurator import Config, parse_args, resolve_device
 from data.tasks import answer_format, build_task_suite, concat_splits, constant_guess, shuffle_answers, trim_padding
-from evaluate import (forced_choice, forgetting_diagnostic, forgetting_snapshot, sae_metrics, task_accuracy)
+from evaluate import forced_choice, forgetting_diagnostic, forgetting_snapshot, sae_metrics, task_accuracy
+from jobs import progress, run_all
 from model import model_from_checkpoint
 from pretrain import (aux_accuracy, aux_suite, check_finite, clip_gradients, corpus_hash, corpus_of,
                       estimate_lm_loss, pretrain)
@@ -81,10 +78,10 @@ def train_sae_stage(config, device, base):
     """Train an SAE per point and per k on base-corpus text; cached at out/<run>/sae.pt with sae.json."""
     run_dir = os.path.join(config.out_dir, config.run)
     path, metrics_path = os.path.join(run_dir, "sae.pt"), os.path.join(run_dir, "sae.json")
-    key = cfg.result_key(stage_config(config, "pretrain", "sae"), stage_code(config, "pretrain", "sae"), device,
+    key = cache.result_key(stage_config(config, "pretrain", "sae"), stage_code(config, "pretrain", "sae"), device,
                          corpus_hash(config), {"base": base["sha"]})
-    checkpoint = cfg.load_checkpoint(path, key, "saes")
-    if checkpoint is not None and cfg.summary_is_there("sae", path, metrics_path, key):
+    checkpoint = cache.load_checkpoint(path, key, "saes")
+    if checkpoint is not None and cache.summary_is_there("sae", path, metrics_path, key):
         return checkpoint
     model = model_from_checkpoint(base, device)
     train_ids, val_ids = corpus_of(config)
@@ -106,9 +103,9 @@ def train_sae_stage(config, device, base):
         print(f"sae k={k}: compound CE increase {metrics['compound_ce_increase']:.4f} nats "
               f"(clean CE {metrics['clean_ce']:.4f})")
     results["seconds"] = time.time() - t0
-    checkpoint["sha"] = results["sha"] = cfg.tensor_hash(checkpoint["saes"])
-    cfg.save_checkpoint(checkpoint, path)
-    cfg.save_json(results, metrics_path)
+    checkpoint["sha"] = results["sha"] = cache.tensor_hash(checkpoint["saes"])
+    cache.save_checkpoint(checkpoint, path)
+    cache.save_json(results, metrics_path)
     plot_sae_metrics(results, run_dir)
     print(f"sae: trained in {results['seconds']:.1f}s; metrics in {metrics_path}, plots sae_*.png")
     return checkpoint
@@ -236,6 +233,9 @@ def start_model(base, config, device, seed):
     return model
 
 
+NOT_READ_BY_BASE = ("diagnose", "diagnose_examples")  # continual-learning fields base_reference never reads
+
+
 def base_reference(seed, *, config, device, base, suite):
     """The base model, never trained on the tasks, measured as a final model is (knowledge): the reference of
     kept@n, computed once per base, seed and setting and shared by every method."""
@@ -296,9 +296,9 @@ def method_key(config, name, seed, device, base, sae_checkpoint):
     stages = ("pretrain", "cl") + (("sae",) if uses_saes else ())
     settings = {k: getattr(config, k) for k in method.config_keys(config)}
     built_from = {"base": base["sha"], **({"sae": sae_checkpoint["sha"]} if uses_saes else {})}
-    key = cfg.result_key({**stage_config(config, *stages), **settings, "method": name, "seed": seed},
+    key = cache.result_key({**stage_config(config, *stages), **settings, "method": name, "seed": seed},
                          stage_code(config, *stages), device, corpus_hash(config), built_from)
-    shared = cfg.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"), device,
+    shared = cache.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"), device,
                             corpus_hash(config), {"base": base["sha"]})
     return key, shared, json.loads(json.dumps(settings))
 
@@ -322,30 +322,14 @@ def run_and_save(job, *, device, base, sae_checkpoint):
                                 suite=task_suite(config), lm_val_ids=job["lm_val_ids"])
     finally:
         torch.set_num_threads(threads)
-    cfg.save_json({**result, "key": job["key"], "shared": job["shared"], "method_settings": job["settings"]},
+    cache.save_json({**result, "key": job["key"], "shared": job["shared"], "method_settings": job["settings"]},
                   job["path"])
-
-
-def start_worker(parent):
-    """In a worker process (started with Ctrl-C ignored: it is its parent's to handle, in one line, and the parent
-    then ends the workers), run once at its start: the worker ends by itself when its parent is gone, even after a
-    kill -9 of the parent.
-    Its progress bars share a thread lock, not tqdm's default inter-process lock, which a worker ended by its
-    parent would leave behind (and Python would warn of a leaked semaphore at exit)."""
-    tqdm.set_lock(threading.RLock())
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def reusable(path, key, problem):
     """The result at path if it was made with this key and problem(result) finds nothing wrong with it, else None;
     says which (a damaged result is named and redone)."""
-    cached = cfg.load_json_result(path, key)
+    cached = cache.load_json_result(path, key)
     if cached is not None and problem(cached):
         print(f"{path} is damaged ({problem(cached)}); redoing it")
         return None
@@ -370,39 +354,17 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
                                  "lm_val_ids": corpus_of(config)[1]})
         for seed in config.seeds if config.relearn_steps or config.forced_choice_k else ():
             path = os.path.join(folder, BASE_DIR, f"seed{seed}.json")  # the base model's reference, once a seed
-            shared = cfg.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"),
-                                    device, corpus_hash(config), {"base": base["sha"]})
-            key = {**shared, "seed": seed}
+            shared = cache.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"),
+                                      device, corpus_hash(config), {"base": base["sha"]})
+            used = {k: v for k, v in stage_config(config, "pretrain", "cl").items() if k not in NOT_READ_BY_BASE}
+            key = {**cache.result_key(used, stage_code(config, "pretrain", "cl"), device, corpus_hash(config),
+                                      {"base": base["sha"]}), "seed": seed}
             if reusable(path, key, base_problem) is None and all(job["path"] != path for job in todo):
                 todo.append({"name": None, "seed": seed, "config": config, "path": path, "key": key,
                              "shared": shared, "settings": {}})
-    stages = dict(device=device, base=base, sae_checkpoint=sae_checkpoint)
     # the longer runs first, so that no long one is left alone at the end; the base references last
     todo.sort(key=lambda job: 2 if job["name"] is None else int(not METHODS[job["name"]].uses_saes))
-    if jobs > 1 and len(todo) > 1:  # processes, spawned (a fork is unsafe once torch has run)
-        context = multiprocessing.get_context("spawn")
-        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers start with Ctrl-C ignored (an
-        try:  # ignored signal stays ignored in a new process), so that it is never seen half-way through their start
-            pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context, initializer=start_worker,
-                                       initargs=(os.getpid(),))
-            futures = [pool.submit(run_and_save, job, **stages) for job in todo]
-        finally:
-            signal.signal(signal.SIGINT, interrupt)
-        try:
-            for future in futures:
-                future.result()  # a worker's error is raised here
-        except BaseException as error:  # an error or Ctrl-C: no worker goes on
-            for process in multiprocessing.active_children():
-                process.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
-            if isinstance(error, BrokenProcessPool):
-                raise ValueError("a worker process died (out of memory?); the finished runs are saved: rerun to "
-                                 "resume, or use --jobs=1") from None
-            raise
-        pool.shutdown()
-    else:
-        for job in todo:
-            run_and_save(job, **stages)
+    run_all(run_and_save, todo, jobs, device=device, base=base, sae_checkpoint=sae_checkpoint)
     return [summarize_run(os.path.join(c.out_dir, c.run), c.methods, c.seeds, c.cl_dir) for c in configs]
 
 
@@ -417,7 +379,7 @@ def continual_learning(config, device, base, sae_checkpoint):
 def check_inputs(config, tasks=True):
     """The checks that need files or data, made before any compute: the output folder, the corpus and, if the
     run goes as far as continual learning, the tasks."""
-    cfg.check_out_dir(config.out_dir)
+    cache.check_out_dir(config.out_dir)
     corpus_of(config)
     if tasks and config.stage in ("all", "cl"):
         task_suite(config)

@@ -30,10 +30,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import cache
 import configurator as cfg
+import jobs
 from evaluate import cl_metrics
 
-ROOT = cfg.ROOT
+ROOT = cache.ROOT
 
 
 def model_args(model):
@@ -131,7 +133,7 @@ def main(argv):
         folder = os.path.join(args.out_dir, run[m, i], cl_dir(f, r, lr, s))
         rows.append({"model": m, "instruct_tags": i, "finetune": f"lora r{r}" if f == "lora" else f, "cl_lr": lr,
                      "steps_per_task": s, "seeds": seeds, **read_point(folder, seeds)})
-    cfg.save_json({"rows": rows, "seconds": time.time() - t0, "argv": argv}, os.path.join(args.out_dir,
+    cache.save_json({"rows": rows, "seconds": time.time() - t0, "argv": argv}, os.path.join(args.out_dir,
                                                                                           "calibrate.json"))
     tasks = rows[0]["tasks"]
     lines = [f"Command: `python -m bench.calibrate {' '.join(argv)}` ({time.time() - t0:.0f} s). "
@@ -147,9 +149,9 @@ def main(argv):
                      f"{r['steps_per_task']} | {r['multitask_avg']:.3f} | {min(r['seqft_diagonal']):.2f} | "
                      f"{r['seqft_bwt']:.3f} | {'yes' if r['fits'] else 'no'} | {aux} | "
                      + " ".join(f"{a:.2f}" for a in r["seqft_final"]) + " |")
-    cfg.save_text("\n".join(lines) + "\n", os.path.join(args.out_dir, "calibrate.md"))
+    cache.save_text("\n".join(lines) + "\n", os.path.join(args.out_dir, "calibrate.md"))
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    sys.exit(cfg.run_script(main, sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

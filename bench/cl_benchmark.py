@@ -18,7 +18,9 @@ import os
 import sys
 import time
 
+import cache
 import configurator as cfg
+import jobs
 import train
 from regularizers import METHODS
 from report import results_table
@@ -48,9 +50,9 @@ def main(argv):
             "with any stage that was not cached.\n\n"
             f"Accuracy on the test split; mean ± std over seeds {list(config.seeds)}; {config.jobs} run(s) at a time"
             f"{' (one thread each)' if config.jobs > 1 else ''}.\n\n{results_table(summary)}\n")
-    cfg.save_text(text, os.path.join(run_dir, "benchmark.md"))
+    cache.save_text(text, os.path.join(run_dir, "benchmark.md"))
     print(text)
 
 
 if __name__ == "__main__":
-    sys.exit(cfg.run_script(main, sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

@@ -14,8 +14,9 @@ import sys
 import torch
 
 import configurator as cfg
+import jobs
 import train
-from configurator import progress
+from jobs import progress
 from model import model_from_checkpoint
 from pretrain import pretrain
 from regularizers import METHODS
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(cfg.run_script(main, sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

@@ -14,7 +14,9 @@ import json
 import os
 import sys
 
+import cache
 import configurator as cfg
+import jobs
 import train
 
 BABY = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=12", "--max_iters=2000",
@@ -42,9 +44,9 @@ def main(argv):
     line = (f"val loss {result['val_loss']:.4f} (nanoGPT: 1.886), {result['ms_per_iter']:.1f} ms/iteration "
             f"(nanoGPT: about 45), {result['seconds']:.0f} s in all")
     print(line)
-    cfg.save_text(f"`python -m bench.nanogpt_parity {' '.join(args[1])}`: {line}\n\nSample:\n\n```\n"
+    cache.save_text(f"`python -m bench.nanogpt_parity {' '.join(args[1])}`: {line}\n\nSample:\n\n```\n"
                   f"{result['samples'][0]}\n```\n", os.path.join(config.out_dir, config.run, "parity.md"))
 
 
 if __name__ == "__main__":
-    sys.exit(cfg.run_script(main, sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

@@ -13,6 +13,7 @@ import torch
 
 
 import configurator as cfg
+import jobs
 from bench.nanogpt_parity import BABY, default_corpus
 from data.corpus import get_batch
 from model import GPT, GPTConfig
@@ -64,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(cfg.run_script(main, sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

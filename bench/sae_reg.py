@@ -35,9 +35,11 @@ import matplotlib.pyplot as plt
 
 import torch
 
+import cache
 import configurator as cfg
+import jobs
 import train
-from configurator import progress
+from jobs import progress
 from evaluate import sae_metrics
 from model import model_from_checkpoint
 from pretrain import corpus_hash, corpus_of, pretrain
@@ -127,7 +129,7 @@ def estimate(config, options, device):
                                     eval_interval=ESTIMATE_STEPS, eval_iters=1,
                                     run=os.path.join(config.run, "sae_reg", f"estimate_{variant}"))
         pretrain(short, device)
-        summary = cfg.read_json(os.path.join(short.out_dir, short.run, "pretrain.json"))
+        summary = cache.read_json(os.path.join(short.out_dir, short.run, "pretrain.json"))
         per_step[f"pretrain {variant}"] = summary["ms_per_iter"] / 1000
         hours += per_step[f"pretrain {variant}"] * config.max_iters / 3600
     label, sae_configs, schedule = sweep(config, options, "normal")[0]
@@ -142,6 +144,14 @@ def estimate(config, options, device):
     n_points = len(sweep(config, options, "normal"))
     hours += 2 * n_points * schedule["steps"] * seconds / 3600  # both models' sweeps
     return per_step, hours
+
+
+def sweep_point_key(config, settings, device, base):
+    """A sweep point's cache key: the model's, its SAEs' settings, and the code that trains and measures them (the SAE
+    stage's and fresh_sae_sweep's: an edit of this script's tables or plots redoes none)."""
+    return cache.result_key({**cache.stage_config(config, "pretrain"), "sweep_point": settings},
+                            cache.stage_code(config, "pretrain", "sae") + ["bench/sae_reg.py:fresh_sae_sweep"], device,
+                            corpus_hash(config), {"base": base["sha"]})
 
 
 def fresh_sae_sweep(config, points_of_sweep, device):
@@ -159,10 +169,8 @@ def fresh_sae_sweep(config, points_of_sweep, device):
         path = os.path.join(config.out_dir, config.run, f"sweep_{i}.json")
         settings = {"saes": {p: dataclasses.asdict(c) for p, c in sae_configs.items()}, "schedule": schedule,
                     "sae_tokens": config.sae_tokens, "seed": config.seed}
-        key = cfg.result_key({**cfg.stage_config(config, "pretrain"), "sweep_point": settings},
-                             cfg.stage_code(config, "pretrain", "sae"), device, corpus_hash(config),
-                             {"base": base["sha"]})
-        cached = cfg.load_json_result(path, key)
+        key = sweep_point_key(config, settings, device, base)
+        cached = cache.load_json_result(path, key)
         if cached is None:
             if activations is None:
                 activations = collect_activations(model, train_ids, points, config.sae_tokens, config.block_size,
@@ -171,12 +179,12 @@ def fresh_sae_sweep(config, points_of_sweep, device):
                                  **schedule)[0]
                     for p, c in sae_configs.items()}
             metrics = sae_metrics(model, saes, val_ids, config.block_size, device)
-            cfg.save_json({"key": key, "label": label, **metrics}, path)
-            cached = cfg.read_json(path)  # one form for every caller: JSON's string keys
+            cache.save_json({"key": key, "label": label, **metrics}, path)
+            cached = cache.read_json(path)  # one form for every caller: JSON's string keys
         print(f"sae_reg {config.run} {label}: total L0 {cached['total_l0']:.1f}, compound CE increase "
               f"{cached['compound_ce_increase']:.4f}")
         results.append(cached)
-    summary = cfg.read_json(os.path.join(config.out_dir, config.run, "pretrain.json"))
+    summary = cache.read_json(os.path.join(config.out_dir, config.run, "pretrain.json"))
     return {"val_ce": base["val_loss"], "ms_per_iter": summary["ms_per_iter"], "sweep": results,
             # the model's activations at each point (evaluate.second_moment_split), the same at every sweep point
             "activations": {p: {k: m[k] for k in ("rms", "mean_share", "centered_rms")}
@@ -217,10 +225,10 @@ def main(argv):
                                                  run=os.path.join(config.run, "sae_reg", f"{variant}_seed{seed}"))
             results[variant][str(seed)] = fresh_sae_sweep(variant_config, sweep(variant_config, options, variant),
                                                           device)
-    cfg.save_json(results, os.path.join(out, "sae_reg.json"))
+    cache.save_json(results, os.path.join(out, "sae_reg.json"))
     plot(results, out)
     text = table(results)
-    cfg.save_text(f"Command: `python -m bench.sae_reg {' '.join(argv)}`\n\n{text}\n", os.path.join(out, "sae_reg.md"))
+    cache.save_text(f"Command: `python -m bench.sae_reg {' '.join(argv)}`\n\n{text}\n", os.path.join(out, "sae_reg.md"))
     print(text)
 
 
@@ -403,4 +411,4 @@ def table(results):
 
 
 if __name__ == "__main__":
-    sys.exit(cfg.run_script(main, sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

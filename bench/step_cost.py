@@ -14,6 +14,7 @@ import time
 import torch
 
 import configurator as cfg
+import jobs
 import regularizers as reg
 import train
 from data.tasks import trim_padding
@@ -103,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(cfg.run_script(main, sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

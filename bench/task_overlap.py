@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 import configurator as cfg
+import jobs
 from data.tasks import DEFAULT_ORDER, make_splits
 from data.world import generate_corpus
 
@@ -66,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(cfg.run_script(main, sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

@@ -17,7 +17,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+import cache
 import configurator as cfg
+import jobs
 import train
 from pretrain import pretrain
 
@@ -90,7 +92,7 @@ def main(argv):
     chosen = {m: max(ts, key=lambda t: t["val_op"]) for m, ts in results.items()}  # ties: the first in grid order
     out_dir = os.path.join(base_config.out_dir, base_config.run, "tune")
     chosen_args = [f"--{k}={v:g}" for t in chosen.values() for k, v in t["overrides"].items()]
-    cfg.save_json({"trials": results, "chosen": chosen, "chosen_args": chosen_args, "seconds": time.time() - t0,
+    cache.save_json({"trials": results, "chosen": chosen, "chosen_args": chosen_args, "seconds": time.time() - t0,
                    "argv": argv}, os.path.join(out_dir, "tuning.json"))
     lines = [f"Command: `python -m bench.tune {' '.join(argv)}` ({time.time() - t0:.0f} s)", "",
              "| method | trial | val OP | val BWT |", "|---|---|---|---|"]
@@ -100,9 +102,9 @@ def main(argv):
             setting = ", ".join(f"{k}={v:g}" for k, v in t["overrides"].items())
             lines.append(f"| {method} | {setting}{mark} | {t['val_op']:.3f} | {t['val_bwt']:.3f} |")
     lines += ["", "Chosen, as arguments: `" + " ".join(chosen_args) + "`"]
-    cfg.save_text("\n".join(lines) + "\n", os.path.join(out_dir, "tuning.md"))
+    cache.save_text("\n".join(lines) + "\n", os.path.join(out_dir, "tuning.md"))
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    sys.exit(cfg.run_script(main, sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

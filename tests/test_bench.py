@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import configurator as cfg
+import jobs
 import pretrain
 import train
 from bench import calibrate, sae_reg
@@ -101,7 +102,7 @@ def test_the_original_sweep_trains_relu_saes_of_its_widths(tmp_path):
                                            (["--seeds="], "need at least one value"),
                                            (["--n_layr=2"], "unknown config key --n_layr")])
 def test_sae_reg_options_are_checked_before_anything_is_trained(tmp_path, capsys, argv, message):
-    assert cfg.run_script(sae_reg.main, SAE_REG + [f"--out_dir={tmp_path}", *argv]) == 2
+    assert jobs.run_script(sae_reg.main, SAE_REG + [f"--out_dir={tmp_path}", *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "default").exists()
 
@@ -177,3 +178,31 @@ def test_matched_l0_reads_every_curve_over_the_range_all_cover():
     assert [m["l0"] for m in sae_reg.at_matched_l0(wide)][::2] == [high, low]
     with pytest.raises(ValueError, match="outside"):
         sae_reg.interpolate([(10, 1.0), (20, 0.5)], 25)
+
+
+def test_a_sweep_point_is_keyed_on_the_code_that_trains_and_measures_it(tmp_path, monkeypatch):
+    """An edit inside fresh_sae_sweep (or the SAE stage's code) redoes the sweep points; an edit of the script's
+    tables or plots does not."""
+    import shutil
+
+    import cache
+
+    copy = tmp_path / "project"
+    shutil.copytree(cache.ROOT, copy, ignore=shutil.ignore_patterns("out", ".git", "__pycache__", "tests", "*.tmp"))
+    monkeypatch.setattr(cache, "ROOT", str(copy))
+    config = cfg.parse_args(SAE_REG)
+    key = lambda: sae_reg.sweep_point_key(config, {"saes": {}}, "cpu", {"sha": "b"})  # noqa: E731
+    before = key()
+
+    def edit_inside(function):
+        path = copy / "bench" / "sae_reg.py"
+        head, rest = path.read_text().split(f"def {function}(", 1)
+        signature, body = rest.split("\n", 1)
+        path.write_text(f"{head}def {function}({signature}\n    # an edit\n{body}")
+
+    edit_inside("table")
+    assert key() == before
+    edit_inside("fresh_sae_sweep")
+    assert key() != before
+    assert "data/world.py" not in cache.stage_code(cfg.parse_args(["--corpus=x.txt"]), "pretrain")
+    assert "data/tasks.py" in cache.stage_code(cfg.parse_args(["--instruct_tags=4"]), "pretrain")

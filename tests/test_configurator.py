@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import cache
 import configurator as cfg
 import regularizers as reg
 import train
@@ -71,7 +72,7 @@ def test_help_lists_every_key_with_its_default_and_meaning_by_stage(capsys):
 
 def test_every_config_field_is_in_a_cache_key_or_listed_as_not_affecting_results():
     config = train.Config()
-    in_keys = {k for keys in cfg.STAGE_KEYS.values() for k in keys} | set(cfg.NOT_RESULT_KEYS)
+    in_keys = {k for keys in cache.STAGE_KEYS.values() for k in keys} | set(cache.NOT_RESULT_KEYS)
     in_keys |= {k for method in reg.METHODS.values() for k in method.config_keys(config)}
     missing = [f.name for f in dataclasses.fields(config) if f.name not in in_keys]
     assert missing == [], f"fields in no stage's cache key: {missing}"
@@ -81,44 +82,44 @@ def test_a_method_is_one_class_and_its_config_fields(tmp_path, monkeypatch):
     """Adding a method touches its class and its Config fields only: the loop, the cache key, the retained bytes
     and the report all follow."""
 
-    class Anchor(reg.Method):  # L2 to the weights at task start, the simplest data-free penalty
-        name = "anchor2"  # a name with a digit: any Python identifier works
+    class L2Init(reg.Method):  # L2 to the weights at task start: the README's and exercise 1's example
+        name = "l2init"
 
         def before_task(self, model, split, t):
             self.theta0 = reg.flat_parameters(model).detach().clone()
 
         def penalty(self, model, batch, outputs):
-            return self.config.anchor2_strength * (reg.flat_parameters(model) - self.theta0).pow(2).sum(), {}
+            return self.config.l2init_strength * (reg.flat_parameters(model) - self.theta0).pow(2).sum(), {}
 
         def retained(self):
             return [self.theta0]
 
     @dataclasses.dataclass
-    class ConfigWithAnchor(train.Config):
-        anchor2_strength: float = 10.0  # weight of the L2 penalty
+    class ConfigWithL2Init(train.Config):
+        l2init_strength: float = 10.0  # the weight
 
-    monkeypatch.setitem(reg.METHODS, "anchor2", Anchor)
+    monkeypatch.setitem(reg.METHODS, "l2init", L2Init)
     monkeypatch.setitem(cfg.CHOICES, "methods", tuple(reg.METHODS))
-    monkeypatch.setattr(cfg, "Config", ConfigWithAnchor)
-    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft,anchor2", "--anchor2_strength=1000"]
+    monkeypatch.setattr(cfg, "Config", ConfigWithL2Init)
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft,l2init", "--l2init_strength=1000"]
     assert main(argv) == 0
-    result = json.loads((tmp_path / "default" / "cl" / "anchor2_seed0.json").read_text())
-    assert result["method_settings"] == {"anchor2_strength": 1000.0}  # its field is in its cache key
+    result = json.loads((tmp_path / "default" / "cl" / "l2init_seed0.json").read_text())
+    assert result["method_settings"] == {"l2init_strength": 1000.0}  # its field is in its cache key
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
     n_params = sum(p.numel() for p in train.model_from_checkpoint(
         train.pretrain(parse_args(argv), "cpu"), "cpu").parameters())
-    assert summary["anchor2"]["retained_bytes"] == 4 * n_params  # from its retained()
-    assert summary["anchor2"]["step_time_ratio"] > 0  # compared with seqft of the same settings
-    main(argv[:-1] + ["--anchor2_strength=1"])
-    assert json.loads((tmp_path / "default" / "cl" / "anchor2_seed0.json").read_text())["method_settings"] == {
-        "anchor2_strength": 1.0}  # a change of its field redoes it
+    assert summary["l2init"]["retained_bytes"] == 4 * n_params  # from its retained()
+    assert summary["l2init"]["step_time_ratio"] > 0  # compared with seqft of the same settings
+    main(argv[:-1] + ["--l2init_strength=1"])
+    assert json.loads((tmp_path / "default" / "cl" / "l2init_seed0.json").read_text())["method_settings"] == {
+        "l2init_strength": 1.0}  # a change of its field redoes it
 
 
 def test_key_difference_names_what_changed():
-    a = cfg.result_key({"lr": 1, "n": 2}, ["model.py"], "cpu", "")
+    a = cache.result_key({"lr": 1, "n": 2}, ["model.py"], "cpu", "")
     b = dict(a, config={"lr": 2, "n": 2}, device="cuda")
-    assert cfg.key_difference(a, b) == "config (lr), device"
-    assert cfg.key_difference({"config": {}}, b) == "an older format"
+    assert cache.key_difference(a, b) == "config (lr), device"
+    assert cache.key_difference({"config": {}}, b) == "an older format"
 
 
 def test_a_preset_sets_its_keys_and_given_keys_override_it_in_any_order():
@@ -136,8 +137,8 @@ def test_an_out_dir_that_cannot_hold_files_is_refused_before_compute(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ValueError, match="cannot hold files|is a file"):
-        cfg.check_out_dir(str(blocker / "below"))  # under a file
+        cache.check_out_dir(str(blocker / "below"))  # under a file
     with pytest.raises(ValueError, match="cannot hold files"):
-        cfg.check_out_dir("/proc/saeguard_out")
-    cfg.check_out_dir(str(tmp_path / "new"))
+        cache.check_out_dir("/proc/saeguard_out")
+    cache.check_out_dir(str(tmp_path / "new"))
     assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # made, and left empty

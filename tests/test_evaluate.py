@@ -422,3 +422,27 @@ def test_compound_ce_increase_splices_every_point_into_the_already_patched_strea
     expected = sum(patched) / 2 - sum(clean) / 2
     assert metrics["compound_ce_increase"] == pytest.approx(expected, abs=1e-6)
     assert abs((sum(clean_stream) / 2 - sum(clean) / 2) - expected) > 1e-4
+
+
+def test_the_report_sets_each_controlled_measure_against_the_base_model_seed_by_seed(tmp_path):
+    """knowledge - base and content kept@n - base are paired by seed: (0.5 - 0.1, 0.3 - 0.2) -> 0.25 ± 0.21."""
+    runs, bases = [], []
+    for seed, (fc, base_fc) in enumerate([(0.5, 0.1), (0.3, 0.2)]):
+        r = fake_result("seqft", seed)
+        r.update(relearn_steps=[0, 5], relearn={"add": [0.5, 0.9]}, relearn_shuffled={"add": [0.5, 0.6]},
+                 forced_choice={"add": {"accuracy": 0.6 + fc, "control": 0.6, "chance": 0.5}})
+        runs.append(r)
+        key = {k: v for k, v in r["shared"].items()}
+        bases.append({"method": "base", "seed": seed, "tasks": r["tasks"], "R": [[0, 0]], "shared": r["shared"],
+                      "key": {**key, "seed": seed}, "relearn_steps": [0, 5], "relearn": {"add": [0.0, 0.3]},
+                      "relearn_shuffled": {"add": [0.0, 0.2]},
+                      "forced_choice": {"add": {"accuracy": 0.6 + base_fc, "control": 0.6, "chance": 0.5}}})
+    write_results(tmp_path / "run" / "cl", *runs)
+    (tmp_path / "run" / "cl" / "base").mkdir()
+    for b in bases:
+        (tmp_path / "run" / "cl" / "base" / f"seed{b['seed']}.json").write_text(json.dumps(b))
+    row = summarize_run(str(tmp_path / "run"))["seqft"]
+    assert row["knowledge_vs_base"] == pytest.approx(0.25) and row["knowledge_vs_base_std"] == pytest.approx(
+        0.15 * 2**0.5)
+    assert row["content_kept@5_vs_base"] == pytest.approx(0.3 - 0.1)  # (0.9 - 0.6) - (0.3 - 0.2), both seeds
+    assert row["kept@5"] == pytest.approx(0.9 - 0.3)

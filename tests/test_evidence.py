@@ -5,6 +5,7 @@ import json
 
 import evidence
 import configurator as cfg
+import jobs
 import regularizers as reg
 import train
 from data.tasks import build_task_suite
@@ -223,12 +224,12 @@ def test_one_command_writes_every_part_with_its_plot_and_table(tmp_path, monkeyp
     ablations = json.loads((out / "ablations.json").read_text())
     assert set(ablations) == {"seqft (no penalty)", "random mask, same mass"}
     assert all(0.0 <= row["OP"][0] <= 1.0 and row["seeds"] == [0] for row in ablations.values())
-    assert cfg.run_script(evidence.main, argv + ["--parts=nothing"]) == 2  # a bad part: a one-line error
+    assert jobs.run_script(evidence.main, argv + ["--parts=nothing"]) == 2  # a bad part: a one-line error
     assert evidence.main(argv + ["--parts=ground_truth"]) == 0  # one part again: the others' sections stay
     again = (out / "evidence.md").read_text()
     assert all(f"## {part} (" in again for part in evidence.PARTS) and "--parts=ground_truth`" in again
     assert again.index("## separability") < again.index("## ground_truth") < again.index("## ablations")
-    assert cfg.run_script(evidence.main, argv + ["--tasks=add"]) == 2  # the analyses compare tasks
+    assert jobs.run_script(evidence.main, argv + ["--tasks=add"]) == 2  # the analyses compare tasks
 
 
 def test_collateral_over_seeds_takes_the_ratio_of_the_mean_restrictions():

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-import configurator as cfg
+import jobs
 
 SCRIPTS = ["train", "evidence"] + [f"bench.{name}" for name in (
     "calibrate", "cl_benchmark", "importance_scale", "nanogpt_parity", "profile_step", "sae_reg", "step_cost",
@@ -15,11 +15,11 @@ SCRIPTS = ["train", "evidence"] + [f"bench.{name}" for name in (
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_has_help_and_refuses_an_unknown_key_in_one_line(name, capsys):
     script = importlib.import_module(name)
-    assert cfg.run_script(script.main, ["--help"]) == 0
+    assert jobs.run_script(script.main, ["--help"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n  --") >= 3  # its keys (or the pipeline's), one a line, with their defaults
     if name != "train":  # its own docstring first, not another module's (train.py prints its keys only)
         assert out.startswith(script.__doc__.strip().splitlines()[0])
-    assert cfg.run_script(script.main, ["--no_such_key=1"]) == 2
+    assert jobs.run_script(script.main, ["--no_such_key=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown config key --no_such_key") and err.count("\n") == 1

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import configurator as cfg
+import cache
 import pretrain
 import train
 from conftest import TINY, TINY_PIPELINE
@@ -32,27 +32,27 @@ def test_a_write_that_dies_or_finds_the_disk_full_leaves_the_previous_file_and_n
     import errno
 
     path = str(tmp_path / "ck.pt")
-    cfg.save_checkpoint({"value": 1}, path)
-    cfg.save_json({"value": 1}, str(tmp_path / "summary.json"))
+    cache.save_checkpoint({"value": 1}, path)
+    cache.save_json({"value": 1}, str(tmp_path / "summary.json"))
 
     def dying_write(target, data):  # writes half of the file, then the process is interrupted
         with open(target, "wb") as handle:
             handle.write(data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cfg, "write_bytes", dying_write)
+    monkeypatch.setattr(cache, "write_bytes", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        cfg.save_checkpoint({"value": 2}, path)
-    monkeypatch.setattr(cfg, "write_bytes", lambda target, data: (_ for _ in ()).throw(
+        cache.save_checkpoint({"value": 2}, path)
+    monkeypatch.setattr(cache, "write_bytes", lambda target, data: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(ValueError, match=r"cannot write .*summary.json: the disk is full \(\d+ bytes needed\)"):
-        cfg.save_json({"value": 2}, str(tmp_path / "summary.json"))
+        cache.save_json({"value": 2}, str(tmp_path / "summary.json"))
     monkeypatch.undo()
     assert torch.load(path, weights_only=False)["value"] == 1  # the old files are intact
     assert json.loads((tmp_path / "summary.json").read_text())["value"] == 1
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] in ([], [f"ck.pt.{os.getpid()}.tmp"])
     with pytest.raises(ValueError):
-        cfg.save_json({"loss": float("nan")}, str(tmp_path / "nan.json"))  # never a bare NaN in a JSON file
+        cache.save_json({"loss": float("nan")}, str(tmp_path / "nan.json"))  # never a bare NaN in a JSON file
 
 
 def test_a_damaged_tensor_in_a_checkpoint_is_noticed_and_the_stage_redone(tmp_path, capsys):
@@ -76,7 +76,7 @@ def test_a_damaged_tensor_in_a_checkpoint_is_noticed_and_the_stage_redone(tmp_pa
 def test_unreadable_checkpoint_is_redone(tmp_path, capsys):
     path = tmp_path / "bad.pt"
     path.write_bytes(b"not a checkpoint")
-    assert cfg.load_checkpoint(str(path), {"a": 1}, "model") is None
+    assert cache.load_checkpoint(str(path), {"a": 1}, "model") is None
     assert "cannot read" in capsys.readouterr().out
 
 
@@ -133,9 +133,9 @@ def test_a_change_of_corpus_or_device_redoes_the_stage(tmp_path, monkeypatch, ca
     pretrain.corpus.cache_clear()
     train.pretrain(config, "cpu")  # same path, other content
     assert "different corpus file; redoing" in capsys.readouterr().out
-    key = cfg.result_key(train.stage_config(config, "pretrain"), train.stage_code(config, "pretrain"), "cuda",
+    key = cache.result_key(train.stage_config(config, "pretrain"), train.stage_code(config, "pretrain"), "cuda",
                          config.corpus)
-    assert cfg.load_checkpoint(str(tmp_path / "default" / "base.pt"), key, "model") is None  # made on cpu, not cuda
+    assert cache.load_checkpoint(str(tmp_path / "default" / "base.pt"), key, "model") is None  # made on cpu, not cuda
     assert "different device" in capsys.readouterr().out
 
 
@@ -439,12 +439,14 @@ def test_relearning_trains_a_copy_as_the_regime_trains(tmp_path):
 
 def test_an_edit_redoes_only_the_stages_that_run_the_edited_file(tmp_path, monkeypatch, capsys):
     """In a copy of the project's files (the hashes read the copy): an edit of the methods' file keeps the base and
-    the SAEs, of the SAE file keeps the base, of the model file redoes everything; a new file redoes nothing."""
+    the SAEs, of the SAE file keeps the base, of the model file redoes everything; a new file redoes nothing; an
+    edit of a file part of whose functions a stage runs (evaluate.py, train.py for the SAEs) redoes it only when it
+    is inside one of those functions."""
     import shutil
 
     copy = tmp_path / "project"
-    shutil.copytree(cfg.ROOT, copy, ignore=shutil.ignore_patterns("out", ".git", "__pycache__", "tests", "*.tmp"))
-    monkeypatch.setattr(cfg, "ROOT", str(copy))
+    shutil.copytree(cache.ROOT, copy, ignore=shutil.ignore_patterns("out", ".git", "__pycache__", "tests", "*.tmp"))
+    monkeypatch.setattr(cache, "ROOT", str(copy))
     argv = TINY_PIPELINE + [f"--out_dir={tmp_path / 'out'}", "--methods=seqft", "--relearn_steps=0,1"]
 
     def run_after(edit=None):
@@ -458,11 +460,22 @@ def test_an_edit_redoes_only_the_stages_that_run_the_edited_file(tmp_path, monke
     def append_comment(name):
         return lambda: open(copy / name, "a").write("# a student's comment\n")
 
+    def edit_inside(name, line_start):  # a comment as the first line of a function's body
+        def edit():
+            text = (copy / name).read_text()
+            head, rest = text.split(line_start, 1)
+            signature, body = rest.split("\n", 1)
+            (copy / name).write_text(head + line_start + signature + "\n    # a student's comment\n" + body)
+        return edit
+
     assert run_after() == [False, False, 0]
     assert run_after() == [True, True, 2]  # nothing changed: everything reused
     assert run_after(append_comment("regularizers.py")) == [True, True, 0]
     assert run_after(append_comment("report.py")) == [True, True, 2]  # the report makes no stage
-    assert run_after(append_comment("evaluate.py")) == [True, False, 0]  # SAE metrics; the scores, base's too
+    assert run_after(append_comment("evaluate.py")) == [True, True, 0]  # the scores (base's too), not the SAEs'
+    assert run_after(edit_inside("evaluate.py", "def sae_metrics(")) == [True, False, 0]  # now the SAEs' too
+    assert run_after(edit_inside("train.py", "def relearn(")) == [True, True, 0]  # relearning: not the SAEs
+    assert run_after(append_comment("data/tasks.py")) == [True, True, 0]  # the tasks: not the base model
     assert run_after(append_comment("sae.py")) == [True, False, 1]  # the diagnostic reads the SAEs; the base does not
     assert run_after(append_comment("model.py")) == [False, False, 0]
     assert run_after(lambda: (copy / "scratch.py").write_text("print('hello')\n")) == [True, True, 2]
@@ -472,7 +485,7 @@ def test_two_writers_of_one_file_never_share_a_temporary_file(tmp_path):
     path = tmp_path / "summary.json"
     other = tmp_path / "summary.json.99999999.tmp"  # another process's write, under way
     other.write_text("half of another process's file")
-    cfg.save_json({"value": 1}, str(path))
+    cache.save_json({"value": 1}, str(path))
     assert json.loads(path.read_text()) == {"value": 1} and other.read_text() == "half of another process's file"
 
 
@@ -515,7 +528,7 @@ def test_the_measures_settings_are_in_the_keys_of_the_runs_and_of_the_base_refer
     assert keys() == keys()
     for extra in ("--relearn_steps=0,5", "--forced_choice_k=3"):
         assert keys(extra)[0] != keys()[0] and keys(extra)[1] != keys()[1]  # a run, and the base reference (shared)
-    assert "evaluate.py" in cfg.stage_code(config, "pretrain", "cl")  # forced choice and relearning's scores
+    assert "evaluate.py" in cache.stage_code(config, "pretrain", "cl")  # forced choice and relearning's scores
     with pytest.raises(ValueError, match="increasing"):
         parse_args(["--relearn_steps=20,5"])
 
@@ -523,10 +536,10 @@ def test_the_measures_settings_are_in_the_keys_of_the_runs_and_of_the_base_refer
 def test_a_checkpoint_whose_content_does_not_match_its_hash_is_not_returned(tmp_path, capsys):
     path = str(tmp_path / "ck.pt")
     model = {"w": torch.ones(3)}
-    cfg.save_checkpoint({"key": {"k": 1}, "model": model, "sha": cfg.tensor_hash(model)}, path)
-    assert cfg.load_checkpoint(path, {"k": 1}, "model") is not None
-    cfg.save_checkpoint({"key": {"k": 1}, "model": {"w": torch.zeros(3)}, "sha": cfg.tensor_hash(model)}, path)
-    assert cfg.load_checkpoint(path, {"k": 1}, "model") is None
+    cache.save_checkpoint({"key": {"k": 1}, "model": model, "sha": cache.tensor_hash(model)}, path)
+    assert cache.load_checkpoint(path, {"k": 1}, "model") is not None
+    cache.save_checkpoint({"key": {"k": 1}, "model": {"w": torch.zeros(3)}, "sha": cache.tensor_hash(model)}, path)
+    assert cache.load_checkpoint(path, {"k": 1}, "model") is None
     assert "does not match its content hash" in capsys.readouterr().out
 
 
@@ -534,15 +547,28 @@ def test_an_os_error_half_way_through_a_write_leaves_no_temporary_file(tmp_path,
     import errno
 
     path = tmp_path / "summary.json"
-    cfg.save_json({"value": 1}, str(path))
+    cache.save_json({"value": 1}, str(path))
 
     def half_then_full(target, data):
         with open(target, "wb") as handle:
             handle.write(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cfg, "write_bytes", half_then_full)
+    monkeypatch.setattr(cache, "write_bytes", half_then_full)
     with pytest.raises(ValueError, match="the disk is full"):
-        cfg.save_json({"value": 2}, str(path))
+        cache.save_json({"value": 2}, str(path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
     assert json.loads(path.read_text())["value"] == 1
+
+
+def test_the_base_reference_is_keyed_on_what_it_reads_and_still_found_by_the_report(tmp_path, monkeypatch):
+    """The diagnostic's settings change the methods' runs, not the base model's reference: it is reused, and the
+    report still sets it beside the runs (kept@n)."""
+    calls, original = [], train.base_reference
+    monkeypatch.setattr(train, "base_reference", lambda seed, **kw: calls.append(seed) or original(seed, **kw))
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft"]
+    assert main(argv + ["--diagnose=false"]) == 0 and main(argv + ["--diagnose_examples=8"]) == 0
+    assert calls == [0]
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert "kept@2" in summary["seqft"] and "content_kept@2" in summary["seqft"]
+    assert main(argv + ["--diagnose=false", "--forced_choice_k=3"]) == 0 and calls == [0, 0]  # one it reads
