@@ -160,9 +160,9 @@ PRESETS = {  # name -> the keys it sets
     # the adapters off as SAE-guided's reference, drift measured on content tokens without the template; the
     # penalty weights chosen for it on val (docs/tuning.md; where the choice is the default, it is not repeated here)
     "paper": {"instruct_tags": 32, "finetune": "lora", "lora_rank": 8, "cl_lr": 1e-3, "sae_guided_reference": "base",
-              "content_tokens": "no_template", "ewc_lambda": 100.0, "lwf_lambda": 0.1, "o_lora_lambda": 100.0,
-              "sae_fd_lambda": 10.0, "sae_guided_lambda_p": 1e4, "sae_guided_lambda_g": 0.0, "sae_guided_eps": 0.0,
-              "sae_guided_delta": 0.0},
+              "content_tokens": "no_template", "ewc_lambda": 100.0, "si_lambda": 100.0, "mas_lambda": 10.0,
+              "lwf_lambda": 0.1, "o_lora_lambda": 1e4, "sae_guided_lambda_p": 1e4, "sae_guided_lambda_g": 0.0,
+              "sae_guided_eps": 0.0, "sae_guided_delta": 0.0},
     # the original SAE-regularization study (peterlai/gpt-circuits, experiments/regularization/setup.py,
     # RegularizeAllLayersExperiment, with its config/gpt and config/sae settings for shakespeare_64x4): 4 layers,
     # 64 wide, character level, block 128, batch 128, 15,000 steps, lr 1e-3 (750 warmup) decaying to 1e-5; ReLU + L1
