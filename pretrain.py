@@ -163,9 +163,9 @@ def sae_training_penalty(residuals, saes, lam, norm="norm"):
 
     over the P residual points i that have an SAE (all L+1 of them in pretraining). The squared error is a mean over
     tokens, D the denominator reconstruction_scale names by `norm`, and S_i the SAE's own sparsity term (a ReLU SAE:
-    l1_i sum_j z_j ||W_dec_j||; a TopK SAE: l1_i ||z||_1, 0 by default since k fixes L0), not scaled by lam, as in
-    the original study. The inputs are *not* detached, so the gradient shapes the model towards activations the SAEs
-    reconstruct well."""
+    l1_i sum_j z_j ||W_dec_j||; a TopK SAE: l1_i ||z||_1, 0 by default since k fixes L0), not scaled by lam, as the
+    original study's code has it (its published equation puts lambda on both terms). The inputs are *not* detached,
+    so the gradient shapes the model towards activations the SAEs reconstruct well."""
     total = 0.0
     for p, sae in saes.items():
         x = residuals[p]  # (B, T, C)
