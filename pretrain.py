@@ -185,7 +185,8 @@ def pretrain(config, device):
     reused only when both are there and made by this key)."""
     run_dir = os.path.join(config.out_dir, config.run)
     path, summary_path = os.path.join(run_dir, "base.pt"), os.path.join(run_dir, "pretrain.json")
-    key = cache.result_key(stage_config(config, "pretrain"), stage_code(config, "pretrain"), device, corpus_hash(config))
+    key = cache.result_key(stage_config(config, "pretrain"), stage_code(config, "pretrain"), device,
+                           corpus_hash(config))
     checkpoint = cache.load_checkpoint(path, key, "model")
     if checkpoint is not None and checkpoint["done"]:
         if cache.summary_is_there("pretrain", path, summary_path, key):

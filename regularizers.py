@@ -56,6 +56,7 @@ class Method:
     """The hooks of a continual-learning method, each a no-op here; see the module docstring for when each runs."""
 
     name = ""
+    strength = None  # (config key, its values from seqft-like to learning almost nothing): bench/frontier.py
     joint = False  # True: the loop trains on every task at once, for as many steps as the whole sequence
     uses_saes = False  # True: the method gets the SAEs, and its results depend on the SAE stage
     reads = ()  # residual points the penalty needs in outputs["residuals"]
@@ -151,6 +152,7 @@ class EWC(WeightSpaceMethod):
     """w = the diagonal Fisher at the end of each task (per-example gradients, model-sampled labels by default)."""
 
     name = "ewc"
+    strength = ("ewc_lambda", (10.0, 1e2, 1e3, 1e4, 1e5, 1e6))
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)
@@ -167,6 +169,7 @@ class SI(WeightSpaceMethod):
     with one anchor at the end of the last task. (The clamp at 0 is ours: a negative w would push a weight away.)"""
 
     name = "si"
+    strength = ("si_lambda", (1.0, 10.0, 1e2, 1e3, 1e4, 1e5))
     positive = ("si_xi",)  # it keeps the division finite
     start = previous = path = None  # held during a task only
 
@@ -192,6 +195,7 @@ class MAS(WeightSpaceMethod):
     """Memory-aware synapses: w_i = E_x |d ||f(x)||^2 / d theta_i| on the task's inputs, no labels."""
 
     name = "mas"
+    strength = ("mas_lambda", (1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e2))
 
     def importance(self, model, split, t):
         return mas_importance(model, split, self.config.mas_examples, seed=self.seed + t)
@@ -315,6 +319,7 @@ class LwF(Method):
     tokens, p_ref the model at task start (a frozen copy held during the task only)."""
 
     name = "lwf"
+    strength = ("lwf_lambda", (1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3))
     positive = ("lwf_temperature",)
 
     def before_task(self, model, split, t):
@@ -447,6 +452,7 @@ class SAEGuided(Method):
     Dense codes ('--sae_guided_codes=dense') are too large to keep per token: the reference runs each step."""
 
     name = "sae_guided"
+    strength = ("sae_guided_lambda_p", (1e2, 1e3, 1e4, 1e5, 1e6, 1e7))
     uses_saes = True
 
     def __init__(self, config, model, saes=None, seed=0):
@@ -602,6 +608,7 @@ class SAEFD(Method):
     The anchors are task data: they and their codes count as retained bytes."""
 
     name = "sae_fd"
+    strength = ("sae_fd_lambda", (1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e2))
     uses_saes = True
     positive = ("sae_fd_anchors", "sae_fd_batch_size")
 
@@ -655,6 +662,7 @@ class OLoRA(Method):
     frozen for O-LoRA in both regimes: adapters are what the method is."""
 
     name = "o_lora"
+    strength = ("o_lora_lambda", (0.0, 1e-1, 10.0, 1e2, 1e3, 1e4))
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)
@@ -693,6 +701,7 @@ class Freeze(Method):
     The output head is tied to the token embedding, so it stays fixed too."""
 
     name = "freeze"
+    strength = ("freeze_layers", (0, 1, 2, 3))  # the values the model and regime allow
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)

@@ -9,7 +9,7 @@ import configurator as cfg
 import jobs
 import pretrain
 import train
-from bench import calibrate, sae_reg
+from bench import calibrate, frontier, sae_reg
 from conftest import TINY
 
 SAE_REG = TINY + ["--sae_steps=20", "--sae_tokens=2000", "--sae_batch_size=128", "--sae_expansion=2",
@@ -206,3 +206,33 @@ def test_a_sweep_point_is_keyed_on_the_code_that_trains_and_measures_it(tmp_path
     assert key() != before
     assert "data/world.py" not in cache.stage_code(cfg.parse_args(["--corpus=x.txt"]), "pretrain")
     assert "data/tasks.py" in cache.stage_code(cfg.parse_args(["--instruct_tags=4"]), "pretrain")
+
+
+def test_matched_points_take_the_nearest_plasticity_on_a_hand_made_set():
+    curves = {"ewc": [(10, 0.9), (100, 0.6), (1000, 0.3)], "sae_guided": [(1e2, 0.95), (1e4, 0.85), (1e6, 0.2)],
+              "flat": [(1, 0.5), (2, 0.5)]}
+    matched = frontier.matched_points(curves, reference=1.0, levels=(0.5, 0.8))
+    assert matched[0.5] == {"ewc": (100, 0.6), "sae_guided": (1e6, 0.2), "flat": (1, 0.5)}  # |0.2-0.5| < |0.85-0.5|
+    assert matched[0.8] == {"ewc": (10, 0.9), "sae_guided": (1e4, 0.85), "flat": (1, 0.5)}  # a tie: the first
+    assert frontier.matched_points(curves, reference=0.5, levels=(1.0,))[1.0]["ewc"] == (100, 0.6)
+    assert frontier.beyond_spread({"r": 0.5, "r_std": 0.1}, {"r": 0.2, "r_std": 0.1}, "r") == "more"
+    assert frontier.beyond_spread({"r": 0.35, "r_std": 0.1}, {"r": 0.2, "r_std": 0.1}, "r") == "within"
+
+
+def test_the_frontier_script_runs_end_to_end_on_a_tiny_config(tmp_path, monkeypatch):
+    from regularizers import METHODS
+
+    monkeypatch.setattr(METHODS["ewc"], "strength", ("ewc_lambda", (1.0, 1e7)))
+    argv = TINY + [f"--out_dir={tmp_path}", "--sae_steps=20", "--sae_tokens=2000", "--sae_batch_size=128",
+                   "--sae_expansion=2", "--tasks=add,reverse", "--steps_per_task=4", "--n_train=32", "--n_val=8",
+                   "--n_test=8", "--relearn_steps=0,2", "--diagnose=false", "--jobs=1", "--methods=ewc,freeze",
+                   "--levels=0.5,1.0", "--final_seeds=0"]
+    assert jobs.run_script(frontier.main, argv) == 0
+    result = json.loads((tmp_path / "default" / "frontier" / "frontier.json").read_text())
+    assert set(result["sweep"]) == {"ewc", "freeze"} and len(result["sweep"]["ewc"]) == 2
+    assert [r["value"] for r in result["sweep"]["freeze"]] == [0, 1]  # 2 and 3 blocks: more than the model has
+    for level in ("0.5", "1.0"):
+        for method, row in result["matched"][level].items():
+            assert row["value"] in [r["value"] for r in result["sweep"][method]] and row["seeds"] == [0]
+    assert (tmp_path / "default" / "frontier" / "frontier.png").exists()
+    assert "| ewc |" in (tmp_path / "default" / "frontier" / "frontier.md").read_text()

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from data.tasks import SEPARATOR, answer_format, answer_kind, build_task_suite, concat_splits, format_example, to_tensors
+from data.tasks import (SEPARATOR, answer_format, answer_kind, build_task_suite, concat_splits, format_example,
+                        to_tensors)
 from data.tokenizer import NEWLINE, decode, encode
 from evaluate import (blind_questions, choice_candidates, cl_metrics, drift_split, forced_choice,
                       forced_choice_accuracy, forgetting_diagnostic, forgetting_snapshot, format_confusion,

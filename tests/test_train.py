@@ -420,7 +420,7 @@ def test_a_question_blind_model_relearns_the_format_and_keeps_no_content(tmp_pat
     blind = GPT(GPTConfig(vocab_size=96, block_size=config.block_size, n_layer=0, n_head=2, n_embd=32))
     true = train.relearn(blind, suite, config, "cpu", 0, "relearn")["count"]
     shuffled = train.relearn(blind, suite, config, "cpu", 0, "relearn", shuffled=True)["count"]
-    assert true == [0.0, 0.25] and shuffled == [0.0, 0.25]  # format learned both ways; content kept 0 - 0 and 0.25 - 0.25
+    assert true == [0.0, 0.25] and shuffled == [0.0, 0.25]  # the format learned both ways: content kept 0
 
 
 def test_relearning_trains_a_copy_as_the_regime_trains(tmp_path):
