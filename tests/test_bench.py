@@ -236,3 +236,39 @@ def test_the_frontier_script_runs_end_to_end_on_a_tiny_config(tmp_path, monkeypa
             assert row["value"] in [r["value"] for r in result["sweep"][method]] and row["seeds"] == [0]
     assert (tmp_path / "default" / "frontier" / "frontier.png").exists()
     assert "| ewc |" in (tmp_path / "default" / "frontier" / "frontier.md").read_text()
+
+
+def test_adapting_to_the_saes_starts_at_the_identity_and_lowers_the_kl(tmp_path):
+    from bench import sae_adapt
+    from sae import SAEConfig, TopKSAE
+
+    config = cfg.parse_args(TINY + [f"--out_dir={tmp_path}", "--lora_rank=4"])
+    model = train.model_from_checkpoint(train.pretrain(config, "cpu"), "cpu")
+    torch.manual_seed(0)
+    saes = {1: TopKSAE(SAEConfig(32, 64, 4)).requires_grad_(False)}  # an untrained SAE: a large KL to close
+    x = torch.randint(0, 96, (4, 32))
+    assert sae_adapt.adaptation_loss(model, {1: lambda h: h}, x).item() == 0.0  # an exact reconstruction
+    original = model(x)[0]
+    sae_adapt.add_adapters(model, config)
+    assert torch.equal(model(x)[0], original)  # the adapters start as the identity
+    teacher = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    sae_weights = saes[1].W_dec.detach().clone()
+    options = sae_adapt.Options(adapt_steps=30, adapt_lr=1e-2, adapt_batch_size=8)
+    losses = sae_adapt.adapt(model, saes, train.corpus_of(config)[0], options, config, "cpu")
+    assert sum(losses[-5:]) < 0.85 * sum(losses[:5])  # the spliced model moves towards the original (0.16 -> 0.12)
+    assert all(torch.equal(p, teacher[n]) for n, p in model.named_parameters() if n in teacher)  # frozen
+    assert torch.equal(saes[1].W_dec, sae_weights)
+    with model.adapters_off():
+        assert torch.equal(model(x)[0], original)  # the teacher is the original, untouched
+
+
+def test_adapters_after_a_point_leave_the_blocks_before_it_frozen(tiny_model):
+    from bench import sae_adapt
+
+    config = cfg.parse_args(["--lora_rank=4"])
+    sae_adapt.add_adapters(tiny_model, config, first_point=1, layers="after")
+    learning = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert learning and all(n.startswith("blocks.1.") for n in learning)  # block 1 reads point 1; block 0 does not
+    with pytest.raises(ValueError, match="--adapt_points: no SAE at point 5"):
+        sae_adapt.spliced({1: None, 2: None}, (5,))
+    assert list(sae_adapt.spliced({1: None, 2: None}, ())) == [1, 2]

@@ -1,0 +1,140 @@
+"""
+Adapting a model to its SAEs (after Chen, Engels and Tegmark 2025, "Low-Rank Adapting Models for Sparse
+Autoencoders", arXiv 2501.19406). The model and its trained SAEs are frozen; every SAE is spliced into the forward
+pass at once (or some, --adapt_points); LoRA adapters on the model learn to make the spliced model predict
+what the original predicts, on ordinary text:
+
+    L = mean over tokens t of KL( p_orig(. | x_<=t) || p_spliced(. | x_<=t) )
+      = mean_t sum_v p_orig(v | x_<=t) (log p_orig(v | x_<=t) - log p_spliced(v | x_<=t))
+
+p_orig is the model with its adapters switched off (the teacher: the original, frozen, no copy made), p_spliced the
+model with its adapters on and each SAE's reconstruction patched into the residual stream, every SAE reading the
+already-patched stream. The adapters start as the identity (B = 0), so at step 0 the student is the spliced
+original. Measured before and after, at the same SAEs (so the same L0): the compound and per-point CE increase, and
+the model's own CE on held-out text without SAEs; and the cost, in steps and CPU-seconds.
+
+    python train.py --stage=sae --sae_points=0,1,2 --run=x      # a model and SAEs at every point (the pipeline's)
+    python -m bench.sae_adapt --run=x --sae_points=0,1,2         # adapt the model to all of them at once
+    python -m bench.sae_adapt --run=x --sae_points=0,1,2 --adapt_points=1 --adapt_layers=after
+
+The adapters are the project's LoRA (--lora_rank, --lora_alpha, --lora_targets). Writes
+out/<run>/sae_adapt/<points>_<layers>.json and prints the comparison.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import cache
+import configurator as cfg
+import jobs
+import train
+from evaluate import sae_metrics
+from model import model_from_checkpoint
+from data.corpus import get_batch
+from pretrain import clip_gradients, corpus_of, pretrain
+
+
+@dataclass
+class Options:
+    # bench/sae_adapt.py (any other key is the pipeline's: the model, its SAEs, the LoRA settings)
+    adapt_points: tuple[int, ...] = ()  # the residual points whose SAEs are spliced in; empty = every SAE at once
+    adapt_layers: str = "all"  # the blocks whose adapters learn: 'all', or those 'after' the first spliced point
+    adapt_steps: int = 300  # AdamW steps
+    adapt_lr: float = 1e-3  # constant learning rate of the adapters
+    adapt_batch_size: int = 32  # windows a step, of --block_size characters
+    CHOICES = {"adapt_layers": ("all", "after")}
+    AT_LEAST_ZERO = ("adapt_steps", "adapt_points")
+
+
+def spliced(saes, points):
+    """{point: sae} of the SAEs spliced in: every one (no points given) or those at the points."""
+    for p in points:
+        if p not in saes:
+            raise ValueError(f"--adapt_points: no SAE at point {p}; the SAEs are at points "
+                             f"{', '.join(map(str, saes))}")
+    return {p: saes[p] for p in points or saes}
+
+
+def add_adapters(model, config, first_point=0, layers="all"):
+    """LoRA on the model (every weight frozen; model.add_lora); with layers='after', the adapters of the blocks before
+    the first spliced point stay frozen at the identity (block i reads point i: only blocks i >= the point can make
+    up for its SAE)."""
+    model.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
+    for i, block in enumerate(model.blocks):
+        learns = layers == "all" or i >= first_point
+        for p in block.parameters():
+            p.requires_grad_(learns and p.requires_grad)
+    return model
+
+
+def adaptation_loss(model, patch, x):
+    """mean_t KL(p_orig || p_spliced) over the tokens of x (B, T): the teacher is the model with adapters off, under
+    no_grad; the student the model with adapters on and `patch` spliced in."""
+    with torch.no_grad(), model.adapters_off():
+        teacher = F.log_softmax(model(x)[0].float(), dim=-1)
+    student = F.log_softmax(model(x, patch=patch)[0].float(), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+def adapt(model, patch, ids, options, config, device, seed=0):
+    """options.adapt_steps of AdamW on the adapters; returns the loss at every step."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=options.adapt_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in jobs.progress(range(options.adapt_steps), desc="adapt"):
+        x, _ = get_batch(ids, options.adapt_batch_size, config.block_size, generator, device)
+        loss = adaptation_loss(model, patch, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(trainable, config.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def measure(model, saes, patch, ids, config, device):
+    """The SAE metrics that matter here: CE without SAEs, compound CE increase of the spliced set, per point."""
+    m = sae_metrics(model, {p: saes[p] for p in patch}, ids, config.block_size, device)
+    return {"clean_ce": m["clean_ce"], "compound_ce_increase": m["compound_ce_increase"],
+            "ce_increase": {p: point["ce_increase"] for p, point in m["points"].items()}, "total_l0": m["total_l0"]}
+
+
+def main(argv):
+    parsed = cfg.parse_script_args(argv, Options, "python -m bench.sae_adapt", __doc__)
+    if parsed is None:
+        return 0
+    options, config = parsed[0], cfg.parse_args(parsed[1])
+    device = cfg.resolve_device(config)
+    base = pretrain(config, device)
+    model = model_from_checkpoint(base, device)
+    saes = train.load_saes(train.train_sae_stage(config, device, base), model, device)
+    patch = spliced(saes, options.adapt_points)
+    train_ids, val_ids = corpus_of(config)
+    before = measure(model, saes, patch, val_ids, config, device)
+    add_adapters(model, config, min(patch), options.adapt_layers)
+    t0 = time.process_time()
+    losses = adapt(model, patch, train_ids, options, config, device, seed=config.seed)
+    cpu_seconds = time.process_time() - t0
+    after = measure(model, saes, patch, val_ids, config, device)
+    result = {"argv": argv, "points": sorted(patch), "layers": options.adapt_layers, "steps": options.adapt_steps,
+              "cpu_seconds": cpu_seconds, "loss_first": losses[0] if losses else None,
+              "loss_last": losses[-1] if losses else None, "before": before, "after": after}
+    name = f"{'-'.join(map(str, options.adapt_points)) or 'all'}_{options.adapt_layers}.json"
+    cache.save_json(result, os.path.join(config.out_dir, config.run, "sae_adapt", name))
+    print("| | CE without SAEs | compound CE increase | per point |\n|---|---|---|---|")
+    for label, m in (("before", before), ("after", after)):
+        per_point = ", ".join(f"{p}: {v:.3f}" for p, v in m["ce_increase"].items())
+        print(f"| {label} | {m['clean_ce']:.4f} | {m['compound_ce_increase']:.4f} | {per_point} |")
+    print(f"KL {result['loss_first']:.4f} -> {result['loss_last']:.4f} in {options.adapt_steps} steps, "
+          f"{cpu_seconds / 60:.1f} CPU-minutes; total L0 {before['total_l0']:.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(jobs.run_script(main, sys.argv[1:]))
