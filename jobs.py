@@ -1,7 +1,8 @@
 """
 Plumbing off the reader's path: progress bars that read well in a terminal and in a log file, a script's exit on
-bad input or Ctrl-C in one line, and the pool of worker processes the continual-learning runs go to (each run on
-one thread, Ctrl-C handled once by the parent, a worker that ends by itself when its parent is gone).
+bad input or Ctrl-C in one line, the pool of worker processes the continual-learning runs go to (each run on one
+thread, Ctrl-C handled once by the parent, a worker that ends by itself when its parent is gone), and data-parallel
+pretraining under torchrun (torch.distributed, as nanoGPT does).
 """
 
 import multiprocessing
@@ -13,6 +14,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 # progress bars that read well in a terminal and in a log file
@@ -104,3 +107,39 @@ def run_all(function, items, jobs, **shared):
                              "resume, or use --jobs=1") from None
         raise
     pool.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data-parallel pretraining: `torchrun --standalone --nproc_per_node=N train.py --stage=pretrain ...`
+
+
+def data_parallel():
+    """(rank, world size) of this process: (0, 1) when it runs alone; under torchrun (which sets RANK) the process
+    group is started once, gloo on the CPU, nccl on CUDA (each rank on its own GPU, LOCAL_RANK)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def average_gradients(parameters, world_size):
+    """g <- (1/W) sum over the W ranks of g. Each rank's loss is the mean over its equal share of the global batch,
+    so the average of their gradients is the gradient of the mean over the global batch: the step one process takes
+    on the whole batch (up to the order of floating-point sums)."""
+    if world_size == 1:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+
+
+def end_data_parallel():
+    """Wait for every rank, then close the process group (after pretraining: the later stages run in one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -14,13 +14,14 @@ import time
 import torch
 
 import cache
+import jobs
 from cache import stage_code, stage_config
-from jobs import progress
 from data.corpus import get_batch, load_corpus
 from data.instructions import AUX_TASKS, aux_task_names
-from data.tasks import build_task_suite, concat_splits, trim_padding
+from data.tasks import Batch, build_task_suite, concat_splits, trim_padding
 from data.tokenizer import NEWLINE, VOCAB_SIZE, decode, encode
 from evaluate import mean_accuracy
+from jobs import progress
 from model import GPT, GPTConfig, warmup_cosine
 from sae import SAEConfig, make_sae
 
@@ -187,24 +188,31 @@ def pretrain(config, device):
     path, summary_path = os.path.join(run_dir, "base.pt"), os.path.join(run_dir, "pretrain.json")
     key = cache.result_key(stage_config(config, "pretrain"), stage_code(config, "pretrain"), device,
                            corpus_hash(config))
+    rank, world = jobs.data_parallel()  # (0, 1) alone; under torchrun each rank trains on its share of every batch
+    if config.batch_size % world:
+        raise ValueError(f"--batch_size={config.batch_size} must be divisible by the {world} processes of torchrun")
     checkpoint = cache.load_checkpoint(path, key, "model")
     if checkpoint is not None and checkpoint["done"]:
         if cache.summary_is_there("pretrain", path, summary_path, key):
+            jobs.end_data_parallel()
             return checkpoint
         checkpoint = None
-    run = new_run(config, device, key)
+    run = new_run(config, device, key, rank, world)
     if checkpoint is not None:  # an interrupted run with the same key: resume where it stopped
         resume(run, checkpoint)
         print(f"pretrain: resuming {path} at iteration {run['iter']}")
     train_ids, _ = corpus_of(config)
     print(f"pretrain: {run['model'].num_params():,} parameters, {len(train_ids):,} train tokens, device {device}")
     timing = train_run(run, config, device, path)
-    return finish(run, config, device, path, summary_path, timing)
+    checkpoint = finish(run, config, device, path, summary_path, timing)
+    jobs.end_data_parallel()
+    return checkpoint
 
 
-def new_run(config, device, key):
+def new_run(config, device, key, rank=0, world=1):
     """Everything a pretraining run holds, at iteration 0: the model, its AdamW, with SAE-regularized pretraining
-    the jointly trained SAEs (in the optimizer, without weight decay), the generator of the batches, the history."""
+    the jointly trained SAEs (in the optimizer, without weight decay), the generator of the batches, the history;
+    and its place under torchrun (rank, world: every rank draws the same global batches and trains on its rows)."""
     torch.manual_seed(config.seed)
     model_args = dict(vocab_size=VOCAB_SIZE, block_size=config.block_size, n_layer=config.n_layer,
                       n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
@@ -216,7 +224,8 @@ def new_run(config, device, key):
         optimizer.add_param_group({"params": [q for s in joint_saes.values() for q in s.parameters()],
                                    "weight_decay": 0.0})
     return {"key": key, "model_args": model_args, "model": model, "optimizer": optimizer, "joint_saes": joint_saes,
-            "generator": torch.Generator().manual_seed(config.seed), "iter": 0, "history": []}
+            "generator": torch.Generator().manual_seed(config.seed), "iter": 0, "history": [], "rank": rank,
+            "world": world}
 
 
 def snapshot(run, done, val_loss=None):
@@ -244,14 +253,17 @@ def resume(run, checkpoint):
 
 def pretraining_loss(run, it, config, device, train_ids, aux_train):
     """The loss of iteration it: the base phase's corpus cross-entropy (plus, with joint SAEs, the SAE regularizer);
-    in the instruction phase (it >= max_iters) plus the cross-entropy of an auxiliary batch's answers."""
+    in the instruction phase (it >= max_iters) plus the cross-entropy of an auxiliary batch's answers. Under
+    torchrun each rank draws the global batch and takes its rows rank, rank + W, ... (the joint SAEs' denominator
+    D(x) is then its rows' mean, so that SAE-regularized pretraining is close to, not exactly, one process's)."""
     model, joint_saes, generator = run["model"], run["joint_saes"], run["generator"]
-    x, y = get_batch(train_ids, config.batch_size, config.block_size, generator, device)
+    mine = slice(run["rank"], None, run["world"])
+    x, y = (t[mine] for t in get_batch(train_ids, config.batch_size, config.block_size, generator, device))
     _, loss, residuals = model(x, y, read=tuple(joint_saes))
     if joint_saes:
         loss = loss + sae_training_penalty(residuals, joint_saes, config.sae_reg_lambda, config.sae_reg_norm)
     if it >= config.max_iters:
-        batch = trim_padding(aux_train.batch(config.batch_size, generator, device))
+        batch = trim_padding(Batch(*(t[mine] for t in aux_train.batch(config.batch_size, generator, device))))
         loss = loss + model(batch.x, batch.y, batch.answer_mask)[1]
     return loss
 
@@ -267,7 +279,8 @@ def train_run(run, config, device, path):
     total_iters = config.max_iters + (config.instruct_iters if aux else 0)
     model.train()
     t0, step_seconds, start_iter = time.time(), 0.0, run["iter"]
-    with progress(range(run["iter"], total_iters), desc="pretrain", initial=run["iter"], total=total_iters) as bar:
+    with progress(range(run["iter"], total_iters), desc="pretrain", initial=run["iter"], total=total_iters,
+                  disable=run["rank"] > 0) as bar:
         for it in bar:
             t_step = time.time()
             for group in optimizer.param_groups:
@@ -276,6 +289,8 @@ def train_run(run, config, device, path):
             check_finite(loss, f"in pretraining at iteration {it}", "lower --lr, --weight_decay or --sae_reg_lambda")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            jobs.average_gradients(list(model.parameters()) + [q for s in joint_saes.values() for q in s.parameters()],
+                                   run["world"])
             clip_gradients(model.parameters(), config.grad_clip)
             for sae in joint_saes.values():
                 sae.remove_parallel_decoder_grad()
@@ -293,10 +308,11 @@ def train_run(run, config, device, path):
                                 "norms": activation_norms(model, val_ids, config, device)})
                 if it >= config.max_iters:
                     history[-1]["aux_accuracy"] = aux_accuracy(model, aux, device)
-                bar.write(f"iter {it + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}" + (
-                    f", held-out auxiliary accuracy {history[-1]['aux_accuracy']:.3f}" if it >= config.max_iters
-                    else ""))
-                cache.save_checkpoint(snapshot(run, done=False), path)
+                if run["rank"] == 0:  # under torchrun one rank writes (every rank holds the same model)
+                    bar.write(f"iter {it + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}" + (
+                        f", held-out auxiliary accuracy {history[-1]['aux_accuracy']:.3f}" if it >= config.max_iters
+                        else ""))
+                    cache.save_checkpoint(snapshot(run, done=False), path)
     return {"seconds": time.time() - t0, "ms_per_iter": 1000 * step_seconds / max(1, total_iters - start_iter)}
 
 
@@ -309,6 +325,8 @@ def finish(run, config, device, path, summary_path, timing):
     else:
         samples = greedy_samples(model, SAMPLE_PROMPTS, device)
     checkpoint = snapshot(run, done=True, val_loss=val_loss)
+    if run["rank"] > 0:  # under torchrun, rank 0 writes the checkpoint and the summary
+        return checkpoint
     cache.save_checkpoint(checkpoint, path)
     summary = {"key": run["key"], "val_loss": val_loss, "train_loss": history[-1]["train_loss"], **timing,
                "history": history, "samples": samples, "params": model.num_params(), "sha": checkpoint["sha"]}

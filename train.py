@@ -394,7 +394,7 @@ def main(argv):
         check_inputs(config)
         device = resolve_device(config)
         base = pretrain(config, device)
-        if config.stage == "pretrain":
+        if config.stage == "pretrain" or int(os.environ.get("RANK", 0)) > 0:  # torchrun: the later stages, rank 0
             return 0
         sae_checkpoint = train_sae_stage(config, device, base)
         if config.stage == "sae":

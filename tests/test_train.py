@@ -572,3 +572,36 @@ def test_the_base_reference_is_keyed_on_what_it_reads_and_still_found_by_the_rep
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
     assert "kept@2" in summary["seqft"] and "content_kept@2" in summary["seqft"]
     assert main(argv + ["--diagnose=false", "--forced_choice_k=3"]) == 0 and calls == [0, 0]  # one it reads
+
+
+@pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun is not installed")
+def test_pretraining_under_torchrun_resumes_and_matches_one_process(tmp_path, monkeypatch):
+    """A run interrupted in one process after its checkpoint at 20 is finished by two processes under torchrun (gloo,
+    on the CPU) at the same global batch: the losses at 40 and 60 are those of one process uninterrupted, within
+    float tolerance, and rank 0 alone writes the checkpoint and the summary."""
+    import subprocess
+
+    one = train.pretrain(tiny_config(tmp_path / "one"), "cpu")
+    config = tiny_config(tmp_path / "two")
+    calls, real_get_batch = {"n": 0}, pretrain.get_batch
+
+    def dying_get_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 30 + 2 * config.eval_iters:  # in iteration 30
+            raise KeyboardInterrupt
+        return real_get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "get_batch", dying_get_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train.pretrain(config, "cpu")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "train.py", *TINY, "--stage=pretrain",
+                           f"--out_dir={tmp_path / 'two'}"], cwd=cache.ROOT, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stdout
+    two = torch.load(tmp_path / "two" / "default" / "base.pt", weights_only=False)
+    assert two["done"] and [h["iter"] for h in two["history"]] == [20, 40, 60]
+    for a, b in zip(one["history"], two["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two" / "default").iterdir()) == ["base.pt", "pretrain.json"]
