@@ -214,6 +214,9 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
         ratios = [r["step_seconds"] / seqft_step[r["seed"]] for r in runs if r["seed"] in seqft_step]
         row["step_time_ratio"], _ = mean_std(ratios)
         row["R_mean"] = torch.tensor([r["R"] for r in runs], dtype=torch.float64).mean(0).tolist()
+        if all(r.get("forced_choice") for r in runs):  # knowledge per task: where the model still reads the question
+            row["knowledge_per_task"] = {t: mean_std([r["forced_choice"][t]["accuracy"] - r["forced_choice"][t].get(
+                "control", 0.0) for r in runs])[0] for t in runs[0]["forced_choice"]}
         if "constant_guess" in runs[0]:  # a property of the data: the same for every seed
             row["constant_guess_per_task"] = runs[0]["constant_guess"]
         if all(r.get("aux_accuracy") for r in runs):  # an instruction-following base: the tags along the sequence
@@ -328,7 +331,16 @@ def per_task_table(summary, per_task):
         cells = [task, str(g["n"]), f"{g['accuracy']:.3f} ({g['answer']})", f"{(0.25 / g['n']) ** 0.5:.3f}"]
         cells += [f"{learned_accuracy(r['R_mean'], i):.3f}" for r in summary.values()]
         lines.append("| " + " | ".join(cells) + " |")
-    return "R[i][i] per task (multitask: after its joint run), beside the constant guess\n\n" + "\n".join(lines)
+    text = "R[i][i] per task (multitask: after its joint run), beside the constant guess\n\n" + "\n".join(lines)
+    with_knowledge = [m for m, r in summary.items() if "knowledge_per_task" in r]
+    if with_knowledge:  # forced choice - its control, per task: where the final model still reads the question
+        lines = ["| task | " + " | ".join(with_knowledge) + " |", "|---" * (len(with_knowledge) + 1) + "|"]
+        for task in per_task:
+            lines.append(f"| {task} | " + " | ".join(f"{summary[m]['knowledge_per_task'][task]:.3f}"
+                                                     for m in with_knowledge) + " |")
+        text += "\n\nknowledge per task: forced choice - its control after the sequence, mean over seeds (the last " \
+                "task's row is the one just learned)\n\n" + "\n".join(lines)
+    return text
 
 
 LEGEND = """Reading the columns (R[t][i]: exact-match accuracy on task i after training task t; T tasks):
