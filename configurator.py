@@ -179,6 +179,14 @@ PRESETS = {  # name -> the keys it sets
 # the same model, SAE kind, lambda, L1 coefficients and their sweep ranges; fewer steps, a smaller batch, every SAE
 # 512 wide, fewer activations (its sweep: fewer points, steps and tokens a step, given to bench/sae_reg.py)
 PRESETS["gpt_circuits_cpu"] = {**PRESETS["gpt_circuits"], **GPT_CIRCUITS_SHRUNK}
+# the whole pipeline in seconds, to try a change end to end (what the tests run: tests/conftest.py); its numbers
+# mean nothing (the model learns no task in 8 steps)
+PRESETS["tiny"] = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 8, "max_iters": 60,
+                   "eval_interval": 20, "eval_iters": 2, "warmup_iters": 5, "corpus_lines": 3000, "lr": 3e-3,
+                   "sae_steps": 40, "sae_tokens": 4000, "sae_batch_size": 256, "sae_expansion": 4,
+                   "tasks": ("add", "reverse"), "steps_per_task": 8, "n_train": 64, "n_val": 8, "n_test": 16,
+                   "ewc_fisher_examples": 8, "mas_examples": 8, "sae_guided_mask_examples": 16, "replay_batch_size": 4,
+                   "sae_fd_anchors": 8, "sae_fd_batch_size": 4, "relearn_steps": (0, 2), "jobs": 1}
 CHOICES = {  # fields whose value must be one of a fixed set
     "preset": ("",) + tuple(PRESETS),
     "stage": ("all", "pretrain", "sae", "cl"),

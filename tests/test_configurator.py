@@ -142,3 +142,12 @@ def test_an_out_dir_that_cannot_hold_files_is_refused_before_compute(tmp_path):
         cache.check_out_dir("/proc/saeguard_out")
     cache.check_out_dir(str(tmp_path / "new"))
     assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # made, and left empty
+
+
+def test_the_tiny_preset_is_the_tests_tiny_pipeline():
+    """`--preset=tiny`, the student's seconds-long run, sets what tests/conftest.py's TINY_PIPELINE sets."""
+    from conftest import TINY_PIPELINE
+
+    tiny = train.parse_args(["--preset=tiny", "--methods=seqft,ewc,si,mas,lwf,o_lora,sae_fd,sae_guided,freeze,replay,"
+                             "multitask"])
+    assert dataclasses.replace(tiny, preset="") == train.parse_args(TINY_PIPELINE)
