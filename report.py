@@ -517,16 +517,19 @@ def plot_knowledge(summary, run_dir):
     ax1.legend(fontsize=7, ncol=2)
     for method in methods:
         r = summary[method]
-        if "knowledge" in r:
-            ax2.errorbar(r["exact_match"], r["knowledge"], xerr=r["exact_match_std"] or 0,
+        if "knowledge" in r and r["plasticity"] is None:  # a joint run (multitask): no plasticity, a line
+            ax2.axhline(r["knowledge"], color=colours[method], ls="-.", lw=1, label=f"{method} ({r['knowledge']:.2f})")
+        elif "knowledge" in r:
+            ax2.errorbar(r["plasticity"], r["knowledge"], xerr=r["plasticity_std"] or 0,
                          yerr=r["knowledge_std"] or 0, marker=marker[method], capsize=3, color=colours[method])
-            ax2.annotate(method, (r["exact_match"], r["knowledge"]), fontsize=8, xytext=(4, 4),
+            ax2.annotate(method, (r["plasticity"], r["knowledge"]), fontsize=8, xytext=(4, 4),
                          textcoords="offset points")
     ax2.axhline(0, color="grey", ls=":", label="answer priors only (the control)")
     if base and "knowledge" in base:
         ax2.axhline(base["knowledge"], color="k", ls="--", label=f"base model ({base['knowledge']:.2f})")
-    ax2.set(xlabel="exact match (greedy answer)", ylabel="knowledge = forced choice - its control",
-            title="does the model read the question?", xlim=(-0.03, 1.03))
+    ax2.set(xlabel="plasticity (mean R[i][i]: each task right after it was learned)",
+            ylabel="knowledge = forced choice - its control", title="does the final model read the question?",
+            xlim=(-0.03, 1.03))
     ax2.legend(fontsize=7, loc="lower right")
     content = [n for n in steps if n > 0 and all(f"content_kept@{n}" in summary[m] for m in methods)]
     width = 0.8 / max(1, len(content))
