@@ -79,7 +79,7 @@ def train_sae_stage(config, device, base):
     run_dir = os.path.join(config.out_dir, config.run)
     path, metrics_path = os.path.join(run_dir, "sae.pt"), os.path.join(run_dir, "sae.json")
     key = cache.result_key(stage_config(config, "pretrain", "sae"), stage_code(config, "pretrain", "sae"), device,
-                         corpus_hash(config), {"base": base["sha"]})
+                           corpus_hash(config), {"base": base["sha"]})
     checkpoint = cache.load_checkpoint(path, key, "saes")
     if checkpoint is not None and cache.summary_is_there("sae", path, metrics_path, key):
         return checkpoint
@@ -297,9 +297,9 @@ def method_key(config, name, seed, device, base, sae_checkpoint):
     settings = {k: getattr(config, k) for k in method.config_keys(config)}
     built_from = {"base": base["sha"], **({"sae": sae_checkpoint["sha"]} if uses_saes else {})}
     key = cache.result_key({**stage_config(config, *stages), **settings, "method": name, "seed": seed},
-                         stage_code(config, *stages), device, corpus_hash(config), built_from)
+                           stage_code(config, *stages), device, corpus_hash(config), built_from)
     shared = cache.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"), device,
-                            corpus_hash(config), {"base": base["sha"]})
+                              corpus_hash(config), {"base": base["sha"]})
     return key, shared, json.loads(json.dumps(settings))
 
 
@@ -323,7 +323,7 @@ def run_and_save(job, *, device, base, sae_checkpoint):
     finally:
         torch.set_num_threads(threads)
     cache.save_json({**result, "key": job["key"], "shared": job["shared"], "method_settings": job["settings"]},
-                  job["path"])
+                    job["path"])
 
 
 def reusable(path, key, problem):

@@ -45,7 +45,7 @@ def main(argv):
             f"(nanoGPT: about 45), {result['seconds']:.0f} s in all")
     print(line)
     cache.save_text(f"`python -m bench.nanogpt_parity {' '.join(args[1])}`: {line}\n\nSample:\n\n```\n"
-                  f"{result['samples'][0]}\n```\n", os.path.join(config.out_dir, config.run, "parity.md"))
+                    f"{result['samples'][0]}\n```\n", os.path.join(config.out_dir, config.run, "parity.md"))
 
 
 if __name__ == "__main__":
