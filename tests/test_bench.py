@@ -226,12 +226,13 @@ def test_the_frontier_script_runs_end_to_end_on_a_tiny_config(tmp_path, monkeypa
     argv = TINY + [f"--out_dir={tmp_path}", "--sae_steps=20", "--sae_tokens=2000", "--sae_batch_size=128",
                    "--sae_expansion=2", "--tasks=add,reverse", "--steps_per_task=4", "--n_train=32", "--n_val=8",
                    "--n_test=8", "--relearn_steps=0,2", "--diagnose=false", "--jobs=1", "--methods=ewc,freeze",
-                   "--levels=0.5,1.0", "--final_seeds=0"]
+                   "--levels=1.0", "--final_seeds=0"]
+    monkeypatch.setattr(METHODS["freeze"], "strength", ("freeze_layers", (1, 2)))
     assert jobs.run_script(frontier.main, argv) == 0
     result = json.loads((tmp_path / "default" / "frontier" / "frontier.json").read_text())
     assert set(result["sweep"]) == {"ewc", "freeze"} and len(result["sweep"]["ewc"]) == 2
-    assert [r["value"] for r in result["sweep"]["freeze"]] == [0, 1]  # 2 and 3 blocks: more than the model has
-    for level in ("0.5", "1.0"):
+    assert [r["value"] for r in result["sweep"]["freeze"]] == [1]  # 2 blocks: more than the model has
+    for level in ("1.0",):
         for method, row in result["matched"][level].items():
             assert row["value"] in [r["value"] for r in result["sweep"][method]] and row["seeds"] == [0]
     assert (tmp_path / "default" / "frontier" / "frontier.png").exists()

@@ -472,8 +472,7 @@ def test_an_edit_redoes_only_the_stages_that_run_the_edited_file(tmp_path, monke
     assert run_after() == [True, True, 2]  # nothing changed: everything reused
     assert run_after(append_comment("regularizers.py")) == [True, True, 0]
     assert run_after(append_comment("report.py")) == [True, True, 2]  # the report makes no stage
-    assert run_after(append_comment("evaluate.py")) == [True, True, 0]  # the scores (base's too), not the SAEs'
-    assert run_after(edit_inside("evaluate.py", "def sae_metrics(")) == [True, False, 0]  # now the SAEs' too
+    assert run_after(edit_inside("evaluate.py", "def sae_metrics(")) == [True, False, 0]  # the SAEs, every run
     assert run_after(edit_inside("train.py", "def relearn(")) == [True, True, 0]  # relearning: not the SAEs
     assert run_after(append_comment("data/tasks.py")) == [True, True, 0]  # the tasks: not the base model
     assert run_after(append_comment("sae.py")) == [True, False, 1]  # the diagnostic reads the SAEs; the base does not
