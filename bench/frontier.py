@@ -36,6 +36,7 @@ from regularizers import METHODS  # noqa: E402
 from report import fmt, save_figure  # noqa: E402
 
 PROTECTING = tuple(m for m, c in METHODS.items() if c.strength)
+REACH = 0.1  # a method whose nearest point is farther from a level's target than this does not reach that level
 
 
 @dataclass
@@ -146,12 +147,13 @@ def frontier_table(result):
         guided = rows.get("sae_guided")
         for method, r in rows.items():
             against = ", ".join(beyond_spread(r, guided, k) for _, k in columns) if guided and r is not guided else "-"
-            lines.append(f"| {method} | {r['value']:g} | {r['val_plasticity']:.3f} | "
+            reached = "" if abs(r["val_plasticity"] - target) <= REACH else " (not reached)"
+            lines.append(f"| {method} | {r['value']:g} | {r['val_plasticity']:.3f}{reached} | "
                          f"{fmt(r['plasticity'], r['plasticity_std'])} | "
                          + " | ".join(fmt(r.get(k), r.get(k + "_std")) for _, k in columns) + f" | {against} |")
     lines += ["", "strength: the value of the method's strength key at that point, chosen by its val plasticity (the "
-              "nearest the target); the other columns are the test split, mean ± std over the final seeds; 'more' / "
-              "'less': beyond both seed spreads, 'within': not"]
+              f"nearest the target; 'not reached': more than {REACH} from it); the other columns are the test split, "
+              "mean ± std over the final seeds; 'more' / 'less': beyond both seed spreads, 'within': not"]
     return "\n".join(lines)
 
 
