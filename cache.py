@@ -89,7 +89,8 @@ def check_out_dir(path):
         raise ValueError(f"--out_dir={path!r} cannot hold files ({error.strerror}); choose another --out_dir") from None
 
 
-# what a result depends on
+# ----------------------------------------------------------------------------------------------------------------
+# the hashes in a key: the code, the tensors
 
 
 def code_of(entry):
@@ -259,6 +260,3 @@ def summary_is_there(stage, path, summary_path, key):
         return True
     print(f"{stage}: {summary_path} is missing or stale; redoing the stage")
     return False
-
-
-# ----------------------------------------------------------------------------------------------------------------

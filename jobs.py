@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+# ----------------------------------------------------------------------------------------------------------------
 # progress bars that read well in a terminal and in a log file
 
 
