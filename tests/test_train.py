@@ -469,15 +469,14 @@ def test_an_edit_redoes_only_the_stages_that_run_the_edited_file(tmp_path, monke
         return edit
 
     assert run_after() == [False, False, 0]
-    assert run_after() == [True, True, 2]  # nothing changed: everything reused
+    # nothing changed, or the report and a file of one's own: everything reused (the report makes no stage)
+    assert run_after(lambda: (append_comment("report.py")(), (copy / "scratch.py").write_text("print(1)\n"))) == [
+        True, True, 2]
     assert run_after(append_comment("regularizers.py")) == [True, True, 0]
-    assert run_after(append_comment("report.py")) == [True, True, 2]  # the report makes no stage
     assert run_after(edit_inside("evaluate.py", "def sae_metrics(")) == [True, False, 0]  # the SAEs, every run
     assert run_after(edit_inside("train.py", "def relearn(")) == [True, True, 0]  # relearning: not the SAEs
-    assert run_after(append_comment("data/tasks.py")) == [True, True, 0]  # the tasks: not the base model
     assert run_after(append_comment("sae.py")) == [True, False, 1]  # the diagnostic reads the SAEs; the base does not
     assert run_after(append_comment("model.py")) == [False, False, 0]
-    assert run_after(lambda: (copy / "scratch.py").write_text("print('hello')\n")) == [True, True, 2]
 
 
 def test_two_writers_of_one_file_never_share_a_temporary_file(tmp_path):
@@ -570,7 +569,6 @@ def test_the_base_reference_is_keyed_on_what_it_reads_and_still_found_by_the_rep
     assert calls == [0]
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
     assert "kept@2" in summary["seqft"] and "content_kept@2" in summary["seqft"]
-    assert main(argv + ["--diagnose=false", "--forced_choice_k=3"]) == 0 and calls == [0, 0]  # one it reads
 
 
 @pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun is not installed")
