@@ -254,8 +254,9 @@ def resume(run, checkpoint):
 def pretraining_loss(run, it, config, device, train_ids, aux_train):
     """The loss of iteration it: the base phase's corpus cross-entropy (plus, with joint SAEs, the SAE regularizer);
     in the instruction phase (it >= max_iters) plus the cross-entropy of an auxiliary batch's answers. Under
-    torchrun each rank draws the global batch and takes its rows rank, rank + W, ... (the joint SAEs' denominator
-    D(x) is then its rows' mean, so that SAE-regularized pretraining is close to, not exactly, one process's)."""
+    torchrun each rank draws the global batch and takes its rows rank, rank + W, ... The corpus loss is then one
+    process's exactly (every row has block_size tokens); the joint SAEs' denominator D(x) and the instruction
+    phase's mean over answer tokens are each rank's own, so those two are close to one process's, not equal."""
     model, joint_saes, generator = run["model"], run["joint_saes"], run["generator"]
     mine = slice(run["rank"], None, run["world"])
     x, y = (t[mine] for t in get_batch(train_ids, config.batch_size, config.block_size, generator, device))
