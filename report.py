@@ -6,6 +6,7 @@ and an edit of this file redoes no stage.
     python report.py out/<run>          # rebuilds the summary, the plots and report.md from the saved results
 """
 
+import hashlib
 import io
 import json
 import math
@@ -29,7 +30,14 @@ from regularizers import METHODS  # noqa: E402  (the report lists methods in the
 # results over seeds
 
 
-BASE_DIR = "base"  # out/<run>/<cl_dir>/base/seed<n>.json: the base model relearned and in forced choice, per seed
+BASE_DIR = "base"  # out/<run>/base/seed<n>_<key hash>.json: the base model relearned and in forced choice, one per
+# seed and setting, shared by every results folder of the run (the frontier's many folders among them)
+
+
+def base_path(run_dir, key):
+    """Where the base model's reference with this key (train.base_reference; its key holds the seed) is saved."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(run_dir, BASE_DIR, f"seed{key['seed']}_{digest}.json")
 
 
 def load_cl_results(run_dir, cl_dir="cl"):
@@ -105,13 +113,13 @@ def base_problem(r):
     return None
 
 
-def load_base_results(folder):
-    """{seed: result} of the base model's relearning and forced choice in a results folder (train.base_reference),
-    shared by every method of the folder; {} if there are none. A damaged one is named and left out."""
-    folder = os.path.join(folder, BASE_DIR)
-    results = {}
+def load_base_results(run_dir):
+    """[result] of the base model's relearning and forced choice in a run's folder (train.base_reference), for
+    every setting and seed made there; [] if there are none. A damaged one is named and left out."""
+    folder = os.path.join(run_dir, BASE_DIR)
+    results = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if re.fullmatch(r"seed\d+\.json", name):
+        if re.fullmatch(r"seed\d+_[0-9a-f]+\.json", name):
             path = os.path.join(folder, name)
             try:
                 with open(path) as f:
@@ -122,7 +130,7 @@ def load_base_results(folder):
             if problem:
                 print(f"warning: {path} is damaged ({problem}); left out (rerun train.py to redo it)", file=sys.stderr)
                 continue
-            results[r["seed"]] = r
+            results.append(r)
     return results
 
 
@@ -181,8 +189,7 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
                          f"{os.path.join(run_dir, cl_dir)}")
     check_comparable(results)
     shared = next(iter(results.values()))[0]["shared"]  # a base reference of other settings is a stale one
-    base = {seed: b for seed, b in load_base_results(os.path.join(run_dir, cl_dir)).items()
-            if base_matches(b, shared)}
+    base = {b["seed"]: b for b in load_base_results(run_dir) if base_matches(b, shared)}
     if cl_dir != "cl":
         run_dir = os.path.join(run_dir, cl_dir)
     seqft_step = {r["seed"]: r["step_seconds"] for r in results.get("seqft", [])}

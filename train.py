@@ -31,7 +31,7 @@ from model import model_from_checkpoint
 from pretrain import (aux_accuracy, aux_suite, check_finite, clip_gradients, corpus_hash, corpus_of,
                       estimate_lm_loss, pretrain)
 from regularizers import METHODS, Method, tensor_bytes
-from report import BASE_DIR, base_problem, plot_sae_metrics, result_problem, summarize_run
+from report import base_path, base_problem, plot_sae_metrics, result_problem, summarize_run
 from sae import check_sae_fits, sae_from_dict, sae_to_dict, train_saes
 
 
@@ -353,12 +353,12 @@ def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
                                  "shared": shared, "settings": settings,  # the corpus as read here, once
                                  "lm_val_ids": corpus_of(config)[1]})
         for seed in config.seeds if config.relearn_steps or config.forced_choice_k else ():
-            path = os.path.join(folder, BASE_DIR, f"seed{seed}.json")  # the base model's reference, once a seed
             shared = cache.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"),
                                       device, corpus_hash(config), {"base": base["sha"]})
             used = {k: v for k, v in stage_config(config, "pretrain", "cl").items() if k not in NOT_READ_BY_BASE}
             key = {**cache.result_key(used, stage_code(config, "pretrain", "cl"), device, corpus_hash(config),
                                       {"base": base["sha"]}), "seed": seed}
+            path = base_path(os.path.join(config.out_dir, config.run), key)  # once a seed and setting, per run
             if reusable(path, key, base_problem) is None and all(job["path"] != path for job in todo):
                 todo.append({"name": None, "seed": seed, "config": config, "path": path, "key": key,
                              "shared": shared, "settings": {}})

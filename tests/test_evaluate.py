@@ -12,7 +12,7 @@ from evaluate import (blind_questions, choice_candidates, cl_metrics, drift_spli
                       forced_choice_accuracy, forgetting_diagnostic, forgetting_snapshot, format_confusion,
                       greedy_answers, knowledge_metrics, sae_metrics, second_moment_split, task_accuracy)
 from model import GPT
-from report import load_cl_results, summarize_run
+from report import base_path, load_cl_results, summarize_run
 from sae import SAEConfig, TopKSAE
 
 
@@ -439,9 +439,11 @@ def test_the_report_sets_each_controlled_measure_against_the_base_model_seed_by_
                       "relearn_shuffled": {"add": [0.0, 0.2]},
                       "forced_choice": {"add": {"accuracy": 0.6 + base_fc, "control": 0.6, "chance": 0.5}}})
     write_results(tmp_path / "run" / "cl", *runs)
-    (tmp_path / "run" / "cl" / "base").mkdir()
     for b in bases:
-        (tmp_path / "run" / "cl" / "base" / f"seed{b['seed']}.json").write_text(json.dumps(b))
+        path = base_path(str(tmp_path / "run"), b["key"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(b, f)
     row = summarize_run(str(tmp_path / "run"))["seqft"]
     assert row["knowledge_vs_base"] == pytest.approx(0.25) and row["knowledge_vs_base_std"] == pytest.approx(
         0.15 * 2**0.5)

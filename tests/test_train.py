@@ -380,7 +380,11 @@ def test_relearning_starts_at_the_final_accuracy_and_the_base_reference_is_made_
     assert "kept@2" in summary["seqft"] and "forced_choice" in summary["freeze"]
     capsys.readouterr()
     assert main(argv[:-3] + ["--methods=seqft,ewc", "--seeds=0,1", "--diagnose=false"]) == 0  # a new method
-    assert calls == [0, 1] and "reusing " + str(folder / "base" / "seed0.json") in capsys.readouterr().out
+    reused = capsys.readouterr().out
+    assert calls == [0, 1] and "reusing " + str(tmp_path / "default" / "base" / "seed0_") in reused
+    assert main(argv[:-3] + ["--methods=seqft", "--seeds=1", "--cl_dir=other", "--diagnose=false"]) == 0
+    assert calls == [0, 1]  # another results folder of the run: the same base reference
+    assert "kept@2" in json.loads((tmp_path / "default" / "other" / "summary.json").read_text())["seqft"]
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
