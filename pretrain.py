@@ -217,7 +217,7 @@ def new_run(config, device, key, rank=0, world=1):
     model_args = dict(vocab_size=VOCAB_SIZE, block_size=config.block_size, n_layer=config.n_layer,
                       n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
     model = GPT(GPTConfig(**model_args)).to(device)
-    optimizer = model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2), device)
+    optimizer = model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2))
     joint_saes = {}
     if config.sae_reg_lambda > 0:
         joint_saes = {p: make_sae(c).to(device) for p, c in joint_sae_configs(config).items()}

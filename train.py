@@ -120,15 +120,15 @@ def evaluate_tasks(model, suite, config, device):
     return [task_accuracy(model, suite[name][config.eval_split], device) for name in config.tasks]
 
 
-def cl_optimizer(model, config, device):
+def cl_optimizer(model, config):
     """A fresh AdamW on the parameters being trained: constant cl_lr, no weight decay."""
-    return model.configure_optimizer(config.cl_lr, 0.0, (config.beta1, config.beta2), device)
+    return model.configure_optimizer(config.cl_lr, 0.0, (config.beta1, config.beta2))
 
 
 def train_steps(model, split, n_steps, method, *, config, device, generator, bar, optimizer=None):
     """n_steps of AdamW (a fresh optimizer, unless one is given) on the answer-token cross-entropy of split plus the
     method's penalty. Returns the seconds spent in the steps (for the step-time comparison)."""
-    optimizer = optimizer or cl_optimizer(model, config, device)
+    optimizer = optimizer or cl_optimizer(model, config)
     model.train()
     seconds = 0.0
     for step in range(n_steps):
@@ -191,7 +191,7 @@ def relearn(model, suite, config, device, seed, desc, shuffled=False):
     with progress(total=len(tasks) * config.relearn_steps[-1], desc=desc) as bar:
         for task in tasks:
             student = relearnable(copy.deepcopy(model), config.finetune)
-            optimizer, generator = cl_optimizer(student, config, device), torch.Generator().manual_seed(seed)
+            optimizer, generator = cl_optimizer(student, config), torch.Generator().manual_seed(seed)
             split = shuffle_answers(suite[task]["train"], seed) if shuffled else suite[task]["train"]
             curves[task], done = [], 0
             for n in config.relearn_steps:

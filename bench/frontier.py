@@ -57,11 +57,16 @@ def matched_points(curves, reference, levels):
                     for method, points in curves.items()} for level in levels}
 
 
+def reaches(plasticity, level, reference):
+    """Whether a point's val plasticity is within REACH of the level's target, level * reference."""
+    return abs(plasticity - level * reference) <= REACH
+
+
 def run_config(passthrough, method, split, seeds, setting=None):
     """(config, its results folder) of one frontier run: a method at one strength value (or seqft), on a split."""
     key, value = setting or (None, None)
     folder = f"frontier/{split}/{method}" + (f"_{key}={value:g}" if key else "")
-    argv = passthrough + [f"--eval_split={split}", f"--methods={method}", f"--seeds={','.join(map(str, seeds))}",
+    argv = ["--diagnose=false"] + passthrough + [f"--eval_split={split}", f"--methods={method}", f"--seeds={','.join(map(str, seeds))}",
                           f"--cl_dir={folder}"] + ([f"--{key}={value}"] if key else [])
     return cfg.parse_args(argv), folder
 
@@ -99,8 +104,8 @@ def main(argv):
         curves.setdefault(method, []).append((setting[1], summary[method]["plasticity"]))
         sweep_rows.setdefault(method, []).append({"value": setting[1], **retention(summary[method])})
     matched = matched_points(curves, reference, options.levels)
-    finals = [("seqft", None)] + sorted({(m, (METHODS[m].strength[0], v)) for points in matched.values()
-                                         for m, (v, _) in points.items()})
+    finals = [("seqft", None)] + sorted({(m, (METHODS[m].strength[0], v)) for level, points in matched.items()
+                                         for m, (v, p) in points.items() if reaches(p, level, reference)})
     configs = [run_config(passthrough, m, "test", options.final_seeds, s)[0] for m, s in finals]
     summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=base_config.jobs)
     final_rows = {(m, s[1] if s else None): retention(summary[m]) for (m, s), summary in zip(finals, summaries)}
@@ -111,7 +116,7 @@ def main(argv):
         columns.append((f"content kept@{n}", f"content_kept@{n}"))
     result = {"argv": argv, "seconds": time.time() - t0, "seqft_val_plasticity": reference, "columns": columns,
               "levels": list(options.levels), "sweep": sweep_rows,
-              "matched": {str(level): {m: {"value": v, "val_plasticity": p, **final_rows[(m, v)]}
+              "matched": {str(level): {m: {"value": v, "val_plasticity": p, **final_rows.get((m, v), {})}
                                        for m, (v, p) in points.items()} for level, points in matched.items()},
               "seqft": final_rows[("seqft", None)]}
     cache.save_json(result, os.path.join(out_dir, "frontier.json"))
@@ -146,14 +151,16 @@ def frontier_table(result):
                   "|---" * (5 + len(columns)) + "|"]
         guided = rows.get("sae_guided")
         for method, r in rows.items():
-            against = ", ".join(beyond_spread(r, guided, k) for _, k in columns) if guided and r is not guided else "-"
-            reached = "" if abs(r["val_plasticity"] - target) <= REACH else " (not reached)"
+            against = (", ".join(beyond_spread(r, guided, k) for _, k in columns)
+                       if guided and r is not guided and "plasticity" in r else "-")
+            reached = "" if reaches(r["val_plasticity"], float(level), result["seqft_val_plasticity"]) else \
+                " (not reached)"
             lines.append(f"| {method} | {r['value']:g} | {r['val_plasticity']:.3f}{reached} | "
-                         f"{fmt(r['plasticity'], r['plasticity_std'])} | "
+                         f"{fmt(r.get('plasticity'), r.get('plasticity_std'))} | "
                          + " | ".join(fmt(r.get(k), r.get(k + "_std")) for _, k in columns) + f" | {against} |")
     lines += ["", "strength: the value of the method's strength key at that point, chosen by its val plasticity (the "
-              f"nearest the target; 'not reached': more than {REACH} from it); the other columns are the test split, "
-              "mean ± std over the final seeds; 'more' / 'less': beyond both seed spreads, 'within': not"]
+              f"nearest the target; 'not reached': more than {REACH} from it, and not run on test); the other columns are "
+              "the test split, mean ± std over the final seeds; 'more' / 'less': beyond both seed spreads, 'within': not"]
     return "\n".join(lines)
 
 
@@ -169,7 +176,7 @@ def plot_frontier(result, path):
             ax.plot(*zip(*points), "o-", ms=3, lw=1, alpha=0.5, color=colours[method], label=f"{method} (val sweep)")
         for level, rows in result["matched"].items():
             for method, r in rows.items():
-                if r.get(key) is not None:
+                if r.get(key) is not None:  # a point that reaches its level
                     ax.errorbar(r["plasticity"], r[key], xerr=r["plasticity_std"] or 0, yerr=r.get(key + "_std") or 0,
                                 marker="s", ms=6, capsize=3, color=colours[method])
         ax.axvline(result["seqft_val_plasticity"], color="grey", ls=":", lw=1)

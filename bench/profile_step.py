@@ -31,7 +31,7 @@ def main(argv):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=96, block_size=config.block_size, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd, bias=config.bias))
-    optimizer = model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2), "cpu")
+    optimizer = model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2))
     generator = torch.Generator().manual_seed(0)
     parts = dict.fromkeys(("batch", "forward", "backward", "clip", "AdamW"), 0.0)
     for it in range(WARMUP + STEPS):

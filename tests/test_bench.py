@@ -218,6 +218,18 @@ def test_matched_points_take_the_nearest_plasticity_on_a_hand_made_set():
     assert frontier.matched_points(curves, reference=0.5, levels=(1.0,))[1.0]["ewc"] == (100, 0.6)
     assert frontier.beyond_spread({"r": 0.5, "r_std": 0.1}, {"r": 0.2, "r_std": 0.1}, "r") == "more"
     assert frontier.beyond_spread({"r": 0.35, "r_std": 0.1}, {"r": 0.2, "r_std": 0.1}, "r") == "within"
+    assert frontier.reaches(0.55, 0.5, 1.0) and not frontier.reaches(0.61, 0.5, 1.0)  # REACH = 0.1 of plasticity
+
+
+def test_a_point_that_does_not_reach_its_level_is_tabled_without_test_numbers():
+    result = {"seqft_val_plasticity": 1.0, "columns": [("BWT + 1", "retention")],
+              "seqft": {"plasticity": 0.9, "plasticity_std": 0.01, "retention": 0.1, "retention_std": 0.01},
+              "matched": {"0.5": {"ewc": {"value": 10, "val_plasticity": 0.52, "plasticity": 0.5, "plasticity_std":
+                                          0.02, "retention": 0.6, "retention_std": 0.05},
+                                  "sae_guided": {"value": 1e7, "val_plasticity": 0.85}}}}
+    table = frontier.frontier_table(result)
+    assert "| sae_guided | 1e+07 | 0.850 (not reached) | - | - | - |" in table
+    assert "| ewc | 10 | 0.520 | 0.500 ± 0.020 | 0.600 ± 0.050 | - |" in table  # nothing to compare it with
 
 
 def test_the_frontier_script_runs_end_to_end_on_a_tiny_config(tmp_path, monkeypatch):
