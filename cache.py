@@ -51,11 +51,11 @@ STAGE_CODE = {  # the project's code each stage runs, beside that of the stages 
     # top-level function of a file ('file.py:name'), so that an edit elsewhere in the file leaves the result cached
     "pretrain": ("model.py", "pretrain.py", "data/__init__.py", "data/corpus.py", "data/tokenizer.py"),  # and
     # data/world.py for the generated corpus, the task and instruction files with an instruction phase (stage_code)
-    "sae": ("sae.py", "train.py:sae_points", "train.py:sae_kwargs", "train.py:fresh_saes", "train.py:train_sae_stage",
-            "evaluate.py:sae_metrics", "evaluate.py:l0", "evaluate.py:fvu", "evaluate.py:second_moment_split"),
+    "sae": ("sae.py", "sae_stage.py", "evaluate.py:sae_metrics", "evaluate.py:l0", "evaluate.py:fvu",
+            "evaluate.py:second_moment_split"),
     "cl": ("regularizers.py", "evaluate.py", "train.py", "data/tasks.py", "data/world.py"),
-}  # report.py, configurator.py (settings and their checks only), cache.py, jobs.py, evidence.py, bench/, tests/ make
-# no stage's result
+}  # report.py, configurator.py and cli.py (settings and their checks only), cache.py, runs.py, jobs.py, evidence/,
+# bench/, tests/ make no stage's result
 
 
 def stage_config(config, *stages):

@@ -2,27 +2,26 @@
 The configuration of the pipeline (nanoGPT names its version of this file so).
 
     Config                     every setting, one dataclass grouped by stage; PRESETS name sets of them
-    parse_args(argv)           Config from ['--key=value', ...]; unknown keys and bad values are one-line errors
-    help_text(Config)          every key with its default and the comment beside it, grouped by stage
+    CHOICES                    the fields whose value is one of a fixed set
+    parse_args(argv)           Config from ['--key=value', ...], validated; unknown keys and bad values are one-line
+                               errors (`python train.py --help`: every key with its default and meaning, by stage)
     validate(config)           choices, ranges, finiteness; raises ValueError naming the key and what is allowed
-    parse_script_args(...)     the same --key=value style for the scripts of bench/ and evidence.py
+    parse_script_args(...)     the same --key=value style for the scripts of bench/ and evidence/
 
-What a stage's result depends on, and how it is cached, is cache.py's; the worker pool and progress bars, jobs.py's.
+How any dataclass of settings is parsed, checked by type and listed for --help is cli.py's; what a stage's result
+depends on, and how it is cached, cache.py's; the worker pool and progress bars, jobs.py's.
 """
 
-import dataclasses
-import difflib
-import inspect
-import math
-import re
-import typing
 from dataclasses import dataclass
 
 import torch
 
+import cli
+from cli import check_fields, parse_fields
 from data.instructions import aux_task_names
 from data.tasks import DEFAULT_ORDER, TASKS
 from model import LORA_TARGETS
+from pretrain import check_joint_saes
 from regularizers import METHODS
 from sae import SAE_KINDS
 
@@ -205,6 +204,8 @@ CHOICES = {  # fields whose value must be one of a fixed set
     "sae_reg_kind": tuple(SAE_KINDS),
     "sae_reg_norm": ("norm", "norm2", "var"),
 }
+
+
 def validate(config):
     """Everything that can be checked before compute is spent; ValueError names the key and what is allowed."""
     check_fields(config, CHOICES, at_least_zero=("seed", "seeds", "sae_points", "sae_guided_points",
@@ -229,14 +230,7 @@ def validate(config):
     d_sae = config.sae_expansion * config.n_embd
     if not all(0 < k <= d_sae for k in config.sae_k):
         raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: each k must be in 1..d_sae={d_sae}")
-    n_points = config.n_layer + 1  # the jointly trained SAEs, one per point 0..n_layer
-    for key, allowed in (("sae_reg_l1", (1, n_points)), ("sae_reg_widths", (0, n_points))):
-        if len(getattr(config, key)) not in allowed:
-            raise ValueError(f"--{key}: give {' or '.join(map(str, allowed))} values (points 0..{config.n_layer}), "
-                             f"not {len(getattr(config, key))}")
-    widths = config.sae_reg_widths or (config.sae_reg_expansion * config.n_embd,)  # the joint SAEs' (pretrain.py)
-    if config.sae_reg_kind == "topk" and not config.sae_reg_k <= min(widths):
-        raise ValueError(f"--sae_reg_k={config.sae_reg_k} must be in 1..d_sae={min(widths)}")
+    check_joint_saes(config)
     if config.sae_kind == "relu" and len(config.sae_k) > 1:
         raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: a sweep of k needs --sae_kind=topk "
                          "(a ReLU SAE's L0 follows --sae_l1)")
@@ -273,121 +267,12 @@ def resolve_device(config):
     return config.device
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# --key=value
-
-
-def parse_value(key, text, annotation):
-    """Convert a command-line string to the field's type, or raise ValueError naming the key."""
-    try:
-        if annotation is bool:
-            if text.lower() in ("1", "true", "yes"):
-                return True
-            if text.lower() in ("0", "false", "no"):
-                return False
-            raise ValueError
-        if annotation in (int, float, str):
-            return annotation(text)  # float("3") works too: ints are accepted where floats are expected
-        if typing.get_origin(annotation) is tuple:
-            item_type = typing.get_args(annotation)[0]
-            return tuple(item_type(item) for item in text.split(",") if item != "")
-    except ValueError:
-        pass
-    type_name = getattr(annotation, "__name__", str(annotation))
-    if typing.get_origin(annotation) is tuple:
-        type_name = f"comma-separated list of {typing.get_args(annotation)[0].__name__}"
-    raise ValueError(f"--{key}={text!r}: expected a {type_name}")
-
-
-def parse_fields(config_class, argv, presets=None, command="python train.py"):
-    """A config_class instance from ['--key=value', ...]. presets = {name: {key: value}}: `--preset=name` sets
-    those keys first, and any key given on the command line overrides them. Checking the values is `check_fields`'
-    job (and, for Config, `validate`'s)."""
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    hints = typing.get_type_hints(config_class)
-    overrides = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"arguments look like --key=value (or --help), got {arg!r}")
-        key, text = arg[2:].split("=", 1)
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
-            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
-            raise ValueError(f"unknown config key --{key}{hint}; `{command} --help` lists the keys")
-        overrides[key] = parse_value(key, text, hints[key])
-    if overrides.get("preset"):
-        if overrides["preset"] not in (presets or {}):
-            raise ValueError(f"--preset={overrides['preset']!r} is not valid; choose from: {', '.join(presets or {})}")
-        overrides = {**presets[overrides["preset"]], **overrides}
-    return config_class(**overrides)
-
-
-def help_text(config_class, command="python train.py"):
-    """The keys of config_class with their defaults and meanings, read from its source: a comment line opens a
-    group, and the comment after a field is its meaning."""
-    defaults = config_class()
-    lines = [f"usage: {command} [--key=value ...]", ""]
-    for line in inspect.getsource(config_class).splitlines()[1:]:
-        group = re.fullmatch(r"\s+# (.+)", line)
-        field = re.fullmatch(r"\s+(\w+): [^=]+= .*?(?:#\s*(.*))?", line)
-        if group:
-            lines += ["", group.group(1) + ":"]
-        elif field:
-            name, meaning = field.group(1), field.group(2) or ""
-            value = getattr(defaults, name)
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            lines.append(f"  --{name}={shown}".ljust(34) + f" {meaning}")
-    return "\n".join(lines).replace("\n\n\n", "\n\n")
-
-
 @dataclass
 class NoOptions:
     pass  # the keys of a script that has none of its own: every key is the pipeline's
 
 
 def parse_script_args(argv, options_class, command, doc):
-    """(options, rest) for a script (bench/, evidence.py): its own keys, the fields of options_class, and every
-    other --key=value, which are the pipeline's (Config: the script parses or passes them on, and an unknown one is
-    an error there). One --key=value style for every script; None after printing the script's docstring `doc` and
-    both lists of keys for --help."""
-    if "--help" in argv or "-h" in argv:
-        doc = doc or ""
-        pipeline = help_text(Config).split("\n", 2)[2]  # without its usage line
-        print(doc.strip() + "\n\n" + help_text(options_class, command) + "\n\nthe pipeline's keys:\n" + pipeline)
-        return None
-    own = {f.name for f in dataclasses.fields(options_class)}
-    mine = [a for a in argv if a.startswith("--") and a[2:].split("=", 1)[0] in own]
-    options = parse_fields(options_class, mine, command=command)
-    check_fields(options, getattr(options_class, "CHOICES", {}), getattr(options_class, "AT_LEAST_ZERO", ()))
-    return options, [a for a in argv if a not in mine]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# validation: every check that can be made before compute is spent
-
-
-def check_fields(config, choices, at_least_zero=()):
-    """Choices, ranges and finiteness, by rules that hold for every field of the given kind:
-
-    - a field listed in `choices` takes one of its values (each item, for a tuple field);
-    - every float is finite and non-negative;
-    - every int (and each item of an int tuple) is at least 1, except those in `at_least_zero`."""
-    for key, allowed in choices.items():
-        values = getattr(config, key)
-        for value in values if isinstance(values, tuple) else (values,):
-            if value not in allowed:
-                raise ValueError(f"--{key}={value!r} is not valid; choose from: {', '.join(map(str, allowed))}")
-    hints = typing.get_type_hints(type(config))
-    for name, annotation in hints.items():
-        value = getattr(config, name)
-        values = value if isinstance(value, tuple) else (value,)
-        item_type = typing.get_args(annotation)[0] if typing.get_origin(annotation) is tuple else annotation
-        shown = ",".join(map(str, values))
-        if item_type is float and any(not math.isfinite(v) or v < 0 for v in values):
-            raise ValueError(f"--{name}={shown}: must be a finite number, at least 0")
-        if item_type is int:
-            low = 0 if name in at_least_zero else 1
-            if any(v < low for v in values):
-                raise ValueError(f"--{name}={shown}: must be at least {low}")
-            if any(v >= 2**63 for v in values):  # torch's seeds and sizes are 64-bit integers
-                raise ValueError(f"--{name}={shown}: must be below 2^63")
+    """cli.parse_script_args for a script of bench/ or evidence/: its own keys, and every other one the pipeline's
+    (Config), both listed by --help."""
+    return cli.parse_script_args(argv, options_class, command, doc, pipeline=Config)

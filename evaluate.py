@@ -22,7 +22,8 @@ import torch
 
 from data.tasks import Batch, answer_format, answer_kind, format_example, to_tensors, trim_padding
 from data.tokenizer import NEWLINE, decode, encode
-from regularizers import answer_log_likelihood, propagate_mask
+from model import answer_log_likelihood
+from regularizers import propagate_mask
 
 # ----------------------------------------------------------------------------------------------------------------
 # task accuracy

@@ -310,6 +310,12 @@ def cross_entropy(logits, targets, loss_mask=None):
     return (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 
 
+def answer_log_likelihood(logits, targets, answer_mask):
+    """sum over answer positions of log p(target_t | x_<=t); logits (..., T, V), targets and mask (..., T)."""
+    log_probs = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (log_probs * answer_mask).sum(-1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # models made from a model: a checkpoint's, a frozen reference, the base under the adapters
 
@@ -318,6 +324,21 @@ def model_from_checkpoint(checkpoint, device):
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
     return model.to(device)
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) for the duration, then the mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def frozen_copy(model):

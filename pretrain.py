@@ -71,6 +71,19 @@ def joint_sae_configs(config):
                          auxk_coef=0.0) for p in points}
 
 
+def check_joint_saes(config):
+    """The joint SAEs' settings, checked before any compute (configurator.validate): an L1 weight for one point or
+    every point, a width for every point or none, and TopK's k within each width."""
+    n_points = config.n_layer + 1
+    for key, allowed in (("sae_reg_l1", (1, n_points)), ("sae_reg_widths", (0, n_points))):
+        if len(getattr(config, key)) not in allowed:
+            raise ValueError(f"--{key}: give {' or '.join(map(str, allowed))} values (points 0..{config.n_layer}), "
+                             f"not {len(getattr(config, key))}")
+    narrowest = min(c.d_sae for c in joint_sae_configs(config).values())
+    if config.sae_reg_kind == "topk" and not config.sae_reg_k <= narrowest:
+        raise ValueError(f"--sae_reg_k={config.sae_reg_k} must be in 1..d_sae={narrowest}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the pieces of a training step, shared with the continual-learning loop (train.py)
 

@@ -36,7 +36,6 @@ with s = +1 for an upper bound ("drift at most bound") and s = -1 for a lower bo
 - Replay keeps a small buffer of earlier tasks' examples; multitask trains on all tasks at once.
 """
 
-import contextlib
 import dataclasses
 import warnings
 
@@ -46,7 +45,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
 
 from data.tasks import Batch, concat_splits, example_keys
-from model import AdaptersOff, frozen_copy
+from model import AdaptersOff, answer_log_likelihood, evaluating, frozen_copy, model_device
 
 # ----------------------------------------------------------------------------------------------------------------
 # the hooks every method has, and the baseline that adds nothing
@@ -245,7 +244,7 @@ def fisher_diagonal(model, split, n_examples, labels="true", seed=0):
         return answer_log_likelihood(logits, y1, m1)
 
     with evaluating(model):
-        batch = sample_examples(split, n_examples, seed, model)
+        batch = split.sample(n_examples, seed, model_device(model))
         y = batch.y
         if labels == "true":
             with torch.no_grad():
@@ -264,7 +263,7 @@ def mas_importance(model, split, n_examples, seed=0):
         return (logits.pow(2).sum(-1) * m1).sum() / m1.sum().clamp(min=1.0)
 
     with evaluating(model):
-        batch = sample_examples(split, n_examples, seed, model)
+        batch = split.sample(n_examples, seed, model_device(model))
         return per_example_mean(model, output_norm, (batch.x, batch.answer_mask), torch.abs)
 
 
@@ -284,30 +283,6 @@ def per_example_mean(model, example_fn, tensors, reduce, chunk_size=64):
         for name, g in grads.items():
             total[name] += reduce(g).sum(0)
     return parameters_to_vector([total[name] / n for name in params])
-
-
-def answer_log_likelihood(logits, targets, answer_mask):
-    """sum over answer positions of log p(target_t | x_<=t); logits (..., T, V), targets and mask (..., T)."""
-    log_probs = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (log_probs * answer_mask).sum(-1)
-
-
-@contextlib.contextmanager
-def evaluating(model):
-    """Eval mode (no dropout) for the duration, then the mode the model was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def sample_examples(split, n_examples, seed, model):
-    """A seeded random Batch of n_examples of the split, on the model's device."""
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n_examples]
-    device = next(model.parameters()).device
-    return Batch(*(t.to(device) for t in split.rows(idx)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -625,7 +600,7 @@ class SAEFD(Method):
 
     def after_task(self, model, split, t):
         with evaluating(model):
-            kept = sample_examples(split, self.config.sae_fd_anchors, self.seed + t, model)
+            kept = split.sample(self.config.sae_fd_anchors, self.seed + t, model_device(model))
             anchors = {"x": kept.x, "content_mask": kept.content_mask,
                        "codes": sparse_codes(model, self.saes, kept.x)}
         if self.anchors:  # one pool of every finished task's anchors

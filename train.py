@@ -13,7 +13,6 @@ written atomically, and an interrupted pretraining resumes from its last checkpo
 """
 
 import copy
-import json
 import os
 import sys
 import time
@@ -21,94 +20,22 @@ import time
 import torch
 
 import cache
-import configurator as cfg
-from cache import stage_code, stage_config
+from cli import help_text
 from configurator import Config, parse_args, resolve_device
 from data.tasks import answer_format, build_task_suite, concat_splits, constant_guess, shuffle_answers, trim_padding
-from evaluate import forced_choice, forgetting_diagnostic, forgetting_snapshot, sae_metrics, task_accuracy
+from evaluate import forced_choice, forgetting_diagnostic, forgetting_snapshot, task_accuracy
 from jobs import progress, run_all
 from model import model_from_checkpoint
-from pretrain import (aux_accuracy, aux_suite, check_finite, clip_gradients, corpus_hash, corpus_of,
-                      estimate_lm_loss, pretrain)
+from pretrain import aux_accuracy, aux_suite, check_finite, clip_gradients, corpus_of, estimate_lm_loss, pretrain
 from regularizers import METHODS, Method, tensor_bytes
-from report import base_path, base_problem, plot_sae_metrics, result_problem, summarize_run
-from sae import check_sae_fits, sae_from_dict, sae_to_dict, train_saes
+from report import summarize_run
+from runs import runs_to_do
+from sae_stage import load_saes, train_sae_stage
 
 
 def task_suite(config):
     return build_task_suite(config.tasks, config.n_train, config.n_val, config.n_test, seed=0,
                             block_size=config.block_size, template_is_content=config.content_tokens == "all")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# stage 2: TopK SAEs on the frozen base model's residual stream
-
-
-def sae_points(config):
-    return config.sae_points or tuple(range(1, config.n_layer + 1))
-
-
-def sae_kwargs(config, k):
-    """The SAEConfig fields (all but d_in) that the config sets, for one k."""
-    return dict(d_sae=config.sae_expansion * config.n_embd, k=k, kind=config.sae_kind, l1=config.sae_l1,
-                aux_k=config.sae_aux_k, dead_firings=config.sae_dead_firings,
-                auxk_coef=1 / 32 if config.sae_auxk else 0.0)
-
-
-def fresh_saes(model, ids, points, config, k):
-    """Train an SAE at each point of the frozen model on the config's SAE settings (one k)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return train_saes(model, ids, points, sae_kwargs(config, k), n_tokens=config.sae_tokens, steps=config.sae_steps,
-                      batch_size=config.sae_batch_size, block_size=config.block_size, seed=config.seed,
-                      progress=progress)
-
-
-def load_saes(checkpoint, model, device, k=None):
-    """{point: sae} for one k (default: the first of the sweep), checked against the model."""
-    k = checkpoint["ks"][0] if k is None else k
-    saes = {p: sae_from_dict(d, device) for p, d in checkpoint["saes"][k].items()}
-    for p, sae in saes.items():
-        check_sae_fits(sae, model, p)
-        sae.requires_grad_(False)  # frozen: gradients flow through the SAE to the model, never into it
-    return saes
-
-
-def train_sae_stage(config, device, base):
-    """Train an SAE per point and per k on base-corpus text; cached at out/<run>/sae.pt with sae.json."""
-    run_dir = os.path.join(config.out_dir, config.run)
-    path, metrics_path = os.path.join(run_dir, "sae.pt"), os.path.join(run_dir, "sae.json")
-    key = cache.result_key(stage_config(config, "pretrain", "sae"), stage_code(config, "pretrain", "sae"), device,
-                           corpus_hash(config), {"base": base["sha"]})
-    checkpoint = cache.load_checkpoint(path, key, "saes")
-    if checkpoint is not None and cache.summary_is_there("sae", path, metrics_path, key):
-        return checkpoint
-    model = model_from_checkpoint(base, device)
-    train_ids, val_ids = corpus_of(config)
-    points = sae_points(config)
-    t0 = time.time()
-    checkpoint = {"key": key, "ks": list(config.sae_k), "saes": {}}
-    results = {"key": key, "points": list(points), "by_k": {}}
-    for k in config.sae_k:
-        saes, histories = fresh_saes(model, train_ids, points, config, k)
-        checkpoint["saes"][k] = {p: sae_to_dict(sae) for p, sae in saes.items()}
-        metrics = sae_metrics(model, saes, val_ids, config.block_size, device)
-        metrics["train_dead_fraction"] = {p: (sae.tokens_since_fired >= sae.config.dead_tokens).float().mean().item()
-                                          for p, sae in saes.items() if sae.config.kind == "topk"}  # AuxK's count
-        metrics["history"] = histories
-        results["by_k"][k] = metrics
-        for p, m in metrics["points"].items():
-            print(f"sae k={k} point {p}: L0 {m['l0']:.1f}, FVU {m['fvu']:.3f}, dead {m['dead_fraction']:.1%}, "
-                  f"CE increase {m['ce_increase']:.4f} nats")
-        print(f"sae k={k}: compound CE increase {metrics['compound_ce_increase']:.4f} nats "
-              f"(clean CE {metrics['clean_ce']:.4f})")
-    results["seconds"] = time.time() - t0
-    checkpoint["sha"] = results["sha"] = cache.tensor_hash(checkpoint["saes"])
-    cache.save_checkpoint(checkpoint, path)
-    cache.save_json(results, metrics_path)
-    plot_sae_metrics(results, run_dir)
-    print(f"sae: trained in {results['seconds']:.1f}s; metrics in {metrics_path}, plots sae_*.png")
-    return checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,9 +160,6 @@ def start_model(base, config, device, seed):
     return model
 
 
-NOT_READ_BY_BASE = ("diagnose", "diagnose_examples")  # continual-learning fields base_reference never reads
-
-
 def base_reference(seed, *, config, device, base, suite):
     """The base model, never trained on the tasks, measured as a final model is (knowledge): the reference of
     kept@n, computed once per base, seed and setting and shared by every method."""
@@ -288,21 +212,6 @@ def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
             **knowledge(model, suite, config, device, seed, desc=f"relearn {name} seed {seed}")}
 
 
-def method_key(config, name, seed, device, base, sae_checkpoint):
-    """(key, shared, method settings) of one continual-learning result: the shared part is what every method of a
-    comparison must have in common (report.check_comparable)."""
-    method = METHODS[name]
-    uses_saes = method.uses_saes or config.diagnose  # the diagnostic measures in the SAEs' features
-    stages = ("pretrain", "cl") + (("sae",) if uses_saes else ())
-    settings = {k: getattr(config, k) for k in method.config_keys(config)}
-    built_from = {"base": base["sha"], **({"sae": sae_checkpoint["sha"]} if uses_saes else {})}
-    key = cache.result_key({**stage_config(config, *stages), **settings, "method": name, "seed": seed},
-                           stage_code(config, *stages), device, corpus_hash(config), built_from)
-    shared = cache.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"), device,
-                              corpus_hash(config), {"base": base["sha"]})
-    return key, shared, json.loads(json.dumps(settings))
-
-
 def run_and_save(job, *, device, base, sae_checkpoint):
     """run_method for one job (a dict: name, seed, config, and the path, key, shared key and method settings its
     result is saved with), on one CPU thread: a run's numbers then depend on its seed, not on how many cores the
@@ -326,44 +235,10 @@ def run_and_save(job, *, device, base, sae_checkpoint):
                     job["path"])
 
 
-def reusable(path, key, problem):
-    """The result at path if it was made with this key and problem(result) finds nothing wrong with it, else None;
-    says which (a damaged result is named and redone)."""
-    cached = cache.load_json_result(path, key)
-    if cached is not None and problem(cached):
-        print(f"{path} is damaged ({problem(cached)}); redoing it")
-        return None
-    if cached is not None:
-        print(f"cl: reusing {path}")
-    return cached
-
-
 def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
     """For each config, run its methods and seeds (each cached as out/<run>/<cl_dir>/<method>_seed<seed>.json) and
     write its report; returns the summaries. The runs not cached go to one list, `jobs` at a time."""
-    todo = []
-    for config in configs:
-        folder = os.path.join(config.out_dir, config.run, config.cl_dir)
-        for name in config.methods:
-            for seed in config.seeds:
-                path = os.path.join(folder, f"{name}_seed{seed}.json")
-                key, shared, settings = method_key(config, name, seed, device, base, sae_checkpoint)
-                if reusable(path, key, result_problem) is None:
-                    todo.append({"name": name, "seed": seed, "config": config, "path": path, "key": key,
-                                 "shared": shared, "settings": settings,  # the corpus as read here, once
-                                 "lm_val_ids": corpus_of(config)[1]})
-        for seed in config.seeds if config.relearn_steps or config.forced_choice_k else ():
-            shared = cache.result_key(stage_config(config, "pretrain", "cl"), stage_code(config, "pretrain", "cl"),
-                                      device, corpus_hash(config), {"base": base["sha"]})
-            used = {k: v for k, v in stage_config(config, "pretrain", "cl").items() if k not in NOT_READ_BY_BASE}
-            key = {**cache.result_key(used, stage_code(config, "pretrain", "cl"), device, corpus_hash(config),
-                                      {"base": base["sha"]}), "seed": seed}
-            path = base_path(os.path.join(config.out_dir, config.run), key)  # once a seed and setting, per run
-            if reusable(path, key, base_problem) is None and all(job["path"] != path for job in todo):
-                todo.append({"name": None, "seed": seed, "config": config, "path": path, "key": key,
-                             "shared": shared, "settings": {}})
-    # the longer runs first, so that no long one is left alone at the end; the base references last
-    todo.sort(key=lambda job: 2 if job["name"] is None else int(not METHODS[job["name"]].uses_saes))
+    todo = runs_to_do(configs, device, base, sae_checkpoint)
     run_all(run_and_save, todo, jobs, device=device, base=base, sae_checkpoint=sae_checkpoint)
     return [summarize_run(os.path.join(c.out_dir, c.run), c.methods, c.seeds, c.cl_dir) for c in configs]
 
@@ -387,7 +262,7 @@ def check_inputs(config, tasks=True):
 
 def main(argv):
     if "--help" in argv or "-h" in argv:
-        print(cfg.help_text(Config))
+        print(help_text(Config))
         return 0
     try:
         config = parse_args(argv)

@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import cache  # noqa: E402
 import configurator as cfg  # noqa: E402
 import jobs  # noqa: E402
+import sae_stage  # noqa: E402
 import train  # noqa: E402
 from pretrain import pretrain  # noqa: E402
 from regularizers import METHODS  # noqa: E402
@@ -66,8 +67,9 @@ def run_config(passthrough, method, split, seeds, setting=None):
     """(config, its results folder) of one frontier run: a method at one strength value (or seqft), on a split."""
     key, value = setting or (None, None)
     folder = f"frontier/{split}/{method}" + (f"_{key}={value:g}" if key else "")
-    argv = ["--diagnose=false"] + passthrough + [f"--eval_split={split}", f"--methods={method}", f"--seeds={','.join(map(str, seeds))}",
-                          f"--cl_dir={folder}"] + ([f"--{key}={value}"] if key else [])
+    argv = ["--diagnose=false"] + passthrough + [f"--eval_split={split}", f"--methods={method}",
+                                                 f"--seeds={','.join(map(str, seeds))}", f"--cl_dir={folder}"]
+    argv += [f"--{key}={value}"] if key else []
     return cfg.parse_args(argv), folder
 
 
@@ -95,7 +97,7 @@ def main(argv):
             except ValueError as error:
                 print(f"frontier: {method} {key}={value} left out ({error})")
     base = pretrain(base_config, device)
-    sae_checkpoint = train.train_sae_stage(base_config, device, base)
+    sae_checkpoint = sae_stage.train_sae_stage(base_config, device, base)
     configs = [run_config(passthrough, m, "val", (0,), s)[0] for m, s in sweep]
     summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=base_config.jobs)
     reference = summaries[0]["seqft"]["plasticity"]
@@ -159,8 +161,9 @@ def frontier_table(result):
                          f"{fmt(r.get('plasticity'), r.get('plasticity_std'))} | "
                          + " | ".join(fmt(r.get(k), r.get(k + "_std")) for _, k in columns) + f" | {against} |")
     lines += ["", "strength: the value of the method's strength key at that point, chosen by its val plasticity (the "
-              f"nearest the target; 'not reached': more than {REACH} from it, and not run on test); the other columns are "
-              "the test split, mean ± std over the final seeds; 'more' / 'less': beyond both seed spreads, 'within': not"]
+              f"nearest the target; 'not reached': more than {REACH} from it, and not run on test); the other columns "
+              "are the test split, mean ± std over the final seeds; 'more' / 'less': beyond both seed spreads, "
+              "'within': not"]
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import cache
 import configurator as cfg
 import jobs
-import train
+import sae_stage
 from evaluate import sae_metrics
 from model import model_from_checkpoint
 from data.corpus import get_batch
@@ -114,7 +114,7 @@ def main(argv):
     device = cfg.resolve_device(config)
     base = pretrain(config, device)
     model = model_from_checkpoint(base, device)
-    saes = train.load_saes(train.train_sae_stage(config, device, base), model, device)
+    saes = sae_stage.load_saes(sae_stage.train_sae_stage(config, device, base), model, device)
     patch = spliced(saes, options.adapt_points)
     train_ids, val_ids = corpus_of(config)
     before = measure(model, saes, patch, val_ids, config, device)

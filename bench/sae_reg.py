@@ -38,6 +38,7 @@ import torch
 import cache
 import configurator as cfg
 import jobs
+import sae_stage
 import train
 from jobs import progress
 from evaluate import sae_metrics
@@ -105,7 +106,7 @@ def sweep(config, options, variant):
     """[(label, {point: SAEConfig}, train_sae keyword arguments)] of the fresh SAEs for one model."""
     points = range(config.n_layer + 1)
     if options.sweep == "k":
-        return [(f"k={k}", {p: SAEConfig(d_in=config.n_embd, **train.sae_kwargs(config, k)) for p in points},
+        return [(f"k={k}", {p: SAEConfig(d_in=config.n_embd, **sae_stage.sae_kwargs(config, k)) for p in points},
                  dict(steps=config.sae_steps, batch_size=config.sae_batch_size)) for k in options.k]
     schedule = dict(steps=options.sweep_steps, batch_size=options.sweep_batch_size, lr=ORIGINAL["sae_lr"],
                     min_lr=ORIGINAL["sae_min_lr"], warmup=options.sweep_steps // 10)  # the original: 750 of 7500

@@ -16,6 +16,7 @@ import torch
 import configurator as cfg
 import jobs
 import regularizers as reg
+import sae_stage
 import train
 from data.tasks import trim_padding
 from model import model_from_checkpoint
@@ -79,8 +80,8 @@ def main(argv):
     config = cfg.parse_args(args[1] + ["--methods=seqft,sae_guided"])
     device = cfg.resolve_device(config)
     base = pretrain(config, device)
-    sae_checkpoint = train.train_sae_stage(config, device, base)
-    saes = train.load_saes(sae_checkpoint, model_from_checkpoint(base, "cpu"), "cpu")
+    sae_checkpoint = sae_stage.train_sae_stage(config, device, base)
+    saes = sae_stage.load_saes(sae_checkpoint, model_from_checkpoint(base, "cpu"), "cpu")
     suite = train.task_suite(config)
     times = {"seqft": [], "sae_guided": []}
     for _ in range(ROUNDS):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import cache
 import configurator as cfg
 import jobs
+import sae_stage
 import train
 from pretrain import pretrain
 
@@ -83,7 +84,7 @@ def main(argv):
     configs = [cfg.parse_args(passthrough + ["--eval_split=val", f"--methods={method}", f"--cl_dir={trial_dir(o)}"]
                                 + [f"--{k}={v}" for k, v in o.items()]) for method, _, o in trials]
     base = pretrain(base_config, device)
-    sae_checkpoint = train.train_sae_stage(base_config, device, base)
+    sae_checkpoint = sae_stage.train_sae_stage(base_config, device, base)
     summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=base_config.jobs)
     results = {m: [] for m in methods}
     for (method, _, overrides), summary in zip(trials, summaries):

@@ -184,6 +184,11 @@ class TaskSplit:
         idx = torch.randint(len(self), (batch_size,), generator=generator)
         return Batch(*(t.to(device) for t in self.rows(idx)))
 
+    def sample(self, n_examples, seed, device):
+        """n_examples drawn without replacement, in an order set by the seed."""
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n_examples]
+        return Batch(*(t.to(device) for t in self.rows(idx)))
+
     def subset(self, idx):
         """A TaskSplit of the examples at the index tensor idx."""
         return TaskSplit(self.name, [self.examples[i] for i in idx.tolist()], *self.rows(idx))

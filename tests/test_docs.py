@@ -46,11 +46,14 @@ def problem(command, path=""):
         script = args.pop(0)
         if script.startswith("bench/"):
             return f"run it as `python -m bench.{script[6:-3]}` (a script of bench/ needs the project root on its path)"
+        if script == "evidence.py":
+            return "run it as `python -m evidence` (the analyses are a folder, evidence/)"
         if script == "report.py":
             return None if len(args) <= 1 else "report.py takes one argument, the folder of a run"
         module = script[:-3]
-        if not os.path.exists(os.path.join(ROOT, script)) or module not in ("train", "evidence"):
-            return f"{script} is not a script of the project (train.py, evidence.py, report.py, python -m bench.<name>)"
+        if not os.path.exists(os.path.join(ROOT, script)) or module != "train":
+            return f"{script} is not a script of the project (train.py, report.py, python -m evidence, python -m " \
+                "bench.<name>)"
     else:
         return None  # prose ('python 3.11'), not a command
     args = [a for a in args if not re.search(r"[$<>…]|\.\.\.", a)]  # placeholders and shell variables
@@ -64,7 +67,7 @@ def problem(command, path=""):
         if module == "train":
             cfg.parse_args(args)
             return None
-        script = importlib.import_module(module)
+        script = importlib.import_module("evidence.main" if module == "evidence" else module)
         options_class = getattr(script, "Options", cfg.NoOptions)
         _, rest = cfg.parse_script_args(args, options_class, f"python -m {module}", script.__doc__)
         cfg.parse_args(rest)
@@ -84,4 +87,5 @@ def test_a_stale_command_is_caught():
     assert "python -m bench.tune" in problem("python bench/tune.py --jobs=2")
     assert "unknown config key --n_layers" in problem("python train.py --n_layers=2")
     assert "not a script" in problem("python evaluate.py out/default")
+    assert "python -m evidence" in problem("python evidence.py --parts=memory")
     assert problem("python -m bench.tune --methods=ewc --jobs=2") is None

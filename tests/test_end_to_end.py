@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import report
+import sae_stage
 import train
 from conftest import TINY_PIPELINE
 from report import summarize_run
@@ -68,11 +69,11 @@ def test_sae_checkpoint_for_another_model_is_refused(tmp_path):
     argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--sae_steps=5", "--methods=sae_guided"]
     config = train.parse_args(argv)
     base = train.pretrain(config, "cpu")
-    sae_checkpoint = train.train_sae_stage(config, "cpu", base)
+    sae_checkpoint = sae_stage.train_sae_stage(config, "cpu", base)
     wider = train.parse_args(argv + ["--n_embd=64", "--out_dir=" + str(tmp_path / "wide")])
     wide_model = train.model_from_checkpoint(train.pretrain(wider, "cpu"), "cpu")
     with pytest.raises(ValueError, match="width 32.*n_embd=64"):
-        train.load_saes(sae_checkpoint, wide_model, "cpu")
+        sae_stage.load_saes(sae_checkpoint, wide_model, "cpu")
 
 
 @pytest.mark.parametrize("option", ["--sae_guided_protect_past=true", "--sae_guided_mask_binary=true",
@@ -177,7 +178,7 @@ def test_relu_base_saes_run_through_the_pipeline_with_dense_codes(tmp_path):
     assert train.main(argv) == 0
     config = train.parse_args(argv)
     base = train.pretrain(config, "cpu")
-    saes = train.load_saes(train.train_sae_stage(config, "cpu", base), train.model_from_checkpoint(base, "cpu"),
+    saes = sae_stage.load_saes(sae_stage.train_sae_stage(config, "cpu", base), train.model_from_checkpoint(base, "cpu"),
                            "cpu")
     assert all(isinstance(sae, ReluSAE) for sae in saes.values())
     by_k = json.loads((tmp_path / "default" / "sae.json").read_text())["by_k"]["8"]

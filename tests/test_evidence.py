@@ -3,12 +3,12 @@
 import dataclasses
 import json
 
-import evidence
 import configurator as cfg
 import jobs
 import regularizers as reg
 import train
 from data.tasks import build_task_suite
+from evidence import ablations, collateral, ground_truth, main as evidence_main, memory, probe, separability
 
 
 def test_memory_accounting_matches_a_hand_count_on_a_tiny_model(tmp_path):
@@ -17,7 +17,7 @@ def test_memory_accounting_matches_a_hand_count_on_a_tiny_model(tmp_path):
                                "--ewc_fisher_examples=4", "--mas_examples=4", "--sae_guided_mask_examples=8",
                                "--sae_guided_mask_knn=3", "--sae_fd_anchors=4", "--lora_rank=2",
                                "--replay_fraction=0.1"])
-    full, lora = evidence.memory_by_width(config, widths=(32,))
+    full, lora = memory.memory_by_width(config, widths=(32,))
     # one block of width 32: embeddings (96 tokens, 32 positions), two LayerNorms, qkv, attention out, MLP in and
     # out, the final LayerNorm; the tied head counted once
     n_params = (96 * 32 + 32 * 32 + 2 * (2 * 32) + (32 * 96 + 96) + (32 * 32 + 32) + (32 * 128 + 128)
@@ -36,9 +36,9 @@ def test_memory_accounting_matches_a_hand_count_on_a_tiny_model(tmp_path):
         # indices (int64) at every position
         assert row["sae_fd"] == 2 * 4 * length * (8 + 4 + 4 * (4 + 8))
         assert row["o_lora"] == adapter * 4  # the first task's adapters, frozen
-    evidence.plot_memory([full, lora], tmp_path / "memory.png")
+    memory.plot_memory([full, lora], tmp_path / "memory.png")
     assert (tmp_path / "memory.png").stat().st_size > 0
-    table = evidence.memory_table([full, lora])
+    table = memory.memory_table([full, lora])
     assert table.count("\n") == 3 and f"{full['ewc']:,}" in table  # header, rule, one row per regime
 
 
@@ -54,20 +54,20 @@ from sae import SAEConfig, TopKSAE  # noqa: E402
 
 def test_auc_matches_hand_counts_with_and_without_ties():
     # positives 0.35, 0.8 against negatives 0.1, 0.4: 3 of the 4 pairs ordered right
-    assert evidence.auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert probe.auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
     # positives 1, 2 against the negative 1: a tie (1/2) and a win (1)
-    assert evidence.auc(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([0, 1, 1])) == pytest.approx(0.75)
-    assert evidence.auc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1, 1])) == 0.0
+    assert probe.auc(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([0, 1, 1])) == pytest.approx(0.75)
+    assert probe.auc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1, 1])) == 0.0
     with pytest.raises(ValueError, match="both classes"):
-        evidence.auc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1]))
+        probe.auc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1]))
 
 
 def test_average_ranks_share_ties_column_by_column():
     scores = torch.tensor([[3.0, 0.0], [1.0, 0.0], [3.0, 5.0], [2.0, 0.0]])
     # column 0: 1 < 2 < 3 = 3, the tie sharing ranks 3 and 4; column 1: three zeros share ranks 1-3, then 5
     expected = torch.tensor([[3.5, 2.0], [1.0, 2.0], [3.5, 4.0], [2.0, 2.0]], dtype=torch.float64)
-    assert torch.equal(evidence.average_ranks(scores), expected)
-    assert torch.equal(evidence.average_ranks(scores[:, 0]), expected[:, 0])
+    assert torch.equal(probe.average_ranks(scores), expected)
+    assert torch.equal(probe.average_ranks(scores[:, 0]), expected[:, 0])
 
 
 def test_the_probe_reaches_the_minimum_of_its_objective_in_both_forms():
@@ -75,7 +75,7 @@ def test_the_probe_reaches_the_minimum_of_its_objective_in_both_forms():
     for n, d in ((80, 5), (30, 60)):  # fewer features than examples (primal), more (in the examples' span)
         X = torch.randn(n, d, generator=generator, dtype=torch.float64)
         y = (X[:, 0] + 0.3 * torch.randn(n, generator=generator, dtype=torch.float64) > 0).float()
-        w, b = evidence.fit_logistic(X, y, l2=0.05)
+        w, b = probe.fit_logistic(X, y, l2=0.05)
         w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
         objective = torch.nn.functional.binary_cross_entropy_with_logits(X @ w + b, y) + 0.05 * w.square().sum()
         grad_w, grad_b = torch.autograd.grad(objective, (w, b))
@@ -87,9 +87,9 @@ def test_probe_auc_is_about_one_on_separable_data_and_one_half_with_shuffled_lab
     labels = torch.arange(400) % 2
     X = torch.randn(400, 50, generator=generator)
     X[:, :3] += 2.0 * labels.unsqueeze(1)  # three informative dimensions among 50
-    assert evidence.cv_auc(X, labels) > 0.97
+    assert probe.cv_auc(X, labels) > 0.97
     shuffled = labels[torch.randperm(400, generator=generator)]
-    assert abs(evidence.cv_auc(X, shuffled) - 0.5) < 0.1
+    assert abs(probe.cv_auc(X, shuffled) - 0.5) < 0.1
 
 
 def test_best_unit_auc_finds_the_informative_unit_in_either_direction():
@@ -97,9 +97,9 @@ def test_best_unit_auc_finds_the_informative_unit_in_either_direction():
     labels = torch.arange(300) % 3 == 0
     X = torch.randn(300, 20, generator=generator)
     X[:, 7] -= 3.0 * labels  # lower for the positives: found by its sign
-    score, unit = evidence.best_unit_auc(X, labels)
+    score, unit = probe.best_unit_auc(X, labels)
     assert unit == 7 and score > 0.95
-    score, _ = evidence.best_unit_auc(torch.randn(300, 20, generator=generator), labels)
+    score, _ = probe.best_unit_auc(torch.randn(300, 20, generator=generator), labels)
     assert score < 0.7  # chosen on one half, scored on the other: no selection bias towards 1
 
 
@@ -111,12 +111,12 @@ def test_collateral_ratio_is_one_for_a_protection_identical_on_both_tasks():
     free = torch.tensor([1.0, 2.0, 3.0, 4.0])
     protected = torch.tensor([0.1, 1.0, 3.0, 2.0])
     same = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    assert evidence.collateral_ratio(free, protected, same, same) == pytest.approx(1.0)
+    assert collateral.collateral_ratio(free, protected, same, same) == pytest.approx(1.0)
     # a protection that scales every drift alike is not selective either, whatever the two feature sets
-    assert evidence.collateral_ratio(free, 0.3 * free, same, 1 - same) == pytest.approx(1.0)
+    assert collateral.collateral_ratio(free, 0.3 * free, same, 1 - same) == pytest.approx(1.0)
     # a protection that holds A's features only: restriction 1 - (0.1 + 1) / 3 of A's, none of B's -> ratio 0
-    assert evidence.restriction(free, protected, same) == pytest.approx(1 - 1.1 / 3)
-    assert evidence.collateral_ratio(free, torch.tensor([0.1, 1.0, 3.0, 4.0]), same, 1 - same) == pytest.approx(0.0)
+    assert collateral.restriction(free, protected, same) == pytest.approx(1 - 1.1 / 3)
+    assert collateral.collateral_ratio(free, torch.tensor([0.1, 1.0, 3.0, 4.0]), same, 1 - same) == pytest.approx(0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,19 +134,19 @@ def tiny_model_and_saes(width=16, layers=2):
 def test_example_features_and_gradient_importance_have_one_row_per_example():
     model, saes = tiny_model_and_saes()
     split = build_task_suite(["add"], 6, 0, 0, block_size=32, template_is_content=False)["add"]["train"]
-    features = evidence.example_features(model, saes, split.x, split.content_mask, batch_size=4)
+    features = separability.example_features(model, saes, split.x, split.content_mask, batch_size=4)
     assert features["sae"][1].shape == (6, 64) and features["neurons"][2].shape == (6, 64)
     assert features["residual"][2].shape == (6, 16)
     # the mean over the content tokens: one example by hand
     _, _, residuals = model(split.x[:1], read=(2,))
     m = split.content_mask[0].bool()
     assert torch.allclose(features["residual"][2][0], residuals[2][0, m].mean(0), atol=1e-6)
-    grads = evidence.gradient_importance(model, split, point=1)
+    grads = separability.gradient_importance(model, split, point=1)
     assert grads.shape == (6, 2 * 16 * 64) and (grads >= 0).all() and grads.sum() > 0
 
 
 def test_ground_truth_lines_carry_each_variable_on_its_own_kind_of_line():
-    texts, values = evidence.latent_lines(300, seed=0)
+    texts, values = ground_truth.latent_lines(300, seed=0)
     assert len(texts) == 300 and all(len(v) == 300 for v in values.values())
     for text, person, digit in zip(texts, values["person"], values["digit"]):
         if person is not None:
@@ -158,21 +158,21 @@ def test_ground_truth_lines_carry_each_variable_on_its_own_kind_of_line():
 
 def test_ablation_variants_are_valid_configs_and_change_one_thing_each():
     config = train.parse_args(["--n_layer=2"])
-    variants = evidence.ablation_variants(config)
+    variants = ablations.ablation_variants(config)
     assert variants["point 1 only"] == ("sae_guided", {"sae_guided_points": (1,)})
     assert variants["reference: frozen base"] == ("sae_guided", {"sae_guided_reference": "base"})
     for method, settings in variants.values():
         assert len(settings) <= 1
         cfg.validate(dataclasses.replace(config, methods=(method,), **settings))
-    assert len({evidence.slug(v) for v in variants}) == len(variants)  # each its own results folder
+    assert len({ablations.slug(v) for v in variants}) == len(variants)  # each its own results folder
 
 
 def test_parts_are_checked_and_the_rest_goes_to_the_run_config():
-    parts, config = evidence.parse_args(["--parts=memory,ablations", "--n_embd=48"])
+    parts, config = evidence_main.parse_args(["--parts=memory,ablations", "--n_embd=48"])
     assert parts == ("memory", "ablations") and config.n_embd == 48 and config.seeds == (0, 1, 2)
-    assert evidence.parse_args(["--seeds=4"])[1].seeds == (4,)
+    assert evidence_main.parse_args(["--seeds=4"])[1].seeds == (4,)
     with pytest.raises(ValueError, match="--parts='memroy' is not valid; choose from: separability"):
-        evidence.parse_args(["--parts=memroy"])
+        evidence_main.parse_args(["--parts=memroy"])
 
 
 def test_weight_protection_freezes_exactly_the_protected_weights_and_collateral_runs_end_to_end():
@@ -184,7 +184,7 @@ def test_weight_protection_freezes_exactly_the_protected_weights_and_collateral_
     theta = reg.flat_parameters(model).detach().clone()
     protected = torch.zeros_like(theta)
     protected[::3] = 1.0
-    method = evidence.ProtectWeights(config, model, protected, theta)
+    method = collateral.ProtectWeights(config, model, protected, theta)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)
@@ -192,7 +192,7 @@ def test_weight_protection_freezes_exactly_the_protected_weights_and_collateral_
     moved = reg.flat_parameters(model).detach() != theta
     assert not moved[protected.bool()].any() and moved[~protected.bool()].all()
     model, saes = tiny_model_and_saes()  # an unperturbed model as task A's
-    result = evidence.collateral(config, model, saes, suite, "add", "reverse", q=0.25)
+    result = collateral.collateral(config, model, saes, suite, "add", "reverse", q=0.25)
     for name in ("weights", "features"):
         assert set(result[name]) == {"restriction_a", "restriction_b", "ratio"}
         assert all(torch.isfinite(torch.tensor(v)) for v in result[name].values())
@@ -202,34 +202,33 @@ def test_weight_protection_freezes_exactly_the_protected_weights_and_collateral_
 def test_one_command_writes_every_part_with_its_plot_and_table(tmp_path, monkeypatch):
     from conftest import TINY_PIPELINE
 
-    monkeypatch.setattr(evidence, "MEMORY_WIDTHS", (16, 32))
-    monkeypatch.setattr(evidence, "ablation_variants", lambda config: {  # two of the variants: the loop, not the list
+    monkeypatch.setattr(evidence_main, "MEMORY_WIDTHS", (16, 32))
+    monkeypatch.setattr(evidence_main, "ablation_variants", lambda config: {  # two variants: the loop, not the list
         "seqft (no penalty)": ("seqft", {}),
         "random mask, same mass": ("sae_guided", {"sae_guided_mask_random": True})})
     argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--seeds=0"]
-    threads_seen, separability = [], evidence.separability
-    monkeypatch.setattr(evidence, "separability", lambda *args, **kwargs: threads_seen.append(
-        torch.get_num_threads()) or separability(*args, **kwargs))
+    threads_seen, original = [], separability.separability
+    monkeypatch.setattr(evidence_main, "separability", lambda *args, **kwargs: threads_seen.append(
+        torch.get_num_threads()) or original(*args, **kwargs))
     threads = torch.get_num_threads()
-    assert evidence.main(argv) == 0
+    assert evidence_main.main(argv) == 0
     assert threads_seen == [1] and torch.get_num_threads() == threads  # an analysis on one thread, then all back
     out = tmp_path / "default" / "evidence"
-    for part in evidence.PARTS:
+    for part in evidence_main.PARTS:
         assert (out / f"{part}.json").exists() and (out / f"{part}.png").stat().st_size > 0
     report = (out / "evidence.md").read_text()
-    assert all(f"## {part} (" in report for part in evidence.PARTS)
-    separability = json.loads((out / "separability.json").read_text())
-    assert separability["pairs"] == [["add", "reverse"]] and set(separability["auc"]) == {"sae", "neurons",
-                                                                                          "gradient"}
-    ablations = json.loads((out / "ablations.json").read_text())
-    assert set(ablations) == {"seqft (no penalty)", "random mask, same mass"}
-    assert all(0.0 <= row["OP"][0] <= 1.0 and row["seeds"] == [0] for row in ablations.values())
-    assert jobs.run_script(evidence.main, argv + ["--parts=nothing"]) == 2  # a bad part: a one-line error
-    assert evidence.main(argv + ["--parts=ground_truth"]) == 0  # one part again: the others' sections stay
+    assert all(f"## {part} (" in report for part in evidence_main.PARTS)
+    separated = json.loads((out / "separability.json").read_text())
+    assert separated["pairs"] == [["add", "reverse"]] and set(separated["auc"]) == {"sae", "neurons", "gradient"}
+    ablated = json.loads((out / "ablations.json").read_text())
+    assert set(ablated) == {"seqft (no penalty)", "random mask, same mass"}
+    assert all(0.0 <= row["OP"][0] <= 1.0 and row["seeds"] == [0] for row in ablated.values())
+    assert jobs.run_script(evidence_main.main, argv + ["--parts=nothing"]) == 2  # a bad part: a one-line error
+    assert evidence_main.main(argv + ["--parts=ground_truth"]) == 0  # one part again: the others' sections stay
     again = (out / "evidence.md").read_text()
-    assert all(f"## {part} (" in again for part in evidence.PARTS) and "--parts=ground_truth`" in again
+    assert all(f"## {part} (" in again for part in evidence_main.PARTS) and "--parts=ground_truth`" in again
     assert again.index("## separability") < again.index("## ground_truth") < again.index("## ablations")
-    assert jobs.run_script(evidence.main, argv + ["--tasks=add"]) == 2  # the analyses compare tasks
+    assert jobs.run_script(evidence_main.main, argv + ["--tasks=add"]) == 2  # the analyses compare tasks
 
 
 def test_collateral_over_seeds_takes_the_ratio_of_the_mean_restrictions():
@@ -239,7 +238,7 @@ def test_collateral_over_seeds_takes_the_ratio_of_the_mean_restrictions():
 
     results = [result(0.4, 0.2, ("x", "y"), 0), result(0.01, 0.05, ("y", "z"), 0),  # a pair that barely holds A
                result(0.6, 0.2, ("x", "y"), 1), result(0.03, 0.03, ("y", "z"), 1)]
-    rows = evidence.collateral_over_seeds(results)
+    rows = collateral.collateral_over_seeds(results)
     assert rows[("x", "y")]["weights"]["restriction_a"][0] == pytest.approx(0.5)  # mean over the two seeds
     assert rows[("y", "z")]["weights"]["ratio"][0] == pytest.approx((5.0 + 1.0) / 2)
     everything = rows["all pairs"]["weights"]

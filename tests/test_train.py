@@ -8,6 +8,8 @@ import torch
 
 import cache
 import pretrain
+import runs
+import sae_stage
 import train
 from conftest import TINY, TINY_PIPELINE
 from evaluate import greedy_answers, knowledge_metrics
@@ -58,7 +60,7 @@ def test_a_write_that_dies_or_finds_the_disk_full_leaves_the_previous_file_and_n
 def test_a_damaged_tensor_in_a_checkpoint_is_noticed_and_the_stage_redone(tmp_path, capsys):
     config = tiny_config(tmp_path, "--sae_steps=5", "--sae_tokens=2000", "--sae_batch_size=256")
     base = train.pretrain(config, "cpu")
-    train.train_sae_stage(config, "cpu", base)
+    sae_stage.train_sae_stage(config, "cpu", base)
     for name, field in (("base.pt", "model"), ("sae.pt", "saes")):
         path = tmp_path / "default" / name
         checkpoint = torch.load(path, weights_only=False)
@@ -68,7 +70,7 @@ def test_a_damaged_tensor_in_a_checkpoint_is_noticed_and_the_stage_redone(tmp_pa
         torch.save(checkpoint, path)
         capsys.readouterr()
         base = train.pretrain(config, "cpu")
-        train.train_sae_stage(config, "cpu", base)
+        sae_stage.train_sae_stage(config, "cpu", base)
         out = capsys.readouterr().out
         assert f"{name} is damaged (its {field} does not match its content hash); redoing it" in out
 
@@ -142,10 +144,10 @@ def test_a_change_of_corpus_or_device_redoes_the_stage(tmp_path, monkeypatch, ca
 def test_a_redone_pretraining_invalidates_the_saes_built_on_it(tmp_path, capsys):
     config = tiny_config(tmp_path, "--sae_steps=5", "--sae_tokens=1000", "--sae_batch_size=64")
     base = train.pretrain(config, "cpu")
-    train.train_sae_stage(config, "cpu", base)
+    sae_stage.train_sae_stage(config, "cpu", base)
     capsys.readouterr()
     other = dict(base, sha="another-base")  # a pretraining redone with another result
-    train.train_sae_stage(config, "cpu", other)
+    sae_stage.train_sae_stage(config, "cpu", other)
     assert "different the checkpoint it was built from; redoing" in capsys.readouterr().out
 
 
@@ -153,7 +155,7 @@ def test_a_redone_pretraining_invalidates_the_saes_built_on_it(tmp_path, capsys)
 @pytest.mark.parametrize("stage_file", ["pretrain.json", "sae.json"])
 def test_a_damaged_or_deleted_stage_summary_is_redone_and_rewritten(tmp_path, capsys, damage, stage_file):
     config = tiny_config(tmp_path, "--sae_steps=5", "--sae_tokens=1000", "--sae_batch_size=64")
-    train.train_sae_stage(config, "cpu", train.pretrain(config, "cpu"))
+    sae_stage.train_sae_stage(config, "cpu", train.pretrain(config, "cpu"))
     path = tmp_path / "default" / stage_file
     if damage == "garble":
         path.write_text('{"val_loss": 0.5, "sam')
@@ -161,7 +163,7 @@ def test_a_damaged_or_deleted_stage_summary_is_redone_and_rewritten(tmp_path, ca
         path.unlink()
     capsys.readouterr()
     base = train.pretrain(config, "cpu")
-    train.train_sae_stage(config, "cpu", base)
+    sae_stage.train_sae_stage(config, "cpu", base)
     out = capsys.readouterr().out
     assert f"{stage_file} is missing or stale; redoing" in out
     assert ("is damaged" in out) == (damage == "garble")
@@ -524,7 +526,7 @@ def test_the_measures_settings_are_in_the_keys_of_the_runs_and_of_the_base_refer
 
     def keys(*extra):
         c = parse_args(["--diagnose=false", *extra])
-        key, shared, _ = train.method_key(c, "seqft", 0, "cpu", base, None)
+        key, shared, _ = runs.method_key(c, "seqft", 0, "cpu", base, None)
         return key, shared
 
     assert keys() == keys()
