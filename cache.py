@@ -44,8 +44,8 @@ STAGE_KEYS = {  # the config fields each stage's result depends on, beyond those
            "content_tokens", "n_train", "n_val", "n_test", "eval_split", "diagnose", "diagnose_examples",
            "relearn_steps", "forced_choice_k"),
 }  # and each method's own fields, '<method>_*' (regularizers.Method.config_keys)
-NOT_RESULT_KEYS = ("run", "out_dir", "preset", "stage", "device", "methods", "seeds", "cl_dir", "jobs")  # device,
-# preset: in the keys as the resolved device and as the values the preset set
+NOT_RESULT_KEYS = ("run", "out_dir", "preset", "suite", "stage", "device", "methods", "seeds", "cl_dir", "jobs")
+# device, preset, suite: in the keys as the resolved device, as the values the preset set and as the tasks
 
 STAGE_CODE = {  # the project's code each stage runs, beside that of the stages it is built from: a file, or one
     # top-level function of a file ('file.py:name'), so that an edit elsewhere in the file leaves the result cached

@@ -19,7 +19,7 @@ import torch
 import cli
 from cli import check_fields, parse_fields
 from data.instructions import aux_task_names
-from data.tasks import DEFAULT_ORDER, TASKS
+from data.tasks import DEFAULT_ORDER, SUITES, TASKS
 from model import LORA_TARGETS
 from pretrain import check_joint_saes
 from regularizers import METHODS
@@ -85,6 +85,7 @@ class Config:
     sae_aux_k: int = 64  # dead latents AuxK may use per token
     sae_dead_firings: float = 1000.0  # dead after this many expected firings without one (d_sae / k tokens each)
     # continual learning
+    suite: str = ""  # a named task list (data/tasks.py SUITES: 'eight', 'things'); sets --tasks unless it is given
     tasks: tuple[str, ...] = DEFAULT_ORDER  # the order tasks are learned in
     methods: tuple[str, ...] = ("seqft", "ewc", "sae_guided")  # methods to run (regularizers.METHODS)
     seeds: tuple[int, ...] = (0,)  # fine-tuning seeds: batch order, importance samples, replay buffer
@@ -188,6 +189,7 @@ PRESETS["tiny"] = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "b
                    "sae_fd_anchors": 8, "sae_fd_batch_size": 4, "relearn_steps": (0, 2), "jobs": 1}
 CHOICES = {  # fields whose value must be one of a fixed set
     "preset": ("",) + tuple(PRESETS),
+    "suite": ("",) + tuple(SUITES),
     "stage": ("all", "pretrain", "sae", "cl"),
     "device": ("auto", "cpu", "cuda"),
     "tasks": tuple(TASKS),
@@ -255,7 +257,11 @@ def validate(config):
 
 
 def parse_args(argv):
-    """Config from ['--key=value', ...], validated."""
+    """Config from ['--key=value', ...], validated. --suite=<name> stands for --tasks=<its tasks>, unless --tasks is
+    given too."""
+    suite = next((a.split("=", 1)[1] for a in argv if a.startswith("--suite=")), "")
+    if suite and suite in SUITES and not any(a.startswith("--tasks=") for a in argv):
+        argv = [f"--tasks={','.join(SUITES[suite])}"] + list(argv)
     config = parse_fields(Config, argv, presets=PRESETS)
     validate(config)
     return config

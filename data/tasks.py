@@ -20,8 +20,9 @@ from typing import NamedTuple
 import torch
 
 from data.tokenizer import NEWLINE, encode
-from data.world import (ADJECTIVES, COLOURS, NOUNS, PEOPLE, PETS, PLACES, carry_free_sum, counted_letters,
-                        fact_questions, random_brackets, random_letters, random_mood_sentence, translate)
+from data.world import (ADJECTIVES, COLOURS, NOUNS, PEOPLE, PETS, PLACES, THINGS, carry_free_sum, counted_letters,
+                        fact_questions, random_brackets, random_letters, random_mood_sentence, thing_questions,
+                        translate)
 
 
 def stance(rng):
@@ -64,11 +65,26 @@ def sort(rng):
     return f"sort: {digits}", "".join(sorted(digits))
 
 
+def things(group):
+    """The knowledge suite's task of one group of things: a question about a thing's colour, in one of four
+    phrasings. Every task of the suite has this template and these answers; only the things differ."""
+    names = sorted(THINGS[group])
+
+    def generator(rng):
+        question, answer = rng.choice(thing_questions(rng.choice(names)))
+        return f"q: {question}", answer
+
+    return generator
+
+
 TASKS = {  # name -> generator(rng) -> (question with its tag, answer)
     "stance": stance, "facts": facts, "add": add, "close": close, "reverse": reverse, "translate": translation,
-    "count": count, "sort": sort,
+    "count": count, "sort": sort, **{f"things{g + 1}": things(g) for g in range(len(THINGS))},
 }
 DEFAULT_ORDER = ("stance", "facts", "add", "close", "reverse", "translate", "count", "sort")
+SUITES = {  # --suite=<name>: a named task list. 'things': one template and one answer format, different knowledge
+    "eight": DEFAULT_ORDER, "things": tuple(f"things{g + 1}" for g in range(len(THINGS))),
+}
 SEPARATOR = " > "
 
 
@@ -97,13 +113,15 @@ def answers_in_turn(questions, answer_of):
 
 def answer_kind(task, answer):
     """The class of answers a distractor of forced choice is drawn from: for facts the fact asked for (a colour, a
-    place or a pet), for close the number of brackets, for every other task the answer_format (character classes
-    and length). A wrong answer of another kind would be too easy to reject."""
+    place or a pet), for close the number of brackets, for the knowledge suite a colour, for every other task the
+    answer_format (character classes and length). A wrong answer of another kind would be too easy to reject."""
     if task == "facts":
         return next(kind for kind, values in (("colour", COLOURS), ("place", PLACES), ("pet", PETS))
                     if answer in values)
     if task == "close":
         return f"brackets{len(answer)}"
+    if task.startswith("things"):
+        return "colour"
     return answer_format(answer)
 
 

@@ -55,6 +55,30 @@ def _make_world():
 
 WORLD = _make_world()  # {person: {"pet": ..., "colour": ..., "place": ...}}
 
+# The things of the knowledge suite (data/tasks.py SUITES["things"]): made-up names the corpus never mentions, each
+# with a colour that only the suite's tasks teach; a group of THINGS_PER_GROUP per task, every colour equally often
+# in a group, so that the tasks share one template and one answer format and differ only in what they teach.
+THING_GROUPS, THINGS_PER_GROUP = 8, 56  # 224 questions a task: 56 in its test split
+
+
+def _make_things():
+    rng = random.Random(WORLD_SEED + 1)
+    taken = set(SPELL_WORDS) | set(LEXICON) | set(LEXICON.values()) | set(GOOD_WORDS) | set(BAD_WORDS)
+    names = []
+    while len(names) < THING_GROUPS * THINGS_PER_GROUP:  # consonant-vowel-consonant-vowel-consonant: 'bakor'
+        name = "".join(rng.choice("bdfgklmnprstvz" if i % 2 == 0 else "aeiou") for i in range(5))
+        if name not in taken and name not in names:
+            names.append(name)
+    groups = []
+    for g in range(THING_GROUPS):
+        colours = (COLOURS * THINGS_PER_GROUP)[:THINGS_PER_GROUP]
+        rng.shuffle(colours)
+        groups.append(dict(zip(names[g * THINGS_PER_GROUP : (g + 1) * THINGS_PER_GROUP], colours)))
+    return groups
+
+
+THINGS = _make_things()  # [{thing: colour}], one group per task of the knowledge suite
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # small generators shared by the corpus and the task suite (one place for each piece of world logic)
@@ -115,6 +139,13 @@ def fact_questions(name):
         (f"{name} has what pet?", f["pet"]),
         (f"which pet is {name}'s?", f["pet"]),
     ]
+
+
+def thing_questions(thing):
+    """The four phrasings of the one fact the world holds about a thing of the knowledge suite: its colour."""
+    colour = next(group[thing] for group in THINGS if thing in group)
+    return [(f"what colour is the {thing}?", colour), (f"the {thing} has what colour?", colour),
+            (f"which colour is the {thing}?", colour), (f"the {thing} is of what colour?", colour)]
 
 
 def carry_free_sum(rng):

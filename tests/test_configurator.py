@@ -122,6 +122,14 @@ def test_key_difference_names_what_changed():
     assert cache.key_difference({"config": {}}, b) == "an older format"
 
 
+def test_a_suite_names_a_task_list_and_given_tasks_win():
+    assert parse_args(["--suite=things"]).tasks == tuple(f"things{g}" for g in range(1, 9))
+    assert parse_args(["--suite=things", "--tasks=things2,things1"]).tasks == ("things2", "things1")
+    assert parse_args(["--suite=eight"]).tasks == parse_args([]).tasks
+    with pytest.raises(ValueError, match="--suite='nope' is not valid"):
+        parse_args(["--suite=nope"])
+
+
 def test_a_preset_sets_its_keys_and_given_keys_override_it_in_any_order():
     for argv in (["--preset=paper", "--cl_lr=5e-4"], ["--cl_lr=5e-4", "--preset=paper"]):
         config = train.parse_args(argv)
