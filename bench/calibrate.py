@@ -17,7 +17,9 @@ runs are cached by train.py, so an interrupted map resumes where it stopped.
     python -m bench.calibrate --models=2x96 --instruct=0,32 --lrs=3e-4 --lora_lrs= --steps=200
     python -m bench.calibrate --jobs=8 --device=cuda --models=2x96,4x128,6x256   # a larger map on one GPU
 
-Writes out/calibrate.md and out/calibrate.json.
+    python -m bench.calibrate --suite=things --out_dir=out/things --multitask=0.8 --lost=0.2,0.8   # the second suite
+
+Writes <out_dir>/calibrate.md and <out_dir>/calibrate.json.
 """
 
 import itertools
@@ -34,6 +36,7 @@ import cache
 import configurator as cfg
 import jobs
 from evaluate import cl_metrics
+from report import fmt
 
 ROOT = cache.ROOT
 
@@ -56,8 +59,9 @@ def run_train(job, env):
         raise RuntimeError(f"train.py {' '.join(args)} failed; see {log}")
 
 
-def read_point(folder, seeds):
-    """The criteria of one map point from its seqft and multitask results, mean over seeds."""
+def read_point(folder, seeds, targets):
+    """The criteria of one map point from its seqft and multitask results, mean over seeds; targets: the Options
+    holding the thresholds."""
     per_seed = []
     for seed in seeds:
         with open(os.path.join(folder, f"seqft_seed{seed}.json")) as f:
@@ -65,16 +69,21 @@ def read_point(folder, seeds):
         with open(os.path.join(folder, f"multitask_seed{seed}.json")) as f:
             multitask = json.load(f)
         R = seqft["R"]
+        last = seqft["diagnostic"][-1] if seqft.get("diagnostic") else {}  # after the last task, on each earlier one
         per_seed.append({"multitask": multitask["R"][-1], "bwt": cl_metrics(R)["bwt"],
                          "diagonal": [R[t + 1][t] for t in range(len(seqft["tasks"]))],
-                         "final": R[-1], "aux": seqft["aux_accuracy"]})
+                         "final": R[-1], "aux": seqft["aux_accuracy"],
+                         "confusion": sum(d["format_confusion"] for d in last.values()) / len(last) if last else None})
     mean = lambda key: [sum(v) / len(seeds) for v in zip(*(r[key] for r in per_seed))]  # noqa: E731
     row = {"tasks": seqft["tasks"], "multitask_per_task": mean("multitask"), "seqft_diagonal": mean("diagonal"),
            "seqft_final": mean("final"), "seqft_bwt": sum(r["bwt"] for r in per_seed) / len(seeds),
-           "seqft_aux": mean("aux") if per_seed[0]["aux"] else []}
+           "seqft_aux": mean("aux") if per_seed[0]["aux"] else [],
+           "seqft_format_confusion": None if per_seed[0]["confusion"] is None else
+           sum(r["confusion"] for r in per_seed) / len(seeds)}
     row["multitask_avg"] = sum(row["multitask_per_task"]) / len(row["multitask_per_task"])
-    row["fits"] = (row["multitask_avg"] >= 0.9 and min(row["seqft_diagonal"]) >= 0.8
-                   and -0.8 <= row["seqft_bwt"] <= -0.3)
+    least, most = targets.lost
+    row["fits"] = (row["multitask_avg"] >= targets.multitask and min(row["seqft_diagonal"]) >= targets.diagonal
+                   and -most <= row["seqft_bwt"] <= -least)
     return row
 
 
@@ -88,6 +97,10 @@ class Options:
     lora_lrs: tuple[float, ...] = (1e-3,)  # cl_lr of LoRA (empty = no LoRA)
     lora_ranks: tuple[int, ...] = (8,)  # LoRA ranks
     steps: tuple[int, ...] = (200,)  # steps per task
+    # the targets a point must meet ('fits'); the knowledge suite's (--suite=things): --multitask=0.8 --lost=0.2,0.8
+    multitask: float = 0.9  # multitask's average accuracy at least this
+    diagonal: float = 0.8  # seqft's smallest R[t][t] at least this
+    lost: tuple[float, ...] = (0.3, 0.8)  # seqft's BWT between minus these (low,high: -0.8 <= BWT <= -0.3)
     AT_LEAST_ZERO = ("instruct",)
 
 
@@ -100,6 +113,8 @@ def main(argv):
     for model in args.models:
         if not re.fullmatch(r"\d+x\d+", model):
             raise ValueError(f"--models: {model!r} is not depth x width (e.g. 4x128)")
+    if len(args.lost) != 2 or args.lost[0] > args.lost[1]:
+        raise ValueError(f"--lost={','.join(map(str, args.lost))}: give the range as low,high (e.g. 0.3,0.8)")
     args.jobs, args.device, args.out_dir = config.jobs, config.device, config.out_dir
     seeds = cfg.parse_args(passthrough).seeds
     env = dict(os.environ, OMP_NUM_THREADS="1" if args.jobs > 1 else os.environ.get("OMP_NUM_THREADS", ""))
@@ -132,22 +147,26 @@ def main(argv):
     for m, i, f, r, lr, s in grid:
         folder = os.path.join(args.out_dir, run[m, i], cl_dir(f, r, lr, s))
         rows.append({"model": m, "instruct_tags": i, "finetune": f"lora r{r}" if f == "lora" else f, "cl_lr": lr,
-                     "steps_per_task": s, "seeds": seeds, **read_point(folder, seeds)})
+                     "steps_per_task": s, "seeds": seeds, **read_point(folder, seeds, args)})
     cache.save_json({"rows": rows, "seconds": time.time() - t0, "argv": argv}, os.path.join(args.out_dir,
                                                                                           "calibrate.json"))
     tasks = rows[0]["tasks"]
     lines = [f"Command: `python -m bench.calibrate {' '.join(argv)}` ({time.time() - t0:.0f} s). "
-             f"Accuracy on the val split, mean over seeds {seeds}. Targets: multitask avg >= 0.9, seqft min "
-             "R[t][t] >= 0.8, seqft BWT between -0.8 and -0.3 (fits: all three). Auxiliary accuracy: held-out "
-             "prompts of the instruction phase's tasks, before the sequence -> after it under seqft.", "",
+             f"Accuracy on the val split, mean over seeds {seeds}. Targets: multitask avg >= {args.multitask}, seqft "
+             f"min R[t][t] >= {args.diagonal}, seqft BWT between -{args.lost[1]} and -{args.lost[0]} (fits: all "
+             "three). "
+             "Format confusion: the share of the earlier tasks' greedy answers in the last task's format and not "
+             "their own, after the sequence (the forgetting diagnostic). Auxiliary accuracy: held-out prompts of the "
+             "instruction phase's tasks, before the sequence -> after it under seqft.", "",
              "| model | instruct tags | fine-tuning | cl_lr | steps/task | multitask avg | seqft min R[t][t] | "
-             "seqft BWT | fits | auxiliary acc. | seqft final row (" + ", ".join(tasks) + ") |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "seqft BWT | seqft format confusion | fits | auxiliary acc. | seqft final row (" + ", ".join(tasks)
+             + ") |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         aux = f"{r['seqft_aux'][0]:.2f} -> {r['seqft_aux'][-1]:.2f}" if r["seqft_aux"] else "-"
         lines.append(f"| {r['model']} | {r['instruct_tags']} | {r['finetune']} | {r['cl_lr']:g} | "
                      f"{r['steps_per_task']} | {r['multitask_avg']:.3f} | {min(r['seqft_diagonal']):.2f} | "
-                     f"{r['seqft_bwt']:.3f} | {'yes' if r['fits'] else 'no'} | {aux} | "
+                     f"{r['seqft_bwt']:.3f} | {fmt(r['seqft_format_confusion'])} | {'yes' if r['fits'] else 'no'} | "
+                     f"{aux} | "
                      + " ".join(f"{a:.2f}" for a in r["seqft_final"]) + " |")
     cache.save_text("\n".join(lines) + "\n", os.path.join(args.out_dir, "calibrate.md"))
     print("\n".join(lines))

@@ -107,15 +107,18 @@ def test_sae_reg_options_are_checked_before_anything_is_trained(tmp_path, capsys
     assert not (tmp_path / "default").exists()
 
 
-@pytest.mark.parametrize("final_first, fits", [(0.5, True), (0.0, False)])
-def test_a_calibration_point_fits_only_with_partial_forgetting(tmp_path, final_first, fits):
+@pytest.mark.parametrize("final_first, lost, fits", [(0.5, (0.3, 0.8), True), (0.0, (0.3, 0.8), False),
+                                                     (0.75, (0.3, 0.8), False), (0.75, (0.2, 0.8), True)])
+def test_a_calibration_point_fits_only_with_partial_forgetting(tmp_path, final_first, lost, fits):
     # two tasks, both learned (R[t][t] = 1); BWT = R[2][0] - R[1][0] = final_first - 1
-    seqft = {"tasks": ["add", "sort"], "R": [[0, 0], [1, 0], [final_first, 1]], "aux_accuracy": [0.5, 0.2, 0.0]}
+    seqft = {"tasks": ["add", "sort"], "R": [[0, 0], [1, 0], [final_first, 1]], "aux_accuracy": [0.5, 0.2, 0.0],
+             "diagnostic": [{}, {"add": {"format_confusion": 0.25}}]}
     multitask = {"tasks": ["add", "sort"], "R": [[0, 0], [0.9, 1.0]], "aux_accuracy": []}
     (tmp_path / "seqft_seed0.json").write_text(json.dumps(seqft))
     (tmp_path / "multitask_seed0.json").write_text(json.dumps(multitask))
-    row = calibrate.read_point(str(tmp_path), [0])
+    row = calibrate.read_point(str(tmp_path), [0], calibrate.Options(lost=lost))
     assert row["multitask_avg"] == pytest.approx(0.95) and min(row["seqft_diagonal"]) == 1
+    assert row["seqft_format_confusion"] == 0.25  # after the last task, on the earlier one
     assert row["seqft_bwt"] == pytest.approx(final_first - 1)
     assert row["seqft_aux"] == [0.5, 0.2, 0.0] and row["fits"] is fits
 
