@@ -16,6 +16,7 @@ import math
 import re
 import typing
 
+
 def parse_value(key, text, annotation):
     """Convert a command-line string to the field's type, or raise ValueError naming the key."""
     try:

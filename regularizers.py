@@ -151,7 +151,7 @@ class EWC(WeightSpaceMethod):
     """w = the diagonal Fisher at the end of each task (per-example gradients, model-sampled labels by default)."""
 
     name = "ewc"
-    strength = ("ewc_lambda", (10.0, 1e2, 1e3, 1e4, 1e5, 1e6))
+    strength = ("ewc_lambda", (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6))
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)

@@ -12,6 +12,7 @@ methods are compared at matched plasticity instead of at one tuned point each.
     python -m bench.frontier                                  # full fine-tuning
     python -m bench.frontier --preset=paper --run=paper       # the paper's regime
     python -m bench.frontier --methods=ewc,sae_guided --levels=0.5,0.8 --tasks=...   # any train.py key passes on
+    python -m bench.frontier --values=ewc=0.1:1:10                                  # other strength values
 
 Every run is a train.py result cached in its own folder (out/<run>/frontier/<split>/<method>_<key>=<value>/), so an
 interrupted frontier resumes. Writes out/<run>/frontier/frontier.md, frontier.json and frontier.png.
@@ -44,7 +45,8 @@ REACH = 0.1  # a method whose nearest point is farther from a level's target tha
 class Options:
     # bench/frontier.py (any other key is the pipeline's, for every run)
     methods: tuple[str, ...] = PROTECTING  # the methods whose frontier is drawn
-    levels: tuple[float, ...] = (0.5, 0.8)  # matched plasticity, as fractions of seqft's val plasticity
+    levels: tuple[float, ...] = (0.5, 0.8, 0.95)  # matched plasticity, as fractions of seqft's val plasticity
+    values: tuple[str, ...] = ()  # a method's strength values instead of its class's: method=v1:v2:..., e.g. ewc=1:10
     final_seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the matched points on the test split
     CHOICES = {"methods": PROTECTING}
     AT_LEAST_ZERO = ("final_seeds",)
@@ -56,6 +58,20 @@ def matched_points(curves, reference, levels):
     first in that order."""
     return {level: {method: min(points, key=lambda point: abs(point[1] - level * reference))
                     for method, points in curves.items()} for level in levels}
+
+
+def strength_values(items):
+    """{method: (value, ...)} from --values items 'method=v1:v2:...'; ValueError names a malformed one."""
+    values = {}
+    for item in items:
+        method, _, text = item.partition("=")
+        try:
+            values[method] = tuple(float(v) for v in text.split(":"))
+        except ValueError:
+            raise ValueError(f"--values: {item!r} is not method=v1:v2:... (e.g. ewc=1:10:100)") from None
+        if method not in PROTECTING:
+            raise ValueError(f"--values: {method!r} has no strength; methods with one: {', '.join(PROTECTING)}")
+    return values
 
 
 def reaches(plasticity, level, reference):
@@ -90,7 +106,7 @@ def main(argv):
     sweep = [("seqft", None)]
     for method in options.methods:
         key, values = METHODS[method].strength
-        for value in values:
+        for value in strength_values(options.values).get(method, values):
             try:  # a value the model or regime does not allow (freeze: n_layer blocks under LoRA) is left out
                 run_config(passthrough, method, "val", (0,), (key, value))
                 sweep.append((method, (key, value)))

@@ -222,6 +222,10 @@ def test_matched_points_take_the_nearest_plasticity_on_a_hand_made_set():
     assert frontier.beyond_spread({"r": 0.5, "r_std": 0.1}, {"r": 0.2, "r_std": 0.1}, "r") == "more"
     assert frontier.beyond_spread({"r": 0.35, "r_std": 0.1}, {"r": 0.2, "r_std": 0.1}, "r") == "within"
     assert frontier.reaches(0.55, 0.5, 1.0) and not frontier.reaches(0.61, 0.5, 1.0)  # REACH = 0.1 of plasticity
+    assert frontier.strength_values(["ewc=1:10", "si=0.5"]) == {"ewc": (1.0, 10.0), "si": (0.5,)}
+    for bad, message in (("ewc=1:x", "is not method=v1:v2"), ("seqft=1", "has no strength")):
+        with pytest.raises(ValueError, match=message):
+            frontier.strength_values([bad])
 
 
 def test_a_point_that_does_not_reach_its_level_is_tabled_without_test_numbers():
