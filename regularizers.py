@@ -151,7 +151,7 @@ class EWC(WeightSpaceMethod):
     """w = the diagonal Fisher at the end of each task (per-example gradients, model-sampled labels by default)."""
 
     name = "ewc"
-    strength = ("ewc_lambda", (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6))
+    strength = ("ewc_lambda", (1.0, 10.0, 1e2, 1e3, 1e4))
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)
@@ -168,7 +168,7 @@ class SI(WeightSpaceMethod):
     with one anchor at the end of the last task. (The clamp at 0 is ours: a negative w would push a weight away.)"""
 
     name = "si"
-    strength = ("si_lambda", (1.0, 10.0, 1e2, 1e3, 1e4, 1e5))
+    strength = ("si_lambda", (1.0, 10.0, 1e2, 1e3, 1e4))
     positive = ("si_xi",)  # it keeps the division finite
     start = previous = path = None  # held during a task only
 
@@ -194,7 +194,7 @@ class MAS(WeightSpaceMethod):
     """Memory-aware synapses: w_i = E_x |d ||f(x)||^2 / d theta_i| on the task's inputs, no labels."""
 
     name = "mas"
-    strength = ("mas_lambda", (1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e2))
+    strength = ("mas_lambda", (1e-3, 1e-2, 1e-1, 1.0, 10.0))
 
     def importance(self, model, split, t):
         return mas_importance(model, split, self.config.mas_examples, seed=self.seed + t)
@@ -294,7 +294,7 @@ class LwF(Method):
     tokens, p_ref the model at task start (a frozen copy held during the task only)."""
 
     name = "lwf"
-    strength = ("lwf_lambda", (1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3))
+    strength = ("lwf_lambda", (1e-2, 1e-1, 1.0, 10.0, 1e2))
     positive = ("lwf_temperature",)
 
     def before_task(self, model, split, t):
@@ -427,7 +427,7 @@ class SAEGuided(Method):
     Dense codes ('--sae_guided_codes=dense') are too large to keep per token: the reference runs each step."""
 
     name = "sae_guided"
-    strength = ("sae_guided_lambda_p", (1e2, 1e3, 1e4, 1e5, 1e6, 1e7))
+    strength = ("sae_guided_lambda_p", (1e3, 1e4, 1e5, 1e6, 1e7))
     uses_saes = True
 
     def __init__(self, config, model, saes=None, seed=0):
@@ -583,7 +583,7 @@ class SAEFD(Method):
     The anchors are task data: they and their codes count as retained bytes."""
 
     name = "sae_fd"
-    strength = ("sae_fd_lambda", (1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e2))
+    strength = ("sae_fd_lambda", (1e-3, 1e-2, 1e-1, 1.0, 10.0))
     uses_saes = True
     positive = ("sae_fd_anchors", "sae_fd_batch_size")
 
@@ -637,7 +637,7 @@ class OLoRA(Method):
     frozen for O-LoRA in both regimes: adapters are what the method is."""
 
     name = "o_lora"
-    strength = ("o_lora_lambda", (0.0, 1e-1, 10.0, 1e2, 1e3, 1e4))
+    strength = ("o_lora_lambda", (0.0, 10.0, 1e2, 1e3, 1e4))
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)

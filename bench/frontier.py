@@ -45,7 +45,7 @@ REACH = 0.1  # a method whose nearest point is farther from a level's target tha
 class Options:
     # bench/frontier.py (any other key is the pipeline's, for every run)
     methods: tuple[str, ...] = PROTECTING  # the methods whose frontier is drawn
-    levels: tuple[float, ...] = (0.5, 0.8, 0.95)  # matched plasticity, as fractions of seqft's val plasticity
+    levels: tuple[float, ...] = (0.5, 0.8)  # matched plasticity, as fractions of seqft's val plasticity
     values: tuple[str, ...] = ()  # a method's strength values instead of its class's: method=v1:v2:..., e.g. ewc=1:10
     final_seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the matched points on the test split
     CHOICES = {"methods": PROTECTING}
@@ -134,7 +134,8 @@ def main(argv):
         columns.append((f"content kept@{n}", f"content_kept@{n}"))
     result = {"argv": argv, "seconds": time.time() - t0, "seqft_val_plasticity": reference, "columns": columns,
               "levels": list(options.levels), "sweep": sweep_rows,
-              "matched": {str(level): {m: {"value": v, "val_plasticity": p, **final_rows.get((m, v), {})}
+              "matched": {str(level): {m: {"value": v, "val_plasticity": p,
+                                           **(final_rows[(m, v)] if reaches(p, level, reference) else {})}
                                        for m, (v, p) in points.items()} for level, points in matched.items()},
               "seqft": final_rows[("seqft", None)]}
     cache.save_json(result, os.path.join(out_dir, "frontier.json"))
