@@ -9,6 +9,7 @@ runs it:
 tests/test_solutions.py runs each once on the tiny config and checks what docs/exercises.md says you should get.
 """
 
+import contextlib
 import dataclasses
 
 import cache
@@ -40,3 +41,17 @@ def add_source(source):
     entry = f"solutions/{path}"
     if entry not in cache.STAGE_CODE["cl"]:
         cache.STAGE_CODE["cl"] += (entry,)
+
+
+@contextlib.contextmanager
+def restored():
+    """Whatever add_method and add_task put in place inside the block is taken back at its end (for the tests)."""
+    registries = (reg.METHODS, tasks.TASKS, cfg.CHOICES, cache.STAGE_CODE)
+    saved, config_class = [dict(r) for r in registries], cfg.Config
+    try:
+        yield
+    finally:
+        for registry, contents in zip(registries, saved):
+            registry.clear()
+            registry.update(contents)
+        cfg.Config = config_class

@@ -34,8 +34,12 @@ class L2Init(Method):
         return [self.theta_start]
 
 
-def main(argv):
+def install():
     add_method(L2Init, __file__, l2init_strength=10.0)
+
+
+def main(argv):
+    install()
     # --jobs=1: a worker process would import regularizers.py afresh and not know the method
     return train.main(["--methods=seqft,l2init"] + argv + ["--jobs=1"])
 

@@ -31,8 +31,12 @@ def plural(rng):
     return f"pl: {adjective} {noun}", f"{adjective} {plural_of(noun)}"
 
 
-def main(argv):
+def install():
     add_task("plural", plural, __file__)
+
+
+def main(argv):
+    install()
     return train.main(argv + ["--jobs=1"])  # a worker process would import data/tasks.py afresh, without the task
 
 

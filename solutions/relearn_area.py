@@ -5,7 +5,7 @@ method's mean relearning curve and the base model's, by trapezoids over n, divid
     area = (1 / n_max) * sum_k (n_{k+1} - n_k) * (g_k + g_{k+1}) / 2,   g = acc(method) - acc(base) at each n.
 
     python train.py --methods=seqft,sae_guided --relearn_steps=0,1,2,5,10,20 --forced_choice_k=0 --cl_dir=relearn
-    python -m solutions.relearn_area out/default relearn      # the run's folder, and its results folder
+    python -m solutions.relearn_area --cl_dir=relearn         # --out_dir, --run, --cl_dir: where the results are
 
 What you should get (tests/test_solutions.py): the area between a curve and itself is 0; the curve 0, 0.5, 1 at
 n = 0, 1, 2 against a flat 0 has area 0.5. docs/exercises.md has the default run's curves and areas.
@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+import configurator as cfg
+import jobs
 from report import base_matches
 
 
@@ -33,9 +35,9 @@ def mean_curve(result):
 
 
 def main(argv):
-    run_dir = argv[0] if argv else "out/default"
-    cl_dir = argv[1] if len(argv) > 1 else "cl"
-    results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(run_dir, cl_dir, "*_seed0.json")))]
+    config = cfg.parse_args(argv)
+    run_dir = os.path.join(config.out_dir, config.run)
+    results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(run_dir, config.cl_dir, "*_seed0.json")))]
     bases = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(run_dir, "base", "seed0_*.json")))]
     for result in results:
         base = next((b for b in bases if base_matches(b, result["shared"])), None)
@@ -49,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(jobs.run_script(main, sys.argv[1:]))

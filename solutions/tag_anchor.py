@@ -55,8 +55,12 @@ class TagAnchor(Method):
         return self.tags  # strings: no tensor bytes
 
 
-def main(argv):
+def install():
     add_method(TagAnchor, __file__, tag_anchor_lambda=1.0)
+
+
+def main(argv):
+    install()
     return train.main(["--methods=seqft,tag_anchor"] + argv + ["--jobs=1"])  # --jobs=1: see solutions/l2init.py
 
 

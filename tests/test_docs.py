@@ -10,6 +10,7 @@ import shlex
 
 import configurator as cfg
 from regularizers import METHODS
+from solutions import restored
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOP = {"|", ">", ">>", "&&", ";", "#", "2>&1", "&", "2>"}  # the shell's: the command ends there
@@ -68,9 +69,12 @@ def problem(command, path=""):
             cfg.parse_args(args)
             return None
         script = importlib.import_module("evidence.main" if module == "evidence" else module)
-        options_class = getattr(script, "Options", cfg.NoOptions)
-        _, rest = cfg.parse_script_args(args, options_class, f"python -m {module}", script.__doc__)
-        cfg.parse_args(rest)
+        with restored():
+            if hasattr(script, "install"):  # a reference solution: its method or task in place, as its main does
+                script.install()
+            options_class = getattr(script, "Options", cfg.NoOptions)
+            _, rest = cfg.parse_script_args(args, options_class, f"python -m {module}", script.__doc__)
+            cfg.parse_args(rest)
     except (ValueError, ModuleNotFoundError) as error:
         return str(error)
     return None

@@ -7,29 +7,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import cache
 import configurator as cfg
 import regularizers as reg
 import sae_stage
 import train
 from conftest import TINY, TINY_PIPELINE
-from data import tasks
 from data.tasks import constant_guess, make_splits
-from solutions import attribution, l2init, plural, relearn_area, tag_anchor, var_norm
+from solutions import attribution, l2init, plural, relearn_area, restored, tag_anchor, var_norm
 
 RUN = [a for a in TINY_PIPELINE if not a.startswith("--methods=")] + ["--diagnose=false"]
 
 
 @pytest.fixture
 def installs():
-    """What a solution's main puts in place (solutions.add_method, add_task), taken back after the test."""
-    registries = (reg.METHODS, tasks.TASKS, cfg.CHOICES, cache.STAGE_CODE)
-    saved, config_class = [dict(r) for r in registries], cfg.Config
-    yield
-    for registry, contents in zip(registries, saved):
-        registry.clear()
-        registry.update(contents)
-    cfg.Config = config_class
+    """What a solution's main puts in place, taken back after the test."""
+    with restored():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +88,7 @@ def test_relearn_area_by_hand_and_on_a_run(out_dir, capsys):
     assert relearn_area.area_between([0, 1, 2], [0.0, 0.5, 1.0], [0.0, 0.5, 1.0]) == 0.0
     assert relearn_area.area_between([0, 1, 2], [0.0, 0.5, 1.0], [0.0, 0.0, 0.0]) == pytest.approx(0.5)
     assert train.main(RUN + [f"--out_dir={out_dir}", "--methods=seqft"]) == 0
-    assert relearn_area.main([str(out_dir / "default")]) == 0
+    assert relearn_area.main([f"--out_dir={out_dir}"]) == 0
     assert "seqft: " in capsys.readouterr().out
 
 
