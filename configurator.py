@@ -24,6 +24,7 @@ from model import LORA_TARGETS
 from pretrain import check_joint_saes
 from regularizers import METHODS
 from sae import SAE_KINDS
+from sae_stage import check_saes
 
 # ----------------------------------------------------------------------------------------------------------------
 # the configuration: every setting, grouped by stage
@@ -188,23 +189,12 @@ PRESETS["tiny"] = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "b
                    "ewc_fisher_examples": 8, "mas_examples": 8, "sae_guided_mask_examples": 16, "replay_batch_size": 4,
                    "sae_fd_anchors": 8, "sae_fd_batch_size": 4, "relearn_steps": (0, 2), "jobs": 1}
 CHOICES = {  # fields whose value must be one of a fixed set
-    "preset": ("",) + tuple(PRESETS),
-    "suite": ("",) + tuple(SUITES),
-    "stage": ("all", "pretrain", "sae", "cl"),
-    "device": ("auto", "cpu", "cuda"),
-    "tasks": tuple(TASKS),
-    "methods": tuple(METHODS),
-    "eval_split": ("test", "val"),
-    "ewc_mode": ("separate", "online"),
-    "ewc_fisher_labels": ("true", "empirical"),
-    "sae_guided_codes": ("topk", "dense"),
-    "sae_guided_reference": ("task_start", "base"),
-    "finetune": ("full", "lora"),
-    "content_tokens": ("all", "no_template"),
-    "lora_targets": LORA_TARGETS,
-    "sae_kind": tuple(SAE_KINDS),
-    "sae_reg_kind": tuple(SAE_KINDS),
-    "sae_reg_norm": ("norm", "norm2", "var"),
+    "preset": ("",) + tuple(PRESETS), "suite": ("",) + tuple(SUITES), "stage": ("all", "pretrain", "sae", "cl"),
+    "device": ("auto", "cpu", "cuda"), "tasks": tuple(TASKS), "methods": tuple(METHODS), "eval_split": ("test", "val"),
+    "finetune": ("full", "lora"), "lora_targets": LORA_TARGETS, "content_tokens": ("all", "no_template"),
+    "ewc_mode": ("separate", "online"), "ewc_fisher_labels": ("true", "empirical"),
+    "sae_guided_codes": ("topk", "dense"), "sae_guided_reference": ("task_start", "base"),
+    "sae_kind": tuple(SAE_KINDS), "sae_reg_kind": tuple(SAE_KINDS), "sae_reg_norm": ("norm", "norm2", "var"),
 }
 
 
@@ -226,16 +216,8 @@ def validate(config):
     for key in ("beta1", "beta2", "dropout"):
         if not getattr(config, key) < 1.0:
             raise ValueError(f"--{key}={getattr(config, key)} must be below 1")
-    for point in config.sae_points:
-        if not 0 <= point <= config.n_layer:
-            raise ValueError(f"--sae_points: {point} is not a residual point; valid points are 0..{config.n_layer}")
-    d_sae = config.sae_expansion * config.n_embd
-    if not all(0 < k <= d_sae for k in config.sae_k):
-        raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: each k must be in 1..d_sae={d_sae}")
     check_joint_saes(config)
-    if config.sae_kind == "relu" and len(config.sae_k) > 1:
-        raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: a sweep of k needs --sae_kind=topk "
-                         "(a ReLU SAE's L0 follows --sae_l1)")
+    check_saes(config)
     if not config.tasks or len(set(config.tasks)) != len(config.tasks):
         raise ValueError(f"--tasks={','.join(config.tasks)}: name each task once; valid tasks: {', '.join(TASKS)}")
     for key in ("methods", "seeds", "sae_k", "sae_points", "sae_guided_points", "lora_targets"):
@@ -247,9 +229,6 @@ def validate(config):
     if not config.lora_alpha > 0:
         raise ValueError(f"--lora_alpha={config.lora_alpha}: must be above 0 (the adapters' update is scaled by "
                          "lora_alpha / lora_rank; 0 would train nothing)")
-    if config.sae_tokens < config.sae_batch_size:
-        raise ValueError(f"--sae_tokens={config.sae_tokens}: must be at least --sae_batch_size="
-                         f"{config.sae_batch_size} (the activations an SAE is trained on; a step draws that many)")
     for method in METHODS.values():
         method.check(config)
     if config.device == "cuda" and not torch.cuda.is_available():

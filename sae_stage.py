@@ -17,6 +17,22 @@ from report import plot_sae_metrics
 from sae import check_sae_fits, sae_from_dict, sae_to_dict, train_saes
 
 
+def check_saes(config):
+    """The SAE stage's settings, checked before any compute (configurator.validate)."""
+    for point in config.sae_points:
+        if not 0 <= point <= config.n_layer:
+            raise ValueError(f"--sae_points: {point} is not a residual point; valid points are 0..{config.n_layer}")
+    d_sae = config.sae_expansion * config.n_embd
+    if not all(0 < k <= d_sae for k in config.sae_k):
+        raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: each k must be in 1..d_sae={d_sae}")
+    if config.sae_kind == "relu" and len(config.sae_k) > 1:
+        raise ValueError(f"--sae_k={','.join(map(str, config.sae_k))}: a sweep of k needs --sae_kind=topk "
+                         "(a ReLU SAE's L0 follows --sae_l1)")
+    if config.sae_tokens < config.sae_batch_size:
+        raise ValueError(f"--sae_tokens={config.sae_tokens}: must be at least --sae_batch_size="
+                         f"{config.sae_batch_size} (the activations an SAE is trained on; a step draws that many)")
+
+
 def sae_points(config):
     return config.sae_points or tuple(range(1, config.n_layer + 1))
 
