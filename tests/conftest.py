@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import report  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # a pretraining run of a few seconds on one CPU core
@@ -27,3 +28,15 @@ TINY_PIPELINE = TINY + ["--sae_steps=40", "--sae_tokens=4000", "--sae_batch_size
 def tiny_model():
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=96, block_size=48, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "plots: the test looks at the PNG plots, so they are drawn")
+
+
+@pytest.fixture(autouse=True)
+def no_plots(request, monkeypatch):
+    """Drawing the plots is most of a tiny run's report (about a second a run): only tests marked `plots` draw them.
+    Processes a test starts (workers, torchrun) draw them as usual."""
+    if "plots" not in request.keywords:
+        monkeypatch.setattr(report, "SAVE_PLOTS", False)

@@ -16,6 +16,7 @@ SAE_REG = TINY + ["--sae_steps=20", "--sae_tokens=2000", "--sae_batch_size=128",
                   "--sae_reg_expansion=2", "--sae_reg_k=4"]
 
 
+@pytest.mark.plots
 def test_sae_reg_uses_each_seeds_corpus_throughout(tmp_path, monkeypatch):
     seen = []
     real_corpus = pretrain.corpus
@@ -239,6 +240,7 @@ def test_a_point_that_does_not_reach_its_level_is_tabled_without_test_numbers():
     assert "| ewc | 10 | 0.520 | 0.500 ± 0.020 | 0.600 ± 0.050 | - |" in table  # nothing to compare it with
 
 
+@pytest.mark.plots
 def test_the_frontier_script_runs_end_to_end_on_a_tiny_config(tmp_path, monkeypatch):
     from regularizers import METHODS
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ METHODS = ("seqft", "ewc", "si", "mas", "lwf", "o_lora", "sae_fd", "sae_guided",
            "multitask")
 
 
+@pytest.mark.plots
 def test_pipeline_runs_every_method_and_reuses_its_stages(tmp_path, capsys):
     argv = TINY_PIPELINE + [f"--out_dir={tmp_path}"]
     assert train.main(argv) == 0
@@ -137,6 +139,9 @@ def test_parallel_jobs_give_the_same_results_as_one_process(tmp_path):
     threads = torch.get_num_threads()
     assert train.main(argv + [f"--out_dir={tmp_path / 'one'}", "--jobs=1"]) == 0
     assert torch.get_num_threads() == threads  # the runs in this process used one thread, then gave it back
+    (tmp_path / "two" / "default").mkdir(parents=True)
+    for stage in ("base.pt", "pretrain.json", "sae.pt", "sae.json"):  # the same base and SAEs: only the runs differ
+        shutil.copy(tmp_path / "one" / "default" / stage, tmp_path / "two" / "default" / stage)
     assert train.main(argv + [f"--out_dir={tmp_path / 'two'}", "--jobs=2"]) == 0
     for name in ("seqft_seed0", "seqft_seed1", "ewc_seed0", "ewc_seed1"):
         one = json.loads((tmp_path / "one" / "default" / "cl" / f"{name}.json").read_text())

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+import pytest
+
 import configurator as cfg
 import jobs
 import regularizers as reg
@@ -11,6 +13,7 @@ from data.tasks import build_task_suite
 from evidence import ablations, collateral, ground_truth, main as evidence_main, memory, probe, separability
 
 
+@pytest.mark.plots
 def test_memory_accounting_matches_a_hand_count_on_a_tiny_model(tmp_path):
     config = train.parse_args(["--n_layer=1", "--n_head=2", "--block_size=32", "--sae_expansion=4", "--sae_k=4",
                                "--tasks=add,reverse", "--n_train=40", "--n_val=4", "--n_test=4",
@@ -45,7 +48,6 @@ def test_memory_accounting_matches_a_hand_count_on_a_tiny_model(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # the probe and its score
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from model import GPT, GPTConfig  # noqa: E402
@@ -199,6 +201,7 @@ def test_weight_protection_freezes_exactly_the_protected_weights_and_collateral_
     assert result["features_a"] > 0 and result["features_b"] > 0 and result["drift_free"] > 0
 
 
+@pytest.mark.plots
 def test_one_command_writes_every_part_with_its_plot_and_table(tmp_path, monkeypatch):
     from conftest import TINY_PIPELINE
 

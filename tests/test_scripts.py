@@ -7,9 +7,9 @@ import pytest
 
 import jobs
 
-SCRIPTS = ["train", "evidence"] + [f"bench.{name}" for name in (
-    "calibrate", "cl_benchmark", "importance_scale", "nanogpt_parity", "profile_step", "sae_reg", "step_cost",
-    "task_overlap", "tune")]
+SCRIPTS = ["train", "evidence.main"] + [f"bench.{name}" for name in (
+    "calibrate", "cl_benchmark", "frontier", "importance_scale", "nanogpt_parity", "profile_step", "sae_adapt",
+    "sae_reg", "step_cost", "task_overlap", "tune")]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

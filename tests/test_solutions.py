@@ -93,7 +93,7 @@ def test_relearn_area_by_hand_and_on_a_run(out_dir, capsys):
 
 
 def test_var_norm_keeps_less_of_the_stream_in_its_mean_than_norm(tmp_path, capsys):
-    argv = TINY + ["--n_layer=2", "--max_iters=150", f"--out_dir={tmp_path}"]
+    argv = TINY + ["--n_layer=2", f"--out_dir={tmp_path}"]  # 60 steps: var 0.49 at most, norm 0.87
     assert var_norm.main(argv) == 0
     rows = {line.split(":")[0].strip(): line for line in capsys.readouterr().out.splitlines() if "by point" in line}
     share = {name: [float(s.split(": ")[1]) for s in line.split("by point: ")[1].split(", ")]

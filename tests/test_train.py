@@ -135,7 +135,7 @@ def test_a_change_of_corpus_or_device_redoes_the_stage(tmp_path, monkeypatch, ca
     pretrain.corpus.cache_clear()
     train.pretrain(config, "cpu")  # same path, other content
     assert "different corpus file; redoing" in capsys.readouterr().out
-    key = cache.result_key(train.stage_config(config, "pretrain"), train.stage_code(config, "pretrain"), "cuda",
+    key = cache.result_key(cache.stage_config(config, "pretrain"), cache.stage_code(config, "pretrain"), "cuda",
                            config.corpus)
     assert cache.load_checkpoint(str(tmp_path / "default" / "base.pt"), key, "model") is None  # made on cpu, not cuda
     assert "different device" in capsys.readouterr().out
