@@ -53,8 +53,7 @@ PLOTS = {"separability": plot_separability, "collateral": plot_collateral, "grou
 
 @dataclass
 class Options:
-    # python -m evidence (any other key is the run's; --seeds, of the ablations and the collateral analysis, defaults to
-    # 0,1,2 here)
+    # python -m evidence (its other keys are the run's; --seeds defaults to 0,1,2 here, for ablations and collateral)
     parts: tuple[str, ...] = PARTS  # the analyses to run
     CHOICES = {"parts": PARTS}
 
