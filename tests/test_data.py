@@ -5,8 +5,8 @@ import torch
 
 from data.corpus import get_batch, load_corpus
 from data.instructions import AUX_TASKS, aux_task_names
-from data.tasks import (DEFAULT_ORDER, SUITES, TASKS, Batch, answer_format, answer_kind, answers_in_turn, build_task_suite,
-                        constant_guess, format_example, make_splits, shuffle_answers, trim_padding)
+from data.tasks import (DEFAULT_ORDER, SUITES, TASKS, Batch, answer_format, answer_kind, answers_in_turn,
+                        build_task_suite, constant_guess, format_example, make_splits, shuffle_answers, trim_padding)
 from data.tokenizer import VOCAB_SIZE, decode, encode
 from data.world import COLOURS, LEXICON, THINGS, WORLD, generate_corpus, generate_lines
 
