@@ -13,6 +13,7 @@ written atomically, and an interrupted pretraining resumes from its last checkpo
 """
 
 import copy
+import functools
 import os
 import sys
 import time
@@ -22,7 +23,8 @@ import torch
 import cache
 from cli import help_text
 from configurator import Config, parse_args, resolve_device
-from data.tasks import answer_format, build_task_suite, concat_splits, constant_guess, shuffle_answers, trim_padding
+from data.tasks import (TASKS, answer_format, build_task_suite, concat_splits, constant_guess, shuffle_answers,
+                        trim_padding)
 from evaluate import forced_choice, forgetting_diagnostic, forgetting_snapshot, task_accuracy
 from jobs import progress, run_all
 from model import model_from_checkpoint
@@ -34,8 +36,16 @@ from sae_stage import load_saes, train_sae_stage
 
 
 def task_suite(config):
-    return build_task_suite(config.tasks, config.n_train, config.n_val, config.n_test, seed=0,
-                            block_size=config.block_size, template_is_content=config.content_tokens == "all")
+    """The tasks' splits, built once per process (every run a worker does reads the same suite, and none changes
+    it): keyed by the settings and by each task's generator, so a task replaced under its name is rebuilt."""
+    return built_suite(tuple((name, TASKS[name]) for name in config.tasks), config.n_train, config.n_val,
+                       config.n_test, config.block_size, config.content_tokens == "all")
+
+
+@functools.lru_cache(maxsize=4)
+def built_suite(tasks, n_train, n_val, n_test, block_size, template_is_content):
+    return build_task_suite([name for name, _ in tasks], n_train, n_val, n_test, seed=0, block_size=block_size,
+                            template_is_content=template_is_content)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,13 +116,14 @@ def relearnable(model, finetune):
     return model
 
 
-def relearn(model, suite, config, device, seed, desc, shuffled=False):
+def relearn(model, final_row, suite, config, device, seed, desc, shuffled=False):
     """{task: [accuracy after n steps, for n in relearn_steps]} for every task but the last: a copy of the model is
     fine-tuned on that task alone (its training split, a fresh AdamW at cl_lr, cl_batch_size, cross-entropy only,
     batches drawn by the seed) and scored on the task's evaluation split after n steps, for each n in turn (one
-    run to the largest n). shuffled: the training split's answers permuted among its examples (shuffle_answers;
-    scored on the true answers): the control, what re-teaching the format alone gives back. Measurement only: the
-    model itself is not changed."""
+    run to the largest n; after 0 steps the copy is the model, whose scores are final_row, R's last row).
+    shuffled: the training split's answers permuted among its examples (shuffle_answers; scored on the true
+    answers): the control, what re-teaching the format alone gives back. Measurement only: the model itself is not
+    changed."""
     tasks = config.tasks[:-1]
     curves = {}
     with progress(total=len(tasks) * config.relearn_steps[-1], desc=desc) as bar:
@@ -124,15 +135,17 @@ def relearn(model, suite, config, device, seed, desc, shuffled=False):
             for n in config.relearn_steps:
                 train_steps(student, split, n - done, Method(config, student), config=config,
                             device=device, generator=generator, bar=bar, optimizer=optimizer)
-                curves[task].append(task_accuracy(student, suite[task][config.eval_split], device))
+                curves[task].append(task_accuracy(student, suite[task][config.eval_split], device) if n else
+                                    final_row[config.tasks.index(task)])
                 done = n
     return curves
 
 
-def knowledge(model, suite, config, device, seed, desc):
+def knowledge(model, final_row, suite, config, device, seed, desc):
     """What a model holds of the tasks beyond its greedy answers, each with its control (evaluate.knowledge_metrics
     reads them): every task's constant guess; forced choice on every task with its question-blind control; and the
-    relearning curves of the tasks before the last, on true and on shuffled answers."""
+    relearning curves of the tasks before the last, on true and on shuffled answers (final_row: the model's
+    accuracy on every task, R's last row)."""
     result = {"constant_guess": {}}
     for task in config.tasks:
         answer, accuracy = constant_guess([a for _, a in suite[task]["train"].examples],
@@ -144,9 +157,9 @@ def knowledge(model, suite, config, device, seed, desc):
                                                 config.forced_choice_k)
     if config.relearn_steps and len(config.tasks) > 1:
         result["relearn_steps"] = list(config.relearn_steps)
-        result["relearn"] = relearn(model, suite, config, device, seed, desc)
-        result["relearn_shuffled"] = relearn(model, suite, config, device, seed, desc + " (shuffled answers)",
-                                             shuffled=True)
+        result["relearn"] = relearn(model, final_row, suite, config, device, seed, desc)
+        result["relearn_shuffled"] = relearn(model, final_row, suite, config, device, seed,
+                                             desc + " (shuffled answers)", shuffled=True)
     return result
 
 
@@ -164,9 +177,9 @@ def base_reference(seed, *, config, device, base, suite):
     """The base model, never trained on the tasks, measured as a final model is (knowledge): the reference of
     kept@n, computed once per base, seed and setting and shared by every method."""
     model = start_model(base, config, device, seed)
-    return {"method": "base", "seed": seed, "tasks": list(config.tasks), "eval_split": config.eval_split,
-            "R": [evaluate_tasks(model, suite, config, device)],
-            **knowledge(model, suite, config, device, seed, desc=f"relearn base seed {seed}")}
+    row = evaluate_tasks(model, suite, config, device)
+    return {"method": "base", "seed": seed, "tasks": list(config.tasks), "eval_split": config.eval_split, "R": [row],
+            **knowledge(model, row, suite, config, device, seed, desc=f"relearn base seed {seed}")}
 
 
 def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
@@ -209,7 +222,7 @@ def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
             "lm_loss_after": estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters),
             "retained_bytes": tensor_bytes(method.retained()), "step_seconds": step_seconds / max(1, total_steps),
             "wall_seconds": wall_seconds, "aux_accuracy": aux_R, "diagnostic": diagnostic,
-            **knowledge(model, suite, config, device, seed, desc=f"relearn {name} seed {seed}")}
+            **knowledge(model, R[-1], suite, config, device, seed, desc=f"relearn {name} seed {seed}")}
 
 
 def run_and_save(job, *, device, base, sae_checkpoint):

@@ -424,8 +424,9 @@ def test_a_question_blind_model_relearns_the_format_and_keeps_no_content(tmp_pat
     suite = train.task_suite(config)
     torch.manual_seed(0)
     blind = GPT(GPTConfig(vocab_size=96, block_size=config.block_size, n_layer=0, n_head=2, n_embd=32))
-    true = train.relearn(blind, suite, config, "cpu", 0, "relearn")["count"]
-    shuffled = train.relearn(blind, suite, config, "cpu", 0, "relearn", shuffled=True)["count"]
+    row = train.evaluate_tasks(blind, suite, config, "cpu")
+    true = train.relearn(blind, row, suite, config, "cpu", 0, "relearn")["count"]
+    shuffled = train.relearn(blind, row, suite, config, "cpu", 0, "relearn", shuffled=True)["count"]
     assert true == [0.0, 0.25] and shuffled == [0.0, 0.25]  # the format learned both ways: content kept 0
 
 
@@ -436,7 +437,7 @@ def test_relearning_trains_a_copy_as_the_regime_trains(tmp_path):
     model = train.start_model(base, config, "cpu", seed=0)
     model.stack_adapters()  # as O-LoRA leaves it: an earlier, frozen adapter set and a current one
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train.relearn(model, train.task_suite(config), config, "cpu", 0, desc="relearn")
+    train.relearn(model, [0.0, 0.0], train.task_suite(config), config, "cpu", 0, desc="relearn")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # measurement only
     trained = {n for n, p in train.relearnable(model, "lora").named_parameters() if p.requires_grad}
     assert trained == {"blocks.0.mlp.c_fc.A", "blocks.0.mlp.c_fc.B"}  # the current adapters, not the past ones
@@ -498,9 +499,10 @@ def test_two_writers_of_one_file_never_share_a_temporary_file(tmp_path):
 
 
 def test_relearning_segments_add_up_to_one_run_from_the_final_model_per_task(tmp_path, monkeypatch):
-    """With a continuous score: every task's curve starts at the model's own score (each task relearns from the final
-    model, not from the previous task's student); the segments 0, 2, 5 train 5 steps in all with one optimizer, so
-    the score at 5 equals that of one run of 5 steps."""
+    """With a continuous score: every task's curve starts at the final model's own score (R's last row, given) and
+    each task relearns from the final model, not from the previous task's student (reverse relearned first gives
+    the same curve); the segments 0, 2, 5 train 5 steps in all with one optimizer, so the score at 5 equals that
+    of one run of 5 steps."""
     def answer_likelihood(model, split, device):
         with torch.no_grad():
             return -model(split.x, split.y, split.answer_mask)[1].item()
@@ -512,12 +514,15 @@ def test_relearning_segments_add_up_to_one_run_from_the_final_model_per_task(tmp
     config = tiny_config(tmp_path, "--tasks=add,reverse,sort", "--n_train=64", "--n_test=16", "--n_val=8")
     model = train.start_model(train.pretrain(config, "cpu"), config, "cpu", seed=0)
     suite = train.task_suite(config)
-    segmented = train.relearn(model, suite, dataclasses.replace(config, relearn_steps=(0, 2, 5)), "cpu", 0, "r")
+    row = [answer_likelihood(model, suite[task]["test"], "cpu") for task in config.tasks]
+    segmented = train.relearn(model, row, suite, dataclasses.replace(config, relearn_steps=(0, 2, 5)), "cpu", 0, "r")
     assert steps == [0, 2, 3, 0, 2, 3]  # per task: n minus the steps done
-    one_run = train.relearn(model, suite, dataclasses.replace(config, relearn_steps=(0, 5)), "cpu", 0, "r")
-    for task in ("add", "reverse"):
-        assert segmented[task][0] == answer_likelihood(model, suite[task]["test"], "cpu")
+    one_run = train.relearn(model, row, suite, dataclasses.replace(config, relearn_steps=(0, 5)), "cpu", 0, "r")
+    for task, score in zip(("add", "reverse"), row):
+        assert segmented[task][0] == score
         assert segmented[task][2] == one_run[task][1]  # one optimizer carried across the segments
+    reverse_first = dataclasses.replace(config, tasks=("reverse", "sort"), relearn_steps=(0, 5))
+    assert train.relearn(model, row[1:], suite, reverse_first, "cpu", 0, "r")["reverse"] == one_run["reverse"]
 
 
 def test_the_measures_settings_are_in_the_keys_of_the_runs_and_of_the_base_reference():
@@ -608,3 +613,13 @@ def test_pretraining_under_torchrun_resumes_and_matches_one_process(tmp_path, mo
         assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
     assert sorted(p.name for p in (tmp_path / "two" / "default").iterdir()) == ["base.pt", "pretrain.json"]
+
+
+def test_the_task_suite_is_built_once_per_process_and_again_for_a_replaced_task(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, "--tasks=add,reverse", "--n_train=16", "--n_test=8", "--n_val=4")
+    suite = train.task_suite(config)
+    assert train.task_suite(dataclasses.replace(config, seeds=(1,), methods=("ewc",))) is suite  # no task setting
+    monkeypatch.setitem(train.TASKS, "add", train.TASKS["reverse"])  # another generator under the name add
+    replaced = train.task_suite(config)
+    assert replaced is not suite and all(q.startswith("rev:") for q, _ in replaced["add"]["test"].examples)
+    assert train.task_suite(dataclasses.replace(config, n_test=6)) is not replaced
