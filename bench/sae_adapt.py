@@ -16,9 +16,12 @@ the model's own CE on held-out text without SAEs; and the cost, in steps and CPU
     python train.py --stage=sae --sae_points=0,1,2 --run=x      # a model and SAEs at every point (the pipeline's)
     python -m bench.sae_adapt --run=x --sae_points=0,1,2         # adapt the model to all of them at once
     python -m bench.sae_adapt --run=x --sae_points=0,1,2 --adapt_points=1 --adapt_layers=after
+    python -m bench.sae_adapt --preset=gpt_circuits_cpu --corpus=../shared/data/tinyshakespeare.txt --sae_reg_lambda=0 \
+        --run=gpt_circuits_cpu/sae_reg/normal_seed0 --saes=out/gpt_circuits_cpu/sae_reg/normal_seed0/sweep_0.pt
+                                                # a model of bench/sae_reg.py's study and one sweep point's SAEs
 
 The adapters are the project's LoRA (--lora_rank, --lora_alpha, --lora_targets). Writes
-out/<run>/sae_adapt/<points>_<layers>.json and prints the comparison.
+out/<run>/sae_adapt/<points>_<layers>[_<sweep point>].json and prints the comparison.
 """
 
 import os
@@ -34,9 +37,10 @@ import configurator as cfg
 import jobs
 import sae_stage
 from evaluate import sae_metrics
-from model import model_from_checkpoint
 from data.corpus import get_batch
+from model import model_from_checkpoint
 from pretrain import clip_gradients, corpus_of, pretrain
+from sae import check_sae_fits, sae_from_dict
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Options:
     adapt_steps: int = 300  # AdamW steps
     adapt_lr: float = 1e-3  # constant learning rate of the adapters
     adapt_batch_size: int = 32  # windows a step, of --block_size characters
+    saes: str = ""  # a sweep point's SAEs (bench/sae_reg.py's sweep_<i>.pt, trained on --run's model); empty: --run's
     CHOICES = {"adapt_layers": ("all", "after")}
     AT_LEAST_ZERO = ("adapt_steps", "adapt_points")
 
@@ -58,6 +63,22 @@ def spliced(saes, points):
             raise ValueError(f"--adapt_points: no SAE at point {p}; the SAEs are at points "
                              f"{', '.join(map(str, saes))}")
     return {p: saes[p] for p in points or saes}
+
+
+def sweep_point_saes(path, base, model, device):
+    """{point: sae} of one sweep point of bench/sae_reg.py (its sweep_<i>.pt), frozen; an error unless they were
+    trained on this model."""
+    if not os.path.exists(path):
+        raise ValueError(f"--saes={path}: no such file (bench/sae_reg.py writes out/<run>/sae_reg/<model>/sweep_<i>.pt)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint.get("base") != base["sha"]:
+        raise ValueError(f"--saes={path}: these SAEs were trained on another model than the one of --run and its "
+                         "settings (give the run, seed and settings of the model they were trained on)")
+    saes = {int(p): sae_from_dict(d, device) for p, d in checkpoint["saes"].items()}
+    for p, sae in saes.items():
+        check_sae_fits(sae, model, p)
+        sae.requires_grad_(False)
+    return saes
 
 
 def add_adapters(model, config, first_point=0, layers="all"):
@@ -114,7 +135,8 @@ def main(argv):
     device = cfg.resolve_device(config)
     base = pretrain(config, device)
     model = model_from_checkpoint(base, device)
-    saes = sae_stage.load_saes(sae_stage.train_sae_stage(config, device, base), model, device)
+    saes = (sweep_point_saes(options.saes, base, model, device) if options.saes else
+            sae_stage.load_saes(sae_stage.train_sae_stage(config, device, base), model, device))
     patch = spliced(saes, options.adapt_points)
     train_ids, val_ids = corpus_of(config)
     before = measure(model, saes, patch, val_ids, config, device)
@@ -126,7 +148,8 @@ def main(argv):
     result = {"argv": argv, "points": sorted(patch), "layers": options.adapt_layers, "steps": options.adapt_steps,
               "cpu_seconds": cpu_seconds, "loss_first": losses[0] if losses else None,
               "loss_last": losses[-1] if losses else None, "before": before, "after": after}
-    name = f"{'-'.join(map(str, options.adapt_points)) or 'all'}_{options.adapt_layers}.json"
+    source = f"_{os.path.splitext(os.path.basename(options.saes))[0]}" if options.saes else ""
+    name = f"{'-'.join(map(str, options.adapt_points)) or 'all'}_{options.adapt_layers}{source}.json"
     cache.save_json(result, os.path.join(config.out_dir, config.run, "sae_adapt", name))
     print("| | CE without SAEs | compound CE increase | per point |\n|---|---|---|---|")
     for label, m in (("before", before), ("after", after)):

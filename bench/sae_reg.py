@@ -18,8 +18,13 @@ its start to its end values (its ranges differ for the normal and the regularize
 schedule (ORIGINAL below, read from peterlai/gpt-circuits). This script's keys are Options' below (--help lists
 them); any other --key=value is the pipeline's (the regularized model's lambda is --sae_reg_lambda). Each
 model is a cached pretraining run that resumes from its last checkpoint, and each sweep point of each model is
-cached on its own (out/<run>/sae_reg/<variant>_seed<s>/sweep_<i>.json), so an interrupted study resumes per model
-and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
+cached on its own (out/<run>/sae_reg/<variant>_seed<s>/sweep_<i>.json, its fresh SAEs in sweep_<i>.pt for
+bench/sae_adapt.py), so an interrupted study resumes per model and per sweep point. Writes
+out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
+
+`--sae_reg_norm=var` (or norm2) under the same --run is a third model beside the two: the regularized model under
+that norm (regularized_var_seed<s>) against the normal models already there (the normal model divides nothing, so
+the studies of every norm share it), written to sae_reg_var.json, sae_reg_var.md and sae_reg_var_*.png.
 """
 
 import dataclasses
@@ -45,7 +50,7 @@ from evaluate import sae_metrics
 from model import model_from_checkpoint
 from pretrain import corpus_hash, corpus_of, pretrain
 from report import fmt, mean_std, save_figure
-from sae import SAEConfig, collect_activations, train_sae
+from sae import SAEConfig, collect_activations, sae_to_dict, train_sae
 
 # The original study (peterlai/gpt-circuits: experiments/regularization/setup.py, RegularizeAllLayersExperiment, and
 # config/sae/training.py, shakespeare_64x4_defaults); its model settings are configurator.PRESETS["gpt_circuits"].
@@ -167,12 +172,12 @@ def fresh_sae_sweep(config, points_of_sweep, device):
     activations = None  # collected once per model, when a sweep point needs them
     results = []
     for i, (label, sae_configs, schedule) in enumerate(points_of_sweep):
-        path = os.path.join(config.out_dir, config.run, f"sweep_{i}.json")
+        path, saes_path = (os.path.join(config.out_dir, config.run, f"sweep_{i}.{ext}") for ext in ("json", "pt"))
         settings = {"saes": {p: dataclasses.asdict(c) for p, c in sae_configs.items()}, "schedule": schedule,
                     "sae_tokens": config.sae_tokens, "seed": config.seed}
         key = sweep_point_key(config, settings, device, base)
         cached = cache.load_json_result(path, key)
-        if cached is None:
+        if cached is None or cache.load_checkpoint(saes_path, key, "saes") is None:
             if activations is None:
                 activations = collect_activations(model, train_ids, points, config.sae_tokens, config.block_size,
                                                   config.seed)
@@ -180,6 +185,8 @@ def fresh_sae_sweep(config, points_of_sweep, device):
                                  **schedule)[0]
                     for p, c in sae_configs.items()}
             metrics = sae_metrics(model, saes, val_ids, config.block_size, device)
+            checkpoint = {"key": key, "base": base["sha"], "saes": {p: sae_to_dict(sae) for p, sae in saes.items()}}
+            cache.save_checkpoint({**checkpoint, "sha": cache.tensor_hash(checkpoint["saes"])}, saes_path)
             cache.save_json({"key": key, "label": label, **metrics}, path)
             cached = cache.read_json(path)  # one form for every caller: JSON's string keys
         print(f"sae_reg {config.run} {label}: total L0 {cached['total_l0']:.1f}, compound CE increase "
@@ -221,16 +228,31 @@ def main(argv):
     results = {"normal": {}, "regularized": {}, "sweep": options.sweep, "lambda": config.sae_reg_lambda,
                "norm": config.sae_reg_norm}
     for seed in options.seeds:
-        for variant, lam in (("normal", 0.0), ("regularized", config.sae_reg_lambda)):
-            variant_config = dataclasses.replace(config, seed=seed, sae_reg_lambda=lam,
-                                                 run=os.path.join(config.run, "sae_reg", f"{variant}_seed{seed}"))
+        for variant in ("normal", "regularized"):
+            variant_config = variant_of(config, variant, seed)
             results[variant][str(seed)] = fresh_sae_sweep(variant_config, sweep(variant_config, options, variant),
                                                           device)
-    cache.save_json(results, os.path.join(out, "sae_reg.json"))
-    plot(results, out)
+    stem = "sae_reg" + ("" if config.sae_reg_norm == ORIGINAL_NORM else f"_{config.sae_reg_norm}")
+    cache.save_json(results, os.path.join(out, f"{stem}.json"))
+    plot(results, out, stem)
     text = table(results)
-    cache.save_text(f"Command: `python -m bench.sae_reg {' '.join(argv)}`\n\n{text}\n", os.path.join(out, "sae_reg.md"))
+    cache.save_text(f"Command: `python -m bench.sae_reg {' '.join(argv)}`\n\n{text}\n", os.path.join(out, f"{stem}.md"))
     print(text)
+
+
+ORIGINAL_NORM = "norm"  # the original's division of the joint SAEs' error, ||x - xhat||^2 / ||x||
+
+
+def variant_of(config, variant, seed):
+    """The config of one model of the study, in out/<run>/sae_reg/<variant>_seed<seed>: the normal model (lambda 0)
+    has no joint term to divide, so it is the same model whatever --sae_reg_norm says and is shared by the studies
+    of every norm; a regularized model under another norm than the original's has its own folder
+    (regularized_var_seed0)."""
+    if variant == "normal":
+        config = dataclasses.replace(config, sae_reg_lambda=0.0, sae_reg_norm=ORIGINAL_NORM)
+    elif config.sae_reg_norm != ORIGINAL_NORM:
+        variant = f"{variant}_{config.sae_reg_norm}"
+    return dataclasses.replace(config, seed=seed, run=os.path.join(config.run, "sae_reg", f"{variant}_seed{seed}"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,11 +307,11 @@ def at_matched_l0(results, n=3):
     return [{"l0": l0, **{v: mean_std([interpolate(curve, l0) for curve in runs[v]]) for v in runs}} for l0 in l0s]
 
 
-def plot(results, out):
-    """sae_reg_per_point.png: CE increase vs L0 per point (log-log); sae_reg_compound.png: compound CE increase vs
+def plot(results, out, stem="sae_reg"):
+    """<stem>_per_point.png: CE increase vs L0 per point (log-log); <stem>_compound.png: compound CE increase vs
     total L0 (with the original's published points for --sweep=original, and for each model the line past which
-    its spliced model is worse than a unigram model); sae_reg_activations.png: the constant and the varying part of
-    each point's activations at the end of pretraining; sae_reg_norms.png: the mean activation norm at each point
+    its spliced model is worse than a unigram model); <stem>_activations.png: the constant and the varying part of
+    each point's activations at the end of pretraining; <stem>_norms.png: the mean activation norm at each point
     along pretraining, one line per seed. Normal vs regularized, mean over seeds, std as error bars where drawn."""
     both = {v: curves(results, v) for v in COLORS}
     points = list(both["normal"]["points"])
@@ -303,7 +325,7 @@ def plot(results, out):
     axes[0][0].set_ylabel("CE increase (nats)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, os.path.join(out, "sae_reg_per_point.png"))
+    save_figure(fig, os.path.join(out, f"{stem}_per_point.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.8))
     for variant, color in COLORS.items():
@@ -321,7 +343,7 @@ def plot(results, out):
            title="all points spliced at once")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, os.path.join(out, "sae_reg_compound.png"))
+    save_figure(fig, os.path.join(out, f"{stem}_compound.png"))
 
     fig, ax = plt.subplots(figsize=(1.3 * len(points) + 1.5, 3.6))
     for j, (variant, color) in enumerate(COLORS.items()):
@@ -337,7 +359,7 @@ def plot(results, out):
            ylabel="E||x||^2 on held-out text", title="constant and varying parts of the residual stream")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    save_figure(fig, os.path.join(out, "sae_reg_activations.png"))
+    save_figure(fig, os.path.join(out, f"{stem}_activations.png"))
 
     fig, axes = plt.subplots(1, len(points), figsize=(3.6 * len(points), 3.2), squeeze=False, sharex=True)
     for ax, p in zip(axes[0], points):
@@ -350,7 +372,7 @@ def plot(results, out):
     axes[0][0].set_ylabel("mean ||x|| on held-out text")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, os.path.join(out, "sae_reg_norms.png"))
+    save_figure(fig, os.path.join(out, f"{stem}_norms.png"))
 
 
 def table(results):

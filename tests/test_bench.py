@@ -67,6 +67,30 @@ def test_resuming_a_sweep_reproduces_the_uninterrupted_result(tmp_path, monkeypa
             assert a["points"] == b["points"]
 
 
+def test_a_study_under_another_norm_shares_the_normal_model_and_its_saes_can_be_adapted_to(tmp_path):
+    from bench import sae_adapt
+
+    argv = SAE_REG + [f"--out_dir={tmp_path}", "--seeds=0", "--k=2"]
+    sae_reg.main(argv)
+    study = tmp_path / "default" / "sae_reg"
+    normal_model = (study / "normal_seed0" / "base.pt").stat().st_mtime_ns
+    sae_reg.main(argv + ["--sae_reg_norm=var"])
+    assert (study / "normal_seed0" / "base.pt").stat().st_mtime_ns == normal_model  # shared, not trained again
+    var = json.loads((study / "sae_reg_var.json").read_text())
+    assert var["norm"] == "var" and var["normal"] == json.loads((study / "sae_reg.json").read_text())["normal"]
+    assert var["regularized"]["0"]["val_ce"] != var["normal"]["0"]["val_ce"]  # its own model, regularized_var_seed0
+    assert (study / "regularized_var_seed0" / "base.pt").exists() and (study / "sae_reg_var.md").exists()
+
+    normal = SAE_REG + [f"--out_dir={tmp_path}", "--sae_reg_lambda=0", "--run=default/sae_reg/normal_seed0"]
+    sae_adapt.main(normal + [f"--saes={study / 'normal_seed0' / 'sweep_0.pt'}", "--adapt_steps=2"])
+    result = json.loads((study / "normal_seed0" / "sae_adapt" / "all_all_sweep_0.json").read_text())
+    sweep_point = json.loads((study / "normal_seed0" / "sweep_0.json").read_text())
+    assert result["before"]["compound_ce_increase"] == pytest.approx(sweep_point["compound_ce_increase"])
+    assert result["after"]["total_l0"] == result["before"]["total_l0"] and result["steps"] == 2
+    with pytest.raises(ValueError, match="trained on another model"):
+        sae_adapt.main(normal + [f"--saes={study / 'regularized_seed0' / 'sweep_0.pt'}"])
+
+
 def test_the_gpt_circuits_preset_and_sweep_are_the_original_numbers():
     config = train.parse_args(["--preset=gpt_circuits"])
     assert (config.n_layer, config.n_embd, config.n_head, config.block_size) == (4, 64, 4, 128)
