@@ -69,7 +69,8 @@ def sweep_point_saes(path, base, model, device):
     """{point: sae} of one sweep point of bench/sae_reg.py (its sweep_<i>.pt), frozen; an error unless they were
     trained on this model."""
     if not os.path.exists(path):
-        raise ValueError(f"--saes={path}: no such file (bench/sae_reg.py writes out/<run>/sae_reg/<model>/sweep_<i>.pt)")
+        raise ValueError(f"--saes={path}: no such file (bench/sae_reg.py writes "
+                         "out/<run>/sae_reg/<model>/sweep_<i>.pt)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if checkpoint.get("base") != base["sha"]:
         raise ValueError(f"--saes={path}: these SAEs were trained on another model than the one of --run and its "
