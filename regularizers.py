@@ -439,6 +439,9 @@ class SAEGuided(Method):
         if config.sae_guided_reference == "base":
             self.base = AdaptersOff(model) if model.has_adapters() else frozen_copy(model)
         self.cached_codes = self.reference = self.mask = None  # held during a task only
+        if config.sae_guided_freeze_head:  # ablation: is what forgets after the last protected point? The final
+            for module in (model.ln_f, model.wte):  # LayerNorm and the head, tied to the token embedding, not trained
+                module.requires_grad_(False)
 
     def before_task(self, model, split, t):
         c = self.config

@@ -294,6 +294,14 @@ def test_random_mask_control_keeps_the_values_on_other_features(tiny_model, add_
         assert not torch.equal(method.mask[p], data_mask[p])
 
 
+def test_the_frozen_head_ablation_trains_everything_but_the_final_layernorm_and_the_tied_head(tiny_model):
+    config = dataclasses.replace(train.Config(), sae_guided_freeze_head=True)
+    reg.SAEGuided(config, tiny_model, tiny_saes())
+    frozen = {n for n, p in tiny_model.named_parameters() if not p.requires_grad}
+    assert frozen == {"wte.weight", "ln_f.weight"} | ({"ln_f.bias"} if tiny_model.ln_f.bias is not None else set())
+    assert tiny_model.lm_head.weight is tiny_model.wte.weight  # the head is the token embedding: frozen with it
+
+
 def test_sae_guided_points_pick_the_saes_the_penalty_uses(tiny_model, add_split):
     config = dataclasses.replace(train.Config(), sae_guided_mask_examples=16, sae_guided_mask_knn=3,
                                  sae_guided_points=(2,))
