@@ -129,18 +129,27 @@ class LoRALinear(nn.Module):
         return [(self.past[i], self.past[i + 1]) for i in range(0, len(self.past), 2)] + [(self.A, self.B)]
 
     def forward(self, x):
-        y = self.base(x)
-        if self.enabled:
-            for A, B in self.pairs():
-                y = y + self.scale * (x @ A.t()) @ B.t()
+        if not self.enabled:
+            return self.base(x)
+        if not torch.is_grad_enabled():  # measuring: the update folded into the weight, one product, the same map
+            return F.linear(x, self.merged_weight(), self.base.bias)
+        y = self.base(x)  # training: the thin products, so the frozen W gets no gradient to compute
+        for A, B in self.pairs():
+            y = y + self.scale * (x @ A.t()) @ B.t()
         return y
+
+    def merged_weight(self):
+        """W + (alpha / r) sum_s B_s A_s."""
+        weight = self.base.weight
+        for A, B in self.pairs():
+            weight = weight + self.scale * B @ A
+        return weight
 
     def merged(self):
         """A plain nn.Linear with every update folded in: W + (alpha / r) sum_s B_s A_s."""
         linear = copy.deepcopy(self.base)
         with torch.no_grad():
-            for A, B in self.pairs():
-                linear.weight += self.scale * B @ A
+            linear.weight.copy_(self.merged_weight())
         return linear
 
 

@@ -163,3 +163,24 @@ def test_stacked_adapters_add_up_and_only_the_newest_learns(tiny_model):
         assert torch.allclose(model.merged()(x)[0], both, atol=1e-5)  # the sum of both sets
         with model.adapters_off():
             assert torch.equal(model(x)[0], base(x)[0])  # every set off: the base
+
+
+def test_measuring_folds_the_adapters_into_the_weight_and_computes_the_training_path_s_function(tiny_model):
+    model = lora_model(tiny_model)
+    x = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():  # two adapter sets, both nonzero
+        for layer in model.lora_layers():
+            layer.B.normal_(0, 0.1)
+        model.stack_adapters()
+        for layer in model.lora_layers():
+            layer.B.normal_(0, 0.1)
+    training_path = model(x)[0]  # gradients on: base(x) + the thin products
+    assert training_path.requires_grad
+    with torch.no_grad():
+        measuring_path = model(x)[0]  # no gradients: x (W + (alpha / r) sum_s B_s A_s)^T in one product
+        layer = model.lora_layers()[0]
+        expected = layer.base.weight + layer.scale * sum(B @ A for A, B in layer.pairs())
+        assert torch.allclose(layer.merged_weight(), expected)
+    assert torch.allclose(measuring_path, training_path, atol=1e-5)
+    with torch.no_grad(), model.adapters_off():
+        assert not torch.allclose(measuring_path, model(x)[0], atol=1e-3)  # the adapters are in it
