@@ -171,20 +171,24 @@ def forced_choice(model, suite, tasks, split_name, device, k, seed=0):
 @torch.no_grad()
 def forgetting_snapshot(model, saes, split, device, n_examples):
     """What the model does on a task's first n_examples evaluation inputs, kept to compare with later: per SAE
-    point the codes z at the content tokens (sparse) and the norm of the SAE's error ||x - xhat|| there; the
-    log-probabilities at the answer positions (teacher-forced); the greedy answers; and the task's mask m, built
-    from these codes as SAE-guided builds a mask (relevance, then propagation to decoder neighbours)."""
+    point the residual stream x and its codes z (sparse) at the content tokens, the norm of the SAE's error
+    ||x - xhat|| there, and x and z again at the answer positions alone (those whose targets are the completion:
+    what the head reads to answer); the log-probabilities at the answer positions (teacher-forced); the greedy
+    answers; and the task's mask m, built from the content codes as SAE-guided builds a mask (relevance, then
+    propagation to decoder neighbours)."""
     was_training = model.training
     model.eval()
     batch = trim_padding(Batch(*(t.to(device) for t in split.rows(slice(0, n_examples)))))
     logits, _, residuals = model(batch.x, read=tuple(sorted(saes)))
     content, answer = batch.content_mask.bool(), batch.answer_mask.bool()
-    snapshot = {"codes": {}, "error_norm": {}, "mask": {}, "answers": greedy_answers(model, split, device, n_examples),
+    snapshot = {"codes": {}, "residual": {}, "answer_codes": {}, "answer_residual": {}, "error_norm": {}, "mask": {},
+                "answers": greedy_answers(model, split, device, n_examples),
                 "log_probs": torch.log_softmax(logits[answer].double(), dim=-1)}
     for p, sae in saes.items():
-        x = residuals[p][content]  # (N_content, d)
+        x, x_answer = residuals[p][content], residuals[p][answer]  # (N_content, d), (N_answer, d)
         xhat, z = sae.reconstruct(x)
-        snapshot["codes"][p] = z.to_sparse()
+        snapshot["codes"][p], snapshot["residual"][p] = z.to_sparse(), x
+        snapshot["answer_codes"][p], snapshot["answer_residual"][p] = sae.reconstruct(x_answer)[1].to_sparse(), x_answer
         snapshot["error_norm"][p] = (x - xhat).norm(dim=-1)
         relevance = z.abs().mean(0)
         relevance = relevance / relevance.max().clamp(min=1e-12)
@@ -202,6 +206,12 @@ def drift_split(z, z_end, mask):
             "mask_mass": mask.sum().item(), "features": len(mask)}
 
 
+def relative_change(x, x_end):
+    """How far the residual stream moved on the same tokens, relative to its size:
+        mean_n ||x_n - x_end_n|| / mean_n ||x_end_n||."""
+    return ((x - x_end).norm(dim=-1).mean() / x_end.norm(dim=-1).mean().clamp(min=1e-12)).item()
+
+
 def format_confusion(answers, own_formats, latest_formats):
     """The share of answers whose format (answer_format: character classes and length) is one of the latest
     task's formats and none of the task's own: an earlier task answered in the latest task's way."""
@@ -213,13 +223,19 @@ def forgetting_diagnostic(end, now, own_formats, latest_formats):
     """An earlier task's forgetting since it was learned, from its snapshot at that time (end) and now:
     per SAE point the drift of the codes split into the task's mask and the rest (drift_split), and the change of
     the SAE error's mean norm, mean ||x - xhat||_now - mean ||x - xhat||_end (the part of the activation the SAE
-    does not reconstruct, which no SAE-space penalty sees); for the outputs the mean over answer positions of
-    KL(p_end || p_now); and the format confusion of the greedy answers."""
+    does not reconstruct, which no SAE-space penalty sees); the same drift at the answer positions alone
+    ("answers": a few tokens of an example, which a mean over every token hides) and the residual stream's
+    relative_change at every content token and at the answer positions; for the outputs the mean over answer
+    positions of KL(p_end || p_now); and the format confusion of the greedy answers."""
     points = {}
     for p in end["codes"]:
         points[p] = drift_split(now["codes"][p].to_dense(), end["codes"][p].to_dense(), end["mask"][p])
         points[p]["error_norm_end"] = end["error_norm"][p].mean().item()
         points[p]["error_norm_change"] = now["error_norm"][p].mean().item() - points[p]["error_norm_end"]
+        points[p]["answers"] = drift_split(now["answer_codes"][p].to_dense(), end["answer_codes"][p].to_dense(),
+                                           end["mask"][p])
+        points[p]["residual_change"] = relative_change(now["residual"][p], end["residual"][p])
+        points[p]["answer_residual_change"] = relative_change(now["answer_residual"][p], end["answer_residual"][p])
     kl = (end["log_probs"].exp() * (end["log_probs"] - now["log_probs"])).sum(-1).mean().item()
     return {"points": points, "answer_kl": kl,
             "format_confusion": format_confusion(now["answers"], own_formats, latest_formats)}

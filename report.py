@@ -452,6 +452,12 @@ DIAGNOSTIC_CURVES = {  # curve -> (panel title, its value from one diagnostic en
     "error_norm_change": ("SAE error norm, relative change",  # sum_p change_p / sum_p mean ||x - xhat||_end
                           lambda d: sum(p["error_norm_change"] for p in d["points"].values())
                           / sum(p["error_norm_end"] for p in d["points"].values())),
+    "answer_drift_mask": ("drift per feature at the answers: the task's", lambda d: sum(
+        p["answers"]["drift_mask"] for p in d["points"].values()) / sum(p["mask_mass"] for p in d["points"].values())),
+    "residual_change": ("residual stream, relative change",  # mean over points of relative_change
+                        lambda d: sum(p["residual_change"] for p in d["points"].values()) / len(d["points"])),
+    "answer_residual_change": ("the same at the answer positions", lambda d: sum(
+        p["answer_residual_change"] for p in d["points"].values()) / len(d["points"])),
     "answer_kl": ("KL at answer positions", lambda d: d["answer_kl"]),
     "format_confusion": ("answers in the latest task's format", lambda d: d["format_confusion"]),
 }
