@@ -171,26 +171,25 @@ def forced_choice(model, suite, tasks, split_name, device, k, seed=0):
 @torch.no_grad()
 def forgetting_snapshot(model, saes, split, device, n_examples):
     """What the model does on a task's first n_examples evaluation inputs, kept to compare with later: per SAE
-    point the residual stream x and its codes z (sparse) at the content tokens, the norm of the SAE's error
-    ||x - xhat|| there, and x and z again at the answer positions alone (those whose targets are the completion:
-    what the head reads to answer); the log-probabilities at the answer positions (teacher-forced); the greedy
-    answers; and the task's mask m, built from the content codes as SAE-guided builds a mask (relevance, then
-    propagation to decoder neighbours)."""
+    point and per set of positions ("tokens": every content token; "answers": the answer positions alone, whose
+    targets are the completion: what the head reads to answer) the residual stream x, the SAE's error x - xhat and
+    the codes z (sparse); the task's mask m, built from the content tokens' codes as SAE-guided builds a mask
+    (relevance, then propagation to decoder neighbours); the log-probabilities at the answer positions
+    (teacher-forced); and the greedy answers."""
     was_training = model.training
     model.eval()
     batch = trim_padding(Batch(*(t.to(device) for t in split.rows(slice(0, n_examples)))))
     logits, _, residuals = model(batch.x, read=tuple(sorted(saes)))
-    content, answer = batch.content_mask.bool(), batch.answer_mask.bool()
-    snapshot = {"codes": {}, "residual": {}, "answer_codes": {}, "answer_residual": {}, "error_norm": {}, "mask": {},
-                "answers": greedy_answers(model, split, device, n_examples),
-                "log_probs": torch.log_softmax(logits[answer].double(), dim=-1)}
+    positions = {"tokens": batch.content_mask.bool(), "answers": batch.answer_mask.bool()}
+    snapshot = {"points": {}, "mask": {}, "answers": greedy_answers(model, split, device, n_examples),
+                "log_probs": torch.log_softmax(logits[positions["answers"]].double(), dim=-1)}
     for p, sae in saes.items():
-        x, x_answer = residuals[p][content], residuals[p][answer]  # (N_content, d), (N_answer, d)
-        xhat, z = sae.reconstruct(x)
-        snapshot["codes"][p], snapshot["residual"][p] = z.to_sparse(), x
-        snapshot["answer_codes"][p], snapshot["answer_residual"][p] = sae.reconstruct(x_answer)[1].to_sparse(), x_answer
-        snapshot["error_norm"][p] = (x - xhat).norm(dim=-1)
-        relevance = z.abs().mean(0)
+        snapshot["points"][p] = {}
+        for where, mask in positions.items():
+            x = residuals[p][mask]  # (N, d)
+            xhat, z = sae.reconstruct(x)
+            snapshot["points"][p][where] = {"x": x, "error": x - xhat, "codes": z.to_sparse()}
+        relevance = snapshot["points"][p]["tokens"]["codes"].to_dense().abs().mean(0)
         relevance = relevance / relevance.max().clamp(min=1e-12)
         snapshot["mask"][p] = propagate_mask(relevance, sae.W_dec)
     model.train(was_training)
@@ -206,10 +205,22 @@ def drift_split(z, z_end, mask):
             "mask_mass": mask.sum().item(), "features": len(mask)}
 
 
-def relative_change(x, x_end):
-    """How far the residual stream moved on the same tokens, relative to its size:
-        mean_n ||x_n - x_end_n|| / mean_n ||x_end_n||."""
-    return ((x - x_end).norm(dim=-1).mean() / x_end.norm(dim=-1).mean().clamp(min=1e-12)).item()
+def stream_change(now, end):
+    """How far the residual stream moved on the same tokens, relative to its size, and in which part: with
+    x = xhat + e (what the SAE reconstructs, and its error) and size = mean_n ||x_end_n||,
+        residual = mean_n ||x_n - x_end_n|| / size,  reconstruction = mean_n ||xhat_n - xhat_end_n|| / size,
+        error = mean_n ||e_n - e_end_n|| / size,
+    and the error's mean norm then and its change, error_norm_change = mean_n ||e_n|| - mean_n ||e_end_n||. A
+    penalty on the codes sees the reconstruction only: the residual can move in the error without it."""
+    size = end["x"].norm(dim=-1).mean().clamp(min=1e-12)
+
+    def moved(a, b):
+        return ((a - b).norm(dim=-1).mean() / size).item()
+
+    return {"residual": moved(now["x"], end["x"]), "error": moved(now["error"], end["error"]),
+            "reconstruction": moved(now["x"] - now["error"], end["x"] - end["error"]),
+            "error_norm_end": end["error"].norm(dim=-1).mean().item(),
+            "error_norm_change": (now["error"].norm(dim=-1).mean() - end["error"].norm(dim=-1).mean()).item()}
 
 
 def format_confusion(answers, own_formats, latest_formats):
@@ -220,22 +231,17 @@ def format_confusion(answers, own_formats, latest_formats):
 
 
 def forgetting_diagnostic(end, now, own_formats, latest_formats):
-    """An earlier task's forgetting since it was learned, from its snapshot at that time (end) and now:
-    per SAE point the drift of the codes split into the task's mask and the rest (drift_split), and the change of
-    the SAE error's mean norm, mean ||x - xhat||_now - mean ||x - xhat||_end (the part of the activation the SAE
-    does not reconstruct, which no SAE-space penalty sees); the same drift at the answer positions alone
-    ("answers": a few tokens of an example, which a mean over every token hides) and the residual stream's
-    relative_change at every content token and at the answer positions; for the outputs the mean over answer
-    positions of KL(p_end || p_now); and the format confusion of the greedy answers."""
+    """An earlier task's forgetting since it was learned, from its snapshot at that time (end) and now: per SAE
+    point and set of positions ("tokens": every content token; "answers": the few that write the answer, which a
+    mean over every token hides) the drift of the codes split into the task's mask and the rest (drift_split), and
+    the stream_change (the residual's, and its parts: what the SAE reconstructs, and its error, which no SAE-space
+    penalty sees); for the outputs the mean over answer positions of KL(p_end || p_now); and the format confusion
+    of the greedy answers."""
     points = {}
-    for p in end["codes"]:
-        points[p] = drift_split(now["codes"][p].to_dense(), end["codes"][p].to_dense(), end["mask"][p])
-        points[p]["error_norm_end"] = end["error_norm"][p].mean().item()
-        points[p]["error_norm_change"] = now["error_norm"][p].mean().item() - points[p]["error_norm_end"]
-        points[p]["answers"] = drift_split(now["answer_codes"][p].to_dense(), end["answer_codes"][p].to_dense(),
-                                           end["mask"][p])
-        points[p]["residual_change"] = relative_change(now["residual"][p], end["residual"][p])
-        points[p]["answer_residual_change"] = relative_change(now["answer_residual"][p], end["answer_residual"][p])
+    for p, sets in end["points"].items():
+        points[p] = {where: drift_split(now["points"][p][where]["codes"].to_dense(), snap["codes"].to_dense(),
+                                        end["mask"][p]) | stream_change(now["points"][p][where], snap)
+                     for where, snap in sets.items()}
     kl = (end["log_probs"].exp() * (end["log_probs"] - now["log_probs"])).sum(-1).mean().item()
     return {"points": points, "answer_kl": kl,
             "format_confusion": format_confusion(now["answers"], own_formats, latest_formats)}

@@ -443,21 +443,26 @@ def plot_cl(summary, run_dir):
     save_figure(fig, os.path.join(run_dir, "cl_bars.png"))
 
 
+def over_points(entry, where, key, per=None):
+    """sum_p key / sum_p per over the SAE points of one diagnostic entry (per: a count, or None for the mean),
+    at `where`: 'tokens' (every content token) or 'answers' (the answer positions)."""
+    points = [p[where] for p in entry["points"].values()]
+    return sum(p[key] for p in points) / (sum(per(p) for p in points) if per else len(points))
+
+
 DIAGNOSTIC_CURVES = {  # curve -> (panel title, its value from one diagnostic entry of an earlier task); drift per
     # feature: sum_j m_j d_j / sum_j m_j (the task's mask) and sum_j (1 - m_j) d_j / sum_j (1 - m_j), over all points
-    "drift_mask": ("drift per feature: the task's", lambda d: sum(p["drift_mask"] for p in d["points"].values())
-                   / sum(p["mask_mass"] for p in d["points"].values())),
-    "drift_rest": ("drift per feature: the others'", lambda d: sum(p["drift_rest"] for p in d["points"].values())
-                   / sum(p["features"] - p["mask_mass"] for p in d["points"].values())),
+    "drift_mask": ("drift per feature: the task's", lambda d: over_points(d, "tokens", "drift_mask",
+                                                                          lambda p: p["mask_mass"])),
+    "drift_rest": ("drift per feature: the others'", lambda d: over_points(d, "tokens", "drift_rest",
+                                                                           lambda p: p["features"] - p["mask_mass"])),
     "error_norm_change": ("SAE error norm, relative change",  # sum_p change_p / sum_p mean ||x - xhat||_end
-                          lambda d: sum(p["error_norm_change"] for p in d["points"].values())
-                          / sum(p["error_norm_end"] for p in d["points"].values())),
-    "answer_drift_mask": ("drift per feature at the answers: the task's", lambda d: sum(
-        p["answers"]["drift_mask"] for p in d["points"].values()) / sum(p["mask_mass"] for p in d["points"].values())),
-    "residual_change": ("residual stream, relative change",  # mean over points of relative_change
-                        lambda d: sum(p["residual_change"] for p in d["points"].values()) / len(d["points"])),
-    "answer_residual_change": ("the same at the answer positions", lambda d: sum(
-        p["answer_residual_change"] for p in d["points"].values()) / len(d["points"])),
+                          lambda d: over_points(d, "tokens", "error_norm_change", lambda p: p["error_norm_end"])),
+    "answer_drift_mask": ("the task's drift at the answer positions", lambda d: over_points(
+        d, "answers", "drift_mask", lambda p: p["mask_mass"])),
+    "residual": ("residual stream moved / its norm", lambda d: over_points(d, "tokens", "residual")),
+    "answer_residual": ("the same at the answer positions", lambda d: over_points(d, "answers", "residual")),
+    "answer_error": ("its SAE error moved / its norm, at the answers", lambda d: over_points(d, "answers", "error")),
     "answer_kl": ("KL at answer positions", lambda d: d["answer_kl"]),
     "format_confusion": ("answers in the latest task's format", lambda d: d["format_confusion"]),
 }

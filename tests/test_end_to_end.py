@@ -34,8 +34,8 @@ def test_pipeline_runs_every_method_and_reuses_its_stages(tmp_path, capsys):
         if method != "multitask":  # the forgetting diagnostic: after each task, one entry per earlier task
             first, second = result["diagnostic"]
             assert first == {} and list(second) == ["add"]
-            point = second["add"]["points"]["1"]
-            assert point["drift_mask"] + point["drift_rest"] == pytest.approx(point["drift"], rel=1e-5)
+            for point in second["add"]["points"]["1"].values():  # every content token, and the answer positions
+                assert point["drift_mask"] + point["drift_rest"] == pytest.approx(point["drift"], rel=1e-5)
             assert 0 <= second["add"]["format_confusion"] <= 1 and second["add"]["answer_kl"] >= 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary) == list(METHODS)  # every method, in the registry's order

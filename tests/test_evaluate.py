@@ -328,17 +328,20 @@ def test_the_diagnostic_is_zero_for_an_unchanged_model_and_moves_with_the_model(
     end = forgetting_snapshot(tiny_model, saes, split, "cpu", n_examples=8)
     formats = {answer_format(a) for _, a in split.examples}
     same = forgetting_diagnostic(end, forgetting_snapshot(tiny_model, saes, split, "cpu", 8), formats, {"A"})
-    for point in same["points"].values():
-        assert point["drift"] == 0 and point["error_norm_change"] == 0 and point["answers"]["drift"] == 0
-        assert point["residual_change"] == 0 and point["answer_residual_change"] == 0
+    for where in ("tokens", "answers"):
+        for point in (p[where] for p in same["points"].values()):
+            assert point["drift"] == 0 and point["error_norm_change"] == 0
+            assert point["residual"] == point["reconstruction"] == point["error"] == 0
     assert same["answer_kl"] == pytest.approx(0, abs=1e-12)
     with torch.no_grad():
         tiny_model.blocks[0].mlp.c_proj.weight.add_(0.5 * torch.randn_like(tiny_model.blocks[0].mlp.c_proj.weight))
     moved = forgetting_diagnostic(end, forgetting_snapshot(tiny_model, saes, split, "cpu", 8), formats, {"A"})
-    for point in moved["points"].values():
-        assert point["drift"] > 0 and point["answers"]["drift"] > 0
-        assert point["residual_change"] > 0 and point["answer_residual_change"] > 0
-        assert point["drift_mask"] + point["drift_rest"] == pytest.approx(point["drift"], rel=1e-5)
+    for where in ("tokens", "answers"):
+        for point in (p[where] for p in moved["points"].values()):
+            assert point["drift"] > 0 and point["residual"] > 0
+            assert point["drift_mask"] + point["drift_rest"] == pytest.approx(point["drift"], rel=1e-5)
+            # the stream's move splits into its two parts, by the triangle inequality
+            assert point["residual"] <= point["reconstruction"] + point["error"] + 1e-6
     assert moved["answer_kl"] > 0
 
 
@@ -381,12 +384,12 @@ def test_forced_choice_reads_the_evaluation_split_and_wires_its_control():
         assert result[task]["chance"] == pytest.approx(0.1)
 
 
-def hand_snapshot(codes, mask, log_probs, answers=("12",), residual=((3.0, 4.0), (0.0, 1.0))):
-    """Two content tokens, the second of them also the one answer position."""
-    residual = torch.tensor(residual)
-    return {"codes": {1: codes.to_sparse()}, "error_norm": {1: torch.tensor([1.0, 2.0])}, "mask": {1: mask},
-            "answers": list(answers), "log_probs": torch.tensor(log_probs).log(),
-            "residual": {1: residual}, "answer_codes": {1: codes[1:].to_sparse()}, "answer_residual": {1: residual[1:]}}
+def hand_snapshot(codes, mask, log_probs, answers=("12",), x=((3.0, 4.0), (0.0, 1.0)), error=((1.0, 0.0), (0.0, 2.0))):
+    """One SAE point; two content tokens, the second of them also the one answer position."""
+    x, error = torch.tensor(x), torch.tensor(error)
+    return {"points": {1: {"tokens": {"x": x, "error": error, "codes": codes.to_sparse()},
+                           "answers": {"x": x[1:], "error": error[1:], "codes": codes[1:].to_sparse()}}},
+            "mask": {1: mask}, "answers": list(answers), "log_probs": torch.tensor(log_probs).log()}
 
 
 def test_forgetting_diagnostic_by_hand_kl_direction_and_the_tasks_own_mask():
@@ -398,25 +401,30 @@ def test_forgetting_diagnostic_by_hand_kl_direction_and_the_tasks_own_mask():
                         [[0.5, 0.5]])
     result = forgetting_diagnostic(end, now, {"99"}, {"99"})
     # d = mean over the 2 tokens of |z_now - z_end| = (0.5, 1.5, 0.5); the end mask (1, 0, 0.5)
-    point = result["points"][1]
+    point = result["points"][1]["tokens"]
     assert point["drift"] == pytest.approx(2.5)
     assert point["drift_mask"] == pytest.approx(0.5 + 0.25) and point["drift_rest"] == pytest.approx(1.5 + 0.25)
     kl = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)  # 0.368; the reverse would be 0.511
     assert result["answer_kl"] == pytest.approx(kl)
-    assert point["error_norm_change"] == 0.0
+    assert point["error_norm_change"] == 0.0 and point["residual"] == 0.0  # the same stream in both snapshots
     # at the answer position (the second token) alone: d = (0, 3, 1), against the end mask
-    assert point["answers"]["drift_mask"] == pytest.approx(0.5) and point["answers"]["drift_rest"] == pytest.approx(3.5)
-    assert point["residual_change"] == 0.0  # the same residual stream in both snapshots
+    answers = result["points"][1]["answers"]
+    assert answers["drift_mask"] == pytest.approx(0.5) and answers["drift_rest"] == pytest.approx(3.5)
 
 
-def test_residual_change_at_every_token_and_at_the_answers_by_hand():
+def test_the_stream_s_change_and_its_parts_at_every_token_and_at_the_answers_by_hand():
     codes, mask = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1.0, 0.0])
-    end = hand_snapshot(codes, mask, [[0.5, 0.5]], residual=((3.0, 4.0), (0.0, 1.0)))  # norms 5 and 1
-    now = hand_snapshot(codes, mask, [[0.5, 0.5]], residual=((3.0, 4.0), (0.0, 3.0)))  # the answer token moved by 2
+    end = hand_snapshot(codes, mask, [[0.5, 0.5]], x=((3.0, 4.0), (0.0, 1.0)), error=((1.0, 0.0), (0.0, 2.0)))
+    # the answer token moves by (2, 0), all of it in the SAE's error; its reconstruction x - e stays (0, -1)
+    now = hand_snapshot(codes, mask, [[0.5, 0.5]], x=((3.0, 4.0), (2.0, 1.0)), error=((1.0, 0.0), (2.0, 2.0)))
     point = forgetting_diagnostic(end, now, {"99"}, {"99"})["points"][1]
-    assert point["residual_change"] == pytest.approx((0 + 2) / 2 / ((5 + 1) / 2))  # mean ||dx|| / mean ||x_end||
-    assert point["answer_residual_change"] == pytest.approx(2 / 1)
-    assert point["drift"] == 0.0  # the codes did not move: only the residual stream shows it
+    size = (5 + 1) / 2  # mean ||x_end|| over the two tokens
+    assert point["tokens"]["residual"] == pytest.approx((0 + 2) / 2 / size)
+    assert point["tokens"]["error"] == pytest.approx((0 + 2) / 2 / size) and point["tokens"]["reconstruction"] == 0
+    assert point["answers"]["residual"] == pytest.approx(2 / 1) and point["answers"]["reconstruction"] == 0
+    assert point["tokens"]["error_norm_end"] == pytest.approx((1 + 2) / 2)
+    assert point["tokens"]["error_norm_change"] == pytest.approx((1 + 8 ** 0.5) / 2 - 1.5)
+    assert point["tokens"]["drift"] == 0.0  # the codes did not move: only the stream's parts show it
 
 
 def test_compound_ce_increase_splices_every_point_into_the_already_patched_stream(tiny_model):
