@@ -422,7 +422,7 @@ def plot_cl(summary, run_dir):
             R = torch.tensor(summary[method]["R_mean"])
             for i, task in enumerate(tasks):
                 ax.plot(range(len(R)), R[:, i], marker=".", label=task)
-            ax.set_xticks(range(len(R)), ["base"] + [f"+{t[:4]}" for t in tasks], rotation=60, fontsize=7)
+            ax.set_xticks(range(len(R)), ["base"] + [f"+{t}" for t in tasks], rotation=60, fontsize=7)
             ax.set_title(method)
             ax.set_ylim(-0.05, 1.05)
             ax.yaxis.set_tick_params(labelleft=True)
@@ -462,7 +462,9 @@ DIAGNOSTIC_CURVES = {  # curve -> (panel title, its value from one diagnostic en
         d, "answers", "drift_mask", lambda p: p["mask_mass"])),
     "residual": ("residual stream moved / its norm", lambda d: over_points(d, "tokens", "residual")),
     "answer_residual": ("the same at the answer positions", lambda d: over_points(d, "answers", "residual")),
-    "answer_error": ("its SAE error moved / its norm, at the answers", lambda d: over_points(d, "answers", "error")),
+    "answer_reconstruction": ("of it, what the SAE reconstructs: at the answers",
+                              lambda d: over_points(d, "answers", "reconstruction")),
+    "answer_error": ("of it, the SAE's error: at the answers", lambda d: over_points(d, "answers", "error")),
     "answer_kl": ("KL at answer positions", lambda d: d["answer_kl"]),
     "format_confusion": ("answers in the latest task's format", lambda d: d["format_confusion"]),
 }
@@ -504,7 +506,7 @@ def plot_forgetting(summary, run_dir):
         ax.set_title("auxiliary (instruction) accuracy", fontsize=10)
         ax.set_ylim(-0.05, 1.05)
     for ax in axes:
-        ax.set_xticks(range(0, len(tasks) + 1), ["base"] + [f"+{t[:4]}" for t in tasks], rotation=60, fontsize=7)
+        ax.set_xticks(range(0, len(tasks) + 1), ["base"] + [f"+{t}" for t in tasks], rotation=60, fontsize=7)
     axes[0].legend(fontsize=7)
     fig.suptitle("forgetting diagnostic: on the tasks learned before, after each task (mean over them and seeds)")
     fig.tight_layout()
