@@ -142,6 +142,7 @@ class Config:
     sae_guided_mask_threshold: float = 0.5  # the threshold of a binary mask
     sae_guided_mask_random: bool = False  # ablation: the mask's values on randomly permuted features (same mass)
     sae_guided_freeze_head: bool = False  # ablation: the final LayerNorm and the tied head (and token embedding) frozen
+    sae_guided_error_lambda: float = 0.0  # ablation: lambda_e sum_l D_err_l^2, the drift of the SAE's error held too
     sae_guided_protect_past: bool = False  # ablation: also protect features earlier tasks' masks marked
     sae_guided_points: tuple[int, ...] = ()  # ablation: the SAE points the penalty uses; empty = every SAE point
     sae_guided_codes: str = "topk"  # drift on the TopK codes, or 'dense' ReLU pre-activations

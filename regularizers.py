@@ -357,6 +357,16 @@ def content_codes(sae, residual, content_mask, codes="topk"):
     return sae.encode_sparse(x) if codes == "topk" else sae.pre_activations(x)
 
 
+def error_drift(sae, residual, ref_residual, content_mask):
+    """How far the SAE's error e = x - xhat(x) moved from the reference's on the same content tokens, relative to
+    the stream's size: D_err = mean_n ||e_n - e_ref_n|| / mean_n ||x_ref_n|| (evaluate.stream_change's 'error').
+    The ablation --sae_guided_error_lambda adds lambda_e sum_l D_err_l^2 to SAE-guided's penalty."""
+    content = content_mask.bool()
+    x, x_ref = residual[content], ref_residual[content]
+    e, e_ref = x - sae.reconstruct(x)[0], x_ref - sae.reconstruct(x_ref)[0]
+    return (e - e_ref).norm(dim=-1).mean() / x_ref.norm(dim=-1).mean().clamp(min=1e-12)
+
+
 @torch.no_grad()
 def feature_relevance(reference, saes, split, n_examples, codes="topk", batch_size=128):
     """{point: r (d_sae,)}: r_j = mean over content tokens of |z_j| under the reference model, divided by max_j r_j
@@ -424,7 +434,8 @@ class SAEGuided(Method):
 
     The reference is frozen during a task, so its TopK codes on the task's training examples are computed once at
     task start and looked up per batch (one forward pass per step, not two); they are dropped when the task ends.
-    Dense codes ('--sae_guided_codes=dense') are too large to keep per token: the reference runs each step."""
+    Dense codes ('--sae_guided_codes=dense') are too large to keep per token: the reference runs each step, as it
+    does under the ablation --sae_guided_error_lambda (the SAE error's drift held too: error_drift)."""
 
     name = "sae_guided"
     strength = ("sae_guided_lambda_p", (1e3, 1e4, 1e5, 1e6, 1e7))
@@ -456,7 +467,7 @@ class SAEGuided(Method):
                 mask = shuffled_masks(mask, seed=1000 * self.seed + t)
             if c.sae_guided_codes == "topk":
                 self.cached_codes = reference_codes(reference, self.saes, split)
-            else:
+            if c.sae_guided_codes != "topk" or c.sae_guided_error_lambda > 0:  # the reference runs on every batch
                 self.reference = self.base if self.base is not None else frozen_copy(model)
         self.masks.append(mask)
         if c.sae_guided_protect_past:
@@ -465,18 +476,28 @@ class SAEGuided(Method):
 
     def penalty(self, model, batch, outputs):
         c = self.config
-        codes = {p: content_codes(sae, outputs["residuals"][p], batch.content_mask, c.sae_guided_codes)
+        residuals = outputs["residuals"]
+        codes = {p: content_codes(sae, residuals[p], batch.content_mask, c.sae_guided_codes)
                  for p, sae in self.saes.items()}
+        if self.reference is not None:
+            with torch.no_grad():
+                _, _, ref_residuals = self.reference(batch.x, read=self.reads)
         if self.cached_codes is not None:
             ref_codes = lookup_codes(self.cached_codes, batch)
         else:
             with torch.no_grad():
-                _, _, ref_residuals = self.reference(batch.x, read=self.reads)
                 ref_codes = {p: content_codes(sae, ref_residuals[p], batch.content_mask, c.sae_guided_codes)
                              for p, sae in self.saes.items()}
         drifts = {p: code_drift(codes[p], ref_codes[p], sae.config.d_sae) for p, sae in self.saes.items()}
-        return sae_guided_penalty(drifts, self.mask, lambda_p=c.sae_guided_lambda_p, lambda_g=c.sae_guided_lambda_g,
-                                  eps=c.sae_guided_eps, delta=c.sae_guided_delta)
+        penalty, logs = sae_guided_penalty(drifts, self.mask, lambda_p=c.sae_guided_lambda_p,
+                                           lambda_g=c.sae_guided_lambda_g, eps=c.sae_guided_eps,
+                                           delta=c.sae_guided_delta)
+        if c.sae_guided_error_lambda > 0:  # ablation: the part of the stream the codes do not see, held too
+            errors = [error_drift(sae, residuals[p], ref_residuals[p], batch.content_mask)
+                      for p, sae in self.saes.items()]
+            penalty = penalty + c.sae_guided_error_lambda * sum(e.pow(2) for e in errors)
+            logs["error"] = sum(e.item() for e in errors)
+        return penalty, logs
 
     def after_task(self, model, split, t):
         self.cached_codes = self.reference = self.mask = None  # of the task's examples, only its mask outlives it

@@ -534,6 +534,48 @@ def test_sae_guided_penalty_is_zero_at_task_start_and_measured_against_the_task_
     assert expected.item() > 0 and penalty().item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_the_error_ablation_adds_the_drift_of_the_sae_error_against_the_task_start_model_by_hand(tiny_model,
+                                                                                                   add_split):
+    """--sae_guided_error_lambda: lambda_e sum_l D_err_l^2 beside the codes' hinge, D_err = mean ||e - e_ref|| /
+    mean ||x_ref|| on the content tokens, e = x - xhat; 0 at task start; only the model gets gradients."""
+    from data.tasks import trim_padding
+
+    config = dataclasses.replace(train.Config(), sae_guided_mask_examples=16, sae_guided_mask_knn=3,
+                                 sae_guided_lambda_p=0.0, sae_guided_lambda_g=0.0, sae_guided_eps=0.0,
+                                 sae_guided_delta=0.0, sae_guided_error_lambda=3.0)
+    saes = tiny_saes()
+    method = reg.SAEGuided(config, tiny_model, saes)
+    method.before_task(tiny_model, add_split, 0)
+    start = reg.frozen_copy(tiny_model)
+    batch = trim_padding(add_split.batch(8, torch.Generator().manual_seed(0), "cpu"))
+
+    def penalty():
+        _, _, residuals = tiny_model(batch.x, read=method.reads)
+        return method.penalty(tiny_model, batch, {"residuals": residuals})
+
+    assert penalty()[0].item() == 0.0  # nothing has moved yet
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _, _, now = tiny_model(batch.x, read=(1, 2))
+    _, _, then = start(batch.x, read=(1, 2))
+    content = batch.content_mask.bool()
+    expected = 0.0
+    for p, sae in saes.items():
+        x, x_ref = now[p][content], then[p][content]
+        e, e_ref = x - sae.reconstruct(x)[0], x_ref - sae.reconstruct(x_ref)[0]
+        expected += 3.0 * ((e - e_ref).norm(dim=-1).mean() / x_ref.norm(dim=-1).mean()) ** 2
+    value, logs = penalty()
+    assert expected.item() > 0 and value.item() == pytest.approx(expected.item(), rel=1e-5) and logs["error"] > 0
+    value.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.parameters())
+    assert all(p.grad is None for sae in saes.values() for p in sae.parameters())
+    assert all(p.grad is None for p in method.reference.parameters())  # the task-start copy is frozen
+    off = reg.SAEGuided(dataclasses.replace(config, sae_guided_error_lambda=0.0), tiny_model, saes)
+    off.before_task(tiny_model, add_split, 0)
+    assert off.reference is None  # without the ablation the reference's codes are cached: no copy is run
+
+
 def test_mask_propagation_takes_the_strongest_of_several_neighbours():
     decoder = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.6, 0.0, 0.8], [0.0, 0.0, 1.0]])
     relevance = torch.tensor([0.0, 0.5, 1.0, 0.0])
