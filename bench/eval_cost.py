@@ -46,11 +46,13 @@ def main(argv):
     passes = {"one row of R": lambda: train.evaluate_tasks(model, suite, config, "cpu"),
               "forced choice and its control": lambda: evaluate.forced_choice(
                   model, suite, config.tasks, config.eval_split, "cpu", config.forced_choice_k)}
-    for fold in ((True, False) if model.has_adapters() else (True,)):
-        LoRALinear.fold_when_measuring = fold
-        label = ("adapters folded: " if fold else "adapters as thin products: ") if model.has_adapters() else ""
-        print(label + ", ".join(f"{name} {best_seconds(fn):.3f} s" for name, fn in passes.items()))
-    LoRALinear.fold_when_measuring = True
+    try:
+        for fold in ((True, False) if model.has_adapters() else (True,)):
+            LoRALinear.fold_when_measuring = fold
+            label = ("adapters folded: " if fold else "adapters as thin products: ") if model.has_adapters() else ""
+            print(label + ", ".join(f"{name} {best_seconds(fn):.3f} s" for name, fn in passes.items()))
+    finally:
+        LoRALinear.fold_when_measuring = True
     return 0
 
 

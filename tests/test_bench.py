@@ -319,3 +319,15 @@ def test_adapters_after_a_point_leave_the_blocks_before_it_frozen(tiny_model):
     with pytest.raises(ValueError, match="--adapt_points: no SAE at point 5"):
         sae_adapt.spliced({1: None, 2: None}, (5,))
     assert list(sae_adapt.spliced({1: None, 2: None}, ())) == [1, 2]
+
+
+def test_eval_cost_times_both_paths_under_lora_and_leaves_the_fold_on(tmp_path, capsys):
+    from bench import eval_cost
+    from model import LoRALinear
+
+    argv = TINY + [f"--out_dir={tmp_path}", "--tasks=add,reverse", "--n_train=20", "--n_val=8", "--n_test=8",
+                   "--finetune=lora", "--forced_choice_k=2"]
+    assert jobs.run_script(eval_cost.main, argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "one row of R" in line]
+    assert [line.split(":")[0] for line in lines] == ["adapters folded", "adapters as thin products"]
+    assert LoRALinear.fold_when_measuring
