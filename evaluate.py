@@ -223,6 +223,35 @@ def stream_change(now, end):
             "error_norm_change": (now["error"].norm(dim=-1).mean() - end["error"].norm(dim=-1).mean()).item()}
 
 
+@torch.no_grad()
+def answer_attribution(readout, sae, now, end, mask):
+    """Which part of the stream's move at the last point (the one the head reads) moves the answers. The answer
+    positions' stream then, x_end, is moved by one part of its move at a time and read by the current model's head,
+    f(x) = log_softmax(lm_head(ln_f(x))); for each part, the mean over answer positions of KL(f(x_end) || f(x_end +
+    part)), with the parts
+        all = x - x_end,   error = e - e_end,   reconstruction = xhat - xhat_end = (z - z_end) W_dec / c,
+        own = (m * (z - z_end)) W_dec / c,   rest = ((1 - m) * (z - z_end)) W_dec / c   (own + rest = reconstruction)
+    for the task's mask m and the SAE's input scale c. The head is not linear, so the KLs do not add: a part whose
+    KL is near all's carries the move; one near 0 does not."""
+    x_end, dz = end["x"], now["codes"].to_dense() - end["codes"].to_dense()
+
+    def decoded(dz):
+        return dz @ sae.W_dec / sae.input_scale
+
+    parts = {"all": now["x"] - x_end, "error": now["error"] - end["error"], "reconstruction": decoded(dz),
+             "own": decoded(mask * dz), "rest": decoded((1 - mask) * dz)}
+
+    def log_probs(x):
+        return torch.log_softmax(readout(x).double(), dim=-1)
+
+    log_p = log_probs(x_end)
+
+    def kl(x):
+        return (log_p.exp() * (log_p - log_probs(x))).sum(-1).mean().item()
+
+    return {name: kl(x_end + part) for name, part in parts.items()}
+
+
 def format_confusion(answers, own_formats, latest_formats):
     """The share of answers whose format (answer_format: character classes and length) is one of the latest
     task's formats and none of the task's own: an earlier task answered in the latest task's way."""
@@ -230,21 +259,32 @@ def format_confusion(answers, own_formats, latest_formats):
     return sum(answer_format(a) in foreign for a in answers) / max(1, len(answers))
 
 
-def forgetting_diagnostic(end, now, own_formats, latest_formats):
+def forgetting_diagnostic(end, now, own_formats, latest_formats, latest_mask=None, readout=None):
     """An earlier task's forgetting since it was learned, from its snapshot at that time (end) and now: per SAE
     point and set of positions ("tokens": every content token; "answers": the few that write the answer, which a
     mean over every token hides) the drift of the codes split into the task's mask and the rest (drift_split), and
     the stream_change (the residual's, and its parts: what the SAE reconstructs, and its error, which no SAE-space
     penalty sees); for the outputs the mean over answer positions of KL(p_end || p_now); and the format confusion
-    of the greedy answers."""
+    of the greedy answers. With the latest task's masks ({point: m'}), mask_shared per point = sum_j m_j m'_j /
+    sum_j m_j: how much of the task's mask the latest task's mask covers (features a mask frees while that task is
+    learned). With readout = (point, its SAE, the current model's head x -> logits) at the last point, the
+    answer_attribution of the answers' move to the parts of the stream's."""
     points = {}
     for p, sets in end["points"].items():
         points[p] = {where: drift_split(now["points"][p][where]["codes"].to_dense(), snap["codes"].to_dense(),
                                         end["mask"][p]) | stream_change(now["points"][p][where], snap)
                      for where, snap in sets.items()}
     kl = (end["log_probs"].exp() * (end["log_probs"] - now["log_probs"])).sum(-1).mean().item()
-    return {"points": points, "answer_kl": kl,
-            "format_confusion": format_confusion(now["answers"], own_formats, latest_formats)}
+    result = {"points": points, "answer_kl": kl,
+              "format_confusion": format_confusion(now["answers"], own_formats, latest_formats)}
+    if latest_mask is not None:
+        result["mask_shared"] = {p: ((m * latest_mask[p]).sum() / m.sum().clamp(min=1e-12)).item()
+                                 for p, m in end["mask"].items()}
+    if readout is not None:
+        p, sae, head = readout
+        result["answer_attribution"] = answer_attribution(head, sae, now["points"][p]["answers"],
+                                                          end["points"][p]["answers"], end["mask"][p])
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -467,17 +467,34 @@ DIAGNOSTIC_CURVES = {  # curve -> (panel title, its value from one diagnostic en
     "answer_error": ("of it, the SAE's error: at the answers", lambda d: over_points(d, "answers", "error")),
     "answer_kl": ("KL at answer positions", lambda d: d["answer_kl"]),
     "format_confusion": ("answers in the latest task's format", lambda d: d["format_confusion"]),
+    # the answers' move attributed to the parts of the stream's at the last point (evaluate.answer_attribution;
+    # absent where no SAE reads that point), and how much of the task's mask the latest task's mask covers
+    "kl_reconstruction": ("KL at the answers: the reconstruction moved alone",
+                          lambda d: attributed(d, "reconstruction")),
+    "kl_error": ("KL at the answers: the SAE error moved alone", lambda d: attributed(d, "error")),
+    "kl_own": ("KL at the answers: the task's features alone", lambda d: attributed(d, "own")),
+    "kl_rest": ("KL at the answers: the other features alone", lambda d: attributed(d, "rest")),
+    "mask_shared": ("the task's mask the latest task's covers", lambda d: (
+        sum(d["mask_shared"].values()) / len(d["mask_shared"]) if "mask_shared" in d else None)),
 }
+
+
+def attributed(entry, part):
+    """KL(f(x_end) || f(x_end + part)) at the answer positions, or None where the run did not measure it."""
+    return entry["answer_attribution"][part] if "answer_attribution" in entry else None
 
 
 def diagnostic_curves(runs):
     """{curve: [value after task t, for t = 2..T]}: each DIAGNOSTIC_CURVES quantity (over all SAE points together)
-    averaged over the earlier tasks s < t and over the runs (seeds), plus the earlier tasks' accuracy."""
-    curves = {"accuracy": []} | {name: [] for name in DIAGNOSTIC_CURVES}
+    averaged over the earlier tasks s < t and over the runs (seeds), plus the earlier tasks' accuracy. A quantity
+    that some run did not measure is left out."""
+    measured = {name: value for name, (_, value) in DIAGNOSTIC_CURVES.items()
+                if all(value(r["diagnostic"][1][r["tasks"][0]]) is not None for r in runs)}
+    curves = {"accuracy": []} | {name: [] for name in measured}
     for t in range(1, len(runs[0]["diagnostic"])):
         tasks = runs[0]["tasks"][:t]
         curves["accuracy"].append(sum(r["R"][t + 1][s] for r in runs for s in range(t)) / (t * len(runs)))
-        for name, (_, value) in DIAGNOSTIC_CURVES.items():
+        for name, value in measured.items():
             curves[name].append(sum(value(r["diagnostic"][t][s]) for r in runs for s in tasks) / (t * len(runs)))
     return curves
 
@@ -489,7 +506,8 @@ def plot_forgetting(summary, run_dir):
     if not methods:
         return
     tasks = summary[methods[0]]["tasks"]
-    titles = {"accuracy": "accuracy of earlier tasks"} | {k: v[0] for k, v in DIAGNOSTIC_CURVES.items()}
+    titles = {"accuracy": "accuracy of earlier tasks"} | {k: v[0] for k, v in DIAGNOSTIC_CURVES.items()
+                                                           if all(k in summary[m]["diagnostic"] for m in methods)}
     aux = [m for m in methods if "aux_accuracy" in summary[m]]
     fig, axes = panel_grid(len(titles) + bool(aux), 4.0, 3.2, columns=4)
     for ax, (key, title) in zip(axes, titles.items()):

@@ -103,7 +103,10 @@ def diagnose_earlier_tasks(model, saes, suite, t, snapshots, *, config, device):
 
     latest = config.tasks[t]
     snapshots[latest] = snapshot(latest)
-    return {task: forgetting_diagnostic(snapshots[task], snapshot(task), formats(task), formats(latest))
+    last = model.config.n_layer  # the stream the head reads, if an SAE reads it: where the answers' move is attributed
+    readout = (last, saes[last], lambda x: model.lm_head(model.ln_f(x))) if last in saes else None
+    return {task: forgetting_diagnostic(snapshots[task], snapshot(task), formats(task), formats(latest),
+                                        latest_mask=snapshots[latest]["mask"], readout=readout)
             for task in config.tasks[:t]}
 
 

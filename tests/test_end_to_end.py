@@ -37,7 +37,12 @@ def test_pipeline_runs_every_method_and_reuses_its_stages(tmp_path, capsys):
             for point in second["add"]["points"]["1"].values():  # every content token, and the answer positions
                 assert point["drift_mask"] + point["drift_rest"] == pytest.approx(point["drift"], rel=1e-5)
             assert 0 <= second["add"]["format_confusion"] <= 1 and second["add"]["answer_kl"] >= 0
+            # the one SAE point is the last, the stream the head reads: the answers' move attributed to its parts
+            assert set(second["add"]["answer_attribution"]) == {"all", "error", "reconstruction", "own", "rest"}
+            assert all(kl >= -1e-9 for kl in second["add"]["answer_attribution"].values())
+            assert 0 <= second["add"]["mask_shared"]["1"] <= 1 + 1e-6
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["sae_guided"]["diagnostic"]["kl_own"]) == 1  # after the second task, on the first
     assert list(summary) == list(METHODS)  # every method, in the registry's order
     n_params = 16_864  # the TINY model
     assert summary["seqft"]["retained_bytes"] == summary["lwf"]["retained_bytes"] == 0

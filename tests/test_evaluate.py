@@ -8,7 +8,7 @@ import torch
 from data.tasks import (SEPARATOR, answer_format, answer_kind, build_task_suite, concat_splits, format_example,
                         to_tensors)
 from data.tokenizer import NEWLINE, decode, encode
-from evaluate import (blind_questions, choice_candidates, cl_metrics, drift_split, forced_choice,
+from evaluate import (answer_attribution, blind_questions, choice_candidates, cl_metrics, drift_split, forced_choice,
                       forced_choice_accuracy, forgetting_diagnostic, forgetting_snapshot, format_confusion,
                       greedy_answers, knowledge_metrics, sae_metrics, second_moment_split, task_accuracy)
 from model import GPT
@@ -425,6 +425,52 @@ def test_the_stream_s_change_and_its_parts_at_every_token_and_at_the_answers_by_
     assert point["tokens"]["error_norm_end"] == pytest.approx((1 + 2) / 2)
     assert point["tokens"]["error_norm_change"] == pytest.approx((1 + 8 ** 0.5) / 2 - 1.5)
     assert point["tokens"]["drift"] == 0.0  # the codes did not move: only the stream's parts show it
+
+
+def test_answer_attribution_by_hand_moves_one_part_at_a_time():
+    """KL(f(x_end) || f(x_end + part)) for each part of the stream's move, through a hand-made linear head; the
+    codes' move decoded by W_dec / c and split by the mask."""
+    sae = TopKSAE(SAEConfig(d_in=2, d_sae=3, k=3))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        sae.input_scale.fill_(2.0)
+    head = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])  # x (2,) -> 3 logits
+
+    def readout(x):
+        return x @ head
+
+    def snap(x, error, codes):
+        return {"x": torch.tensor([x]), "error": torch.tensor([error]), "codes": torch.tensor([codes]).to_sparse()}
+
+    mask = torch.tensor([1.0, 0.0, 0.5])
+    end = snap((1.0, 0.0), (0.5, 0.0), (0.0, 0.0, 0.0))
+    # feature 0 (the task's) moves by 2: the reconstruction moves by 2 W_dec[0] / c = (1, 0); the error stays
+    now = snap((2.0, 0.0), (0.5, 0.0), (2.0, 0.0, 0.0))
+    kls = answer_attribution(readout, sae, now, end, mask)
+
+    def kl(x, y):
+        p, q = (torch.softmax(torch.tensor(v, dtype=torch.float64) @ head.double(), -1) for v in (x, y))
+        return (p * (p / q).log()).sum().item()
+
+    assert kls["all"] == pytest.approx(kl((1.0, 0.0), (2.0, 0.0)), rel=1e-5) and kls["all"] > 0.1
+    assert kls["reconstruction"] == pytest.approx(kls["all"]) and kls["own"] == pytest.approx(kls["all"])
+    assert kls["rest"] == 0 and kls["error"] == 0
+    # feature 2 (half the task's) moves by 2: the reconstruction by (1, 1), half of it in own and half in rest; the
+    # error by (0, -1); the stream by their sum, (1, 0)
+    now = snap((2.0, 0.0), (0.5, -1.0), (0.0, 0.0, 2.0))
+    kls = answer_attribution(readout, sae, now, end, mask)
+    assert kls["own"] == pytest.approx(kl((1.0, 0.0), (1.5, 0.5)), rel=1e-5)
+    assert kls["rest"] == pytest.approx(kls["own"])
+    assert kls["reconstruction"] == pytest.approx(kl((1.0, 0.0), (2.0, 1.0)), rel=1e-5)
+    assert kls["error"] == pytest.approx(kl((1.0, 0.0), (1.0, -1.0)), rel=1e-5)
+    assert kls["all"] == pytest.approx(kl((1.0, 0.0), (2.0, 0.0)), rel=1e-5)
+
+
+def test_the_diagnostic_measures_how_much_of_the_mask_the_latest_task_s_covers():
+    end = hand_snapshot(torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 2.0]]), torch.tensor([1.0, 0.0, 0.5]), [[0.9, 0.1]])
+    result = forgetting_diagnostic(end, end, {"99"}, {"99"}, latest_mask={1: torch.tensor([1.0, 1.0, 0.0])})
+    assert result["mask_shared"] == {1: pytest.approx((1 * 1 + 0 * 1 + 0.5 * 0) / 1.5)}
+    assert "answer_attribution" not in result and "mask_shared" not in forgetting_diagnostic(end, end, {"9"}, {"9"})
 
 
 def test_compound_ce_increase_splices_every_point_into_the_already_patched_stream(tiny_model):
