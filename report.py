@@ -228,7 +228,7 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
             row["constant_guess_per_task"] = runs[0]["constant_guess"]
         if all(r.get("aux_accuracy") for r in runs):  # an instruction-following base: the tags along the sequence
             row["aux_accuracy"] = torch.tensor([r["aux_accuracy"] for r in runs]).mean(0).tolist()
-        if all(r.get("diagnostic") for r in runs):
+        if all(len(r.get("diagnostic", [])) > 1 for r in runs):  # a diagnostic needs a task learned before
             row["diagnostic"] = diagnostic_curves(runs)
         summary[method] = row
     cache.save_json(summary, os.path.join(run_dir, "summary.json"))

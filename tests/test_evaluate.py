@@ -434,6 +434,7 @@ def test_answer_attribution_by_hand_moves_one_part_at_a_time():
     with torch.no_grad():
         sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
         sae.input_scale.fill_(2.0)
+        sae.b_dec.fill_(3.0)  # cancels in the reconstruction's move
     head = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])  # x (2,) -> 3 logits
 
     def readout(x):
@@ -464,6 +465,31 @@ def test_answer_attribution_by_hand_moves_one_part_at_a_time():
     assert kls["reconstruction"] == pytest.approx(kl((1.0, 0.0), (2.0, 1.0)), rel=1e-5)
     assert kls["error"] == pytest.approx(kl((1.0, 0.0), (1.0, -1.0)), rel=1e-5)
     assert kls["all"] == pytest.approx(kl((1.0, 0.0), (2.0, 0.0)), rel=1e-5)
+
+
+def test_the_diagnostic_attributes_at_the_answer_positions_from_end_to_now_with_the_task_s_own_mask():
+    """forgetting_diagnostic's wiring of answer_attribution: the answer positions (not every token), the snapshot
+    then as the base and the one now as the move, the mask of the task's own snapshot."""
+    sae = TopKSAE(SAEConfig(d_in=2, d_sae=3, k=3))
+    head = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+
+    def readout(x):
+        return x @ head
+
+    end = hand_snapshot(torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 2.0]]), torch.tensor([1.0, 0.0, 0.5]),
+                        [[0.9, 0.1]])
+    now = hand_snapshot(torch.tensor([[0.0, 0.0, 2.0], [0.0, 3.0, 1.0]]), torch.tensor([0.0, 1.0, 0.0]),
+                        [[0.5, 0.5]], x=((3.0, 4.0), (2.0, -1.0)), error=((1.0, 0.0), (1.0, 1.0)))
+    result = forgetting_diagnostic(end, now, {"99"}, {"99"}, readout=(1, sae, readout))
+    direct = answer_attribution(readout, sae, now["points"][1]["answers"], end["points"][1]["answers"],
+                                end["mask"][1])
+    assert result["answer_attribution"] == direct
+    assert direct["all"] > 0 and direct["own"] != direct["rest"]
+    reversed_ = answer_attribution(readout, sae, end["points"][1]["answers"], now["points"][1]["answers"],
+                                   end["mask"][1])
+    every_token = answer_attribution(readout, sae, now["points"][1]["tokens"], end["points"][1]["tokens"],
+                                     end["mask"][1])
+    assert direct != reversed_ and direct != every_token
 
 
 def test_the_diagnostic_measures_how_much_of_the_mask_the_latest_task_s_covers():
