@@ -255,6 +255,15 @@ def test_results_of_different_settings_are_refused_not_averaged(tmp_path):
         summarize_run(str(tmp_path / "c"))
 
 
+def test_a_one_task_run_with_the_diagnostic_on_is_summarised_without_curves(tmp_path):
+    """After the only task there is no earlier task to diagnose: its diagnostic is [{}] and gets no curves."""
+    one = fake_result("seqft", 0) | {"tasks": ["add"], "R": [[0], [1]], "diagnostic": [{}]}
+    one["shared"] = one["shared"] | {"config": {"cl_lr": 3e-4, "tasks": ["add"]}}
+    write_results(tmp_path / "cl", one)
+    summarize_run(str(tmp_path))
+    assert "diagnostic" not in json.loads((tmp_path / "summary.json").read_text())["seqft"]
+
+
 def test_results_of_one_setting_are_averaged_with_the_step_time_ratio(tmp_path):
     write_results(tmp_path / "cl", fake_result("seqft", 0), fake_result("seqft", 1, step_seconds=0.03),
                   fake_result("ewc", 0, settings={"ewc_lambda": 1.0}, step_seconds=0.02),
