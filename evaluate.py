@@ -23,7 +23,7 @@ import torch
 from data.tasks import Batch, answer_format, answer_kind, format_example, to_tensors, trim_padding
 from data.tokenizer import NEWLINE, decode, encode
 from model import answer_log_likelihood
-from regularizers import propagate_mask
+from regularizers import propagate_mask, relative_move
 
 # ----------------------------------------------------------------------------------------------------------------
 # task accuracy
@@ -211,11 +211,10 @@ def stream_change(now, end):
         residual = mean_n ||x_n - x_end_n|| / size,  reconstruction = mean_n ||xhat_n - xhat_end_n|| / size,
         error = mean_n ||e_n - e_end_n|| / size,
     and the error's mean norm then and its change, error_norm_change = mean_n ||e_n|| - mean_n ||e_end_n||. A
-    penalty on the codes sees the reconstruction only: the residual can move in the error without it."""
-    size = end["x"].norm(dim=-1).mean().clamp(min=1e-12)
-
+    penalty on the codes sees the reconstruction only: the residual can move in the error without it. Each ratio is
+    regularizers.relative_move, the one the error ablation's penalty holds."""
     def moved(a, b):
-        return ((a - b).norm(dim=-1).mean() / size).item()
+        return relative_move(a, b, end["x"]).item()
 
     return {"residual": moved(now["x"], end["x"]), "error": moved(now["error"], end["error"]),
             "reconstruction": moved(now["x"] - now["error"], end["x"] - end["error"]),

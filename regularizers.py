@@ -357,14 +357,19 @@ def content_codes(sae, residual, content_mask, codes="topk"):
     return sae.encode_sparse(x) if codes == "topk" else sae.pre_activations(x)
 
 
+def relative_move(a, a_ref, x_ref):
+    """mean_n ||a_n - a_ref_n|| / mean_n ||x_ref_n||: how far a moved on the same tokens, relative to the stream's
+    size (a: the stream itself, or a part of it). Rows are tokens."""
+    return (a - a_ref).norm(dim=-1).mean() / x_ref.norm(dim=-1).mean().clamp(min=1e-12)
+
+
 def error_drift(sae, residual, ref_residual, content_mask):
     """How far the SAE's error e = x - xhat(x) moved from the reference's on the same content tokens, relative to
     the stream's size: D_err = mean_n ||e_n - e_ref_n|| / mean_n ||x_ref_n|| (evaluate.stream_change's 'error').
     The ablation --sae_guided_error_lambda adds lambda_e sum_l D_err_l^2 to SAE-guided's penalty."""
     content = content_mask.bool()
     x, x_ref = residual[content], ref_residual[content]
-    e, e_ref = x - sae.reconstruct(x)[0], x_ref - sae.reconstruct(x_ref)[0]
-    return (e - e_ref).norm(dim=-1).mean() / x_ref.norm(dim=-1).mean().clamp(min=1e-12)
+    return relative_move(x - sae.reconstruct(x)[0], x_ref - sae.reconstruct(x_ref)[0], x_ref)
 
 
 @torch.no_grad()
