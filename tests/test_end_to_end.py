@@ -231,7 +231,7 @@ def test_ctrl_c_is_one_line_and_no_worker_outlives_its_parent(tmp_path):
         deadline = time.time() + 120
         while len(spawned_workers(process.pid)) < 2 and time.time() < deadline:
             time.sleep(0.2)
-        time.sleep(0.5)  # the workers exist; they start with Ctrl-C ignored (jobs.py): no moment of their start is unsafe
+        time.sleep(0.5)  # the workers exist; they start with Ctrl-C ignored (jobs.py), so no moment is unsafe
         return process, spawned_workers(process.pid)
 
     process, workers = start_and_wait_for_workers()
