@@ -1,4 +1,4 @@
-"""
+r"""
 Adapting a model to its SAEs (after Chen, Engels and Tegmark 2025, "Low-Rank Adapting Models for Sparse
 Autoencoders", arXiv 2501.19406). The model and its trained SAEs are frozen; every SAE is spliced into the forward
 pass at once (or some, --adapt_points); LoRA adapters on the model learn to make the spliced model predict
@@ -21,9 +21,12 @@ the model's own CE on held-out text without SAEs; and the cost, in steps and CPU
                                                 # a model of bench/sae_reg.py's study and one sweep point's SAEs
 
 The adapters are the project's LoRA (--lora_rank, --lora_alpha, --lora_targets). Writes
-out/<run>/sae_adapt/<points>_<layers>[_<sweep point>].json and prints the comparison.
+out/<run>/sae_adapt/<points>_<layers>[_<sweep point>].json (reused while the model, the SAEs, the keys and this code
+are unchanged) and prints the comparison. bench/sae_routes.py adapts each model of bench/sae_reg.py's study to
+each of its sweep points and sets the routes side by side.
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -39,7 +42,7 @@ import sae_stage
 from evaluate import sae_metrics
 from data.corpus import get_batch
 from model import model_from_checkpoint
-from pretrain import clip_gradients, corpus_of, pretrain
+from pretrain import clip_gradients, corpus_hash, corpus_of, pretrain
 from sae import check_sae_fits, sae_from_dict
 
 
@@ -66,8 +69,8 @@ def spliced(saes, points):
 
 
 def sweep_point_saes(path, base, model, device):
-    """{point: sae} of one sweep point of bench/sae_reg.py (its sweep_<i>.pt), frozen; an error unless they were
-    trained on this model."""
+    """({point: sae}, their hash) of one sweep point of bench/sae_reg.py (its sweep_<i>.pt), frozen; an error unless
+    they were trained on this model."""
     if not os.path.exists(path):
         raise ValueError(f"--saes={path}: no such file (bench/sae_reg.py writes "
                          "out/<run>/sae_reg/<model>/sweep_<i>.pt)")
@@ -79,7 +82,7 @@ def sweep_point_saes(path, base, model, device):
     for p, sae in saes.items():
         check_sae_fits(sae, model, p)
         sae.requires_grad_(False)
-    return saes
+    return saes, checkpoint["sha"]
 
 
 def add_adapters(model, config, first_point=0, layers="all"):
@@ -128,36 +131,57 @@ def measure(model, saes, patch, ids, config, device):
             "ce_increase": {p: point["ce_increase"] for p, point in m["points"].items()}, "total_l0": m["total_l0"]}
 
 
+def adapt_to_saes(config, options, device):
+    """The model of config adapted to its SAEs (options.saes: a sweep point's; else the pipeline's SAE stage), measured
+    before and after; cached in out/<run>/sae_adapt/<points>_<layers>[_<sweep point>].json under a key of the model,
+    the SAEs, the options and this code, so a rerun with all unchanged reads the file. Returns the result."""
+    base = pretrain(config, device)
+    model = model_from_checkpoint(base, device)
+    if options.saes:
+        saes, saes_sha = sweep_point_saes(options.saes, base, model, device)
+    else:
+        checkpoint = sae_stage.train_sae_stage(config, device, base)
+        saes, saes_sha = sae_stage.load_saes(checkpoint, model, device), checkpoint["sha"]
+    patch = spliced(saes, options.adapt_points)
+    source = f"_{os.path.splitext(os.path.basename(options.saes))[0]}" if options.saes else ""
+    name = f"{'-'.join(map(str, options.adapt_points)) or 'all'}_{options.adapt_layers}{source}.json"
+    path = os.path.join(config.out_dir, config.run, "sae_adapt", name)
+    adapt_options = {k: v for k, v in dataclasses.asdict(options).items() if k != "saes"}
+    key = cache.result_key({**cache.stage_config(config, "pretrain"), **adapt_options,
+                            **{k: getattr(config, k) for k in ("lora_rank", "lora_alpha", "lora_targets")}},
+                           cache.stage_code(config, "pretrain", "sae") + ["bench/sae_adapt.py"], device,
+                           corpus_hash(config), {"base": base["sha"], "saes": saes_sha})
+    cached = cache.load_json_result(path, key)
+    if cached is not None:
+        return cached
+    train_ids, val_ids = corpus_of(config)
+    before = measure(model, saes, patch, val_ids, config, device)
+    add_adapters(model, config, min(patch), options.adapt_layers)
+    t0, cpu0 = time.time(), time.process_time()
+    losses = adapt(model, patch, train_ids, options, config, device, seed=config.seed)
+    seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
+    after = measure(model, saes, patch, val_ids, config, device)
+    result = {"key": key, "points": sorted(patch), "layers": options.adapt_layers, "steps": options.adapt_steps,
+              "seconds": seconds, "cpu_seconds": cpu_seconds, "loss_first": losses[0] if losses else None,
+              "loss_last": losses[-1] if losses else None, "before": before, "after": after}
+    cache.save_json(result, path)
+    return cache.read_json(path)  # one form for every caller: JSON's string keys
+
+
 def main(argv):
     parsed = cfg.parse_script_args(argv, Options, "python -m bench.sae_adapt", __doc__)
     if parsed is None:
         return 0
     options, config = parsed[0], cfg.parse_args(parsed[1])
-    device = cfg.resolve_device(config)
-    base = pretrain(config, device)
-    model = model_from_checkpoint(base, device)
-    saes = (sweep_point_saes(options.saes, base, model, device) if options.saes else
-            sae_stage.load_saes(sae_stage.train_sae_stage(config, device, base), model, device))
-    patch = spliced(saes, options.adapt_points)
-    train_ids, val_ids = corpus_of(config)
-    before = measure(model, saes, patch, val_ids, config, device)
-    add_adapters(model, config, min(patch), options.adapt_layers)
-    t0 = time.process_time()
-    losses = adapt(model, patch, train_ids, options, config, device, seed=config.seed)
-    cpu_seconds = time.process_time() - t0
-    after = measure(model, saes, patch, val_ids, config, device)
-    result = {"argv": argv, "points": sorted(patch), "layers": options.adapt_layers, "steps": options.adapt_steps,
-              "cpu_seconds": cpu_seconds, "loss_first": losses[0] if losses else None,
-              "loss_last": losses[-1] if losses else None, "before": before, "after": after}
-    source = f"_{os.path.splitext(os.path.basename(options.saes))[0]}" if options.saes else ""
-    name = f"{'-'.join(map(str, options.adapt_points)) or 'all'}_{options.adapt_layers}{source}.json"
-    cache.save_json(result, os.path.join(config.out_dir, config.run, "sae_adapt", name))
+    result = adapt_to_saes(config, options, cfg.resolve_device(config))
     print("| | CE without SAEs | compound CE increase | per point |\n|---|---|---|---|")
-    for label, m in (("before", before), ("after", after)):
+    for label in ("before", "after"):
+        m = result[label]
         per_point = ", ".join(f"{p}: {v:.3f}" for p, v in m["ce_increase"].items())
         print(f"| {label} | {m['clean_ce']:.4f} | {m['compound_ce_increase']:.4f} | {per_point} |")
-    print(f"KL {result['loss_first']:.4f} -> {result['loss_last']:.4f} in {options.adapt_steps} steps, "
-          f"{cpu_seconds / 60:.1f} CPU-minutes; total L0 {before['total_l0']:.1f}")
+    print(f"KL {result['loss_first']:.4f} -> {result['loss_last']:.4f} in {result['steps']} steps, "
+          f"{result['seconds'] / 60:.1f} min ({result['cpu_seconds'] / 60:.1f} CPU-min); total L0 "
+          f"{result['before']['total_l0']:.1f} before, {result['after']['total_l0']:.1f} after")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""
+r"""
 SAE-regularized pretraining: does training a model jointly with SAEs make its activations easier to decompose?
 
 For each seed, a normal model and an SAE-regularized one (`--sae_reg_lambda`; same steps, learning rate and data)

@@ -67,8 +67,8 @@ def test_resuming_a_sweep_reproduces_the_uninterrupted_result(tmp_path, monkeypa
             assert a["points"] == b["points"]
 
 
-def test_a_study_under_another_norm_shares_the_normal_model_and_its_saes_can_be_adapted_to(tmp_path):
-    from bench import sae_adapt
+def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt_every_model(tmp_path):
+    from bench import sae_adapt, sae_routes
 
     argv = SAE_REG + [f"--out_dir={tmp_path}", "--seeds=0", "--k=2"]
     sae_reg.main(argv)
@@ -81,14 +81,51 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_its_saes_can_be_
     assert var["regularized"]["0"]["val_ce"] != var["normal"]["0"]["val_ce"]  # its own model, regularized_var_seed0
     assert (study / "regularized_var_seed0" / "base.pt").exists() and (study / "sae_reg_var.md").exists()
 
-    normal = SAE_REG + [f"--out_dir={tmp_path}", "--sae_reg_lambda=0", "--run=default/sae_reg/normal_seed0"]
-    sae_adapt.main(normal + [f"--saes={study / 'normal_seed0' / 'sweep_0.pt'}", "--adapt_steps=2"])
-    result = json.loads((study / "normal_seed0" / "sae_adapt" / "all_all_sweep_0.json").read_text())
+    # the routes: both studies' models reused, each adapted to its sweep point's SAEs
+    assert jobs.run_script(sae_routes.main, argv + ["--norms=norm,var", "--adapt_steps=2"]) == 0
+    assert (study / "normal_seed0" / "base.pt").stat().st_mtime_ns == normal_model
+    runs = json.loads((study / "routes.json").read_text())
+    assert set(runs) == {f"{m}{a}" for m in ("normal", "regularized (norm)", "regularized (var)")
+                         for a in ("", " + adapted")}
     sweep_point = json.loads((study / "normal_seed0" / "sweep_0.json").read_text())
+    assert runs["normal"]["0"][0]["compound"] == sweep_point["compound_ce_increase"]
+    adapted = study / "normal_seed0" / "sae_adapt" / "all_all_sweep_0.json"
+    result = json.loads(adapted.read_text())
+    assert runs["normal + adapted"]["0"][0]["compound"] == result["after"]["compound_ce_increase"]
+    assert runs["normal + adapted"]["0"][0]["minutes"] > runs["normal"]["0"][0]["minutes"]
+    assert "| regularized (var) + adapted | 1 |" in (study / "routes.md").read_text()
+
+    normal = SAE_REG + [f"--out_dir={tmp_path}", "--sae_reg_lambda=0", "--run=default/sae_reg/normal_seed0",
+                        f"--saes={study / 'normal_seed0' / 'sweep_0.pt'}"]
+    written = adapted.stat().st_mtime_ns
+    sae_adapt.main(normal + ["--adapt_steps=2"])  # the same model, SAEs and keys: read, not adapted again
+    assert adapted.stat().st_mtime_ns == written
     assert result["before"]["compound_ce_increase"] == pytest.approx(sweep_point["compound_ce_increase"])
-    assert result["after"]["total_l0"] == result["before"]["total_l0"] and result["steps"] == 2
+    assert result["after"]["total_l0"] == result["before"]["total_l0"] and result["steps"] == 2  # TopK: L0 fixed
+    sae_adapt.main(normal + ["--adapt_steps=3"])  # another key: adapted again
+    assert json.loads(adapted.read_text())["steps"] == 3
     with pytest.raises(ValueError, match="trained on another model"):
-        sae_adapt.main(normal + [f"--saes={study / 'regularized_seed0' / 'sweep_0.pt'}"])
+        sae_adapt.main(normal[:-1] + [f"--saes={study / 'regularized_seed0' / 'sweep_0.pt'}"])
+    with pytest.raises(ValueError, match="--saes is not a key of this script"):
+        sae_routes.parse(argv + ["--saes=x.pt"])
+    with pytest.raises(ValueError, match="--norms='l2' is not valid; choose from: norm, norm2, var"):
+        sae_routes.parse(argv + ["--norms=l2"])
+
+
+def test_routes_are_compared_where_every_curve_reaches_and_marked_where_one_does_not():
+    from bench import sae_routes
+
+    def run(*points):  # (total L0, compound CE increase) per sweep point
+        return [{"total_l0": l0, "compound": ce, "clean_ce": 1.5, "minutes": 2.0} for l0, ce in points]
+
+    runs = {"normal": {0: run((100, 3.0), (200, 2.0)), 1: run((120, 3.0), (220, 1.0))},
+            "normal + adapted": {0: run((150, 1.0), (250, 0.5))}}
+    assert sae_routes.matched_l0s(runs) == [200, 175, 150]  # the range every curve covers: 150..200
+    assert sae_routes.at_l0(runs["normal"], 150, "compound") == pytest.approx((2.45, 0.05 * 2 ** 0.5))  # 2.5, 2.4
+    runs["regularized (var)"] = {0: run((20, 4.0), (40, 3.5))}  # no L0 in common with the others
+    assert sae_routes.matched_l0s(runs) == [110, 210]  # then the normal model's sweep points, mean over seeds
+    assert sae_routes.at_l0(runs["regularized (var)"], 110, "compound") is None
+    assert "| regularized (var) | 1 | outside its sweep | outside its sweep |" in sae_routes.table(runs)
 
 
 def test_the_gpt_circuits_preset_and_sweep_are_the_original_numbers():
