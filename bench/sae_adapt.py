@@ -11,7 +11,7 @@ p_orig is the model with its adapters switched off (the teacher: the original, f
 model with its adapters on and each SAE's reconstruction patched into the residual stream, every SAE reading the
 already-patched stream. The adapters start as the identity (B = 0), so at step 0 the student is the spliced
 original. Measured before and after, at the same SAEs (so the same L0): the compound and per-point CE increase, and
-the model's own CE on held-out text without SAEs; and the cost, in steps and CPU-seconds.
+the model's own CE on held-out text without SAEs; and the cost, in steps, wall seconds and CPU-seconds.
 
     python train.py --stage=sae --sae_points=0,1,2 --run=x      # a model and SAEs at every point (the pipeline's)
     python -m bench.sae_adapt --run=x --sae_points=0,1,2         # adapt the model to all of them at once
@@ -75,6 +75,8 @@ def sweep_point_saes(path, base, model, device):
         raise ValueError(f"--saes={path}: no such file (bench/sae_reg.py writes "
                          "out/<run>/sae_reg/<model>/sweep_<i>.pt)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if cache.tensor_hash(checkpoint["saes"]) != checkpoint.get("sha"):
+        raise ValueError(f"--saes={path}: the file's SAEs do not match their hash (damaged); rerun bench/sae_reg.py")
     if checkpoint.get("base") != base["sha"]:
         raise ValueError(f"--saes={path}: these SAEs were trained on another model than the one of --run and its "
                          "settings (give the run, seed and settings of the model they were trained on)")
@@ -147,9 +149,11 @@ def adapt_to_saes(config, options, device):
     name = f"{'-'.join(map(str, options.adapt_points)) or 'all'}_{options.adapt_layers}{source}.json"
     path = os.path.join(config.out_dir, config.run, "sae_adapt", name)
     adapt_options = {k: v for k, v in dataclasses.asdict(options).items() if k != "saes"}
+    code = [f"bench/sae_adapt.py:{f.__name__}" for f in (sweep_point_saes, spliced, add_adapters, adaptation_loss,
+                                                         adapt, measure, adapt_to_saes)]  # not main's printing
     key = cache.result_key({**cache.stage_config(config, "pretrain"), **adapt_options,
                             **{k: getattr(config, k) for k in ("lora_rank", "lora_alpha", "lora_targets")}},
-                           cache.stage_code(config, "pretrain", "sae") + ["bench/sae_adapt.py"], device,
+                           cache.stage_code(config, "pretrain", "sae") + code, device,
                            corpus_hash(config), {"base": base["sha"], "saes": saes_sha})
     cached = cache.load_json_result(path, key)
     if cached is not None:
@@ -179,9 +183,10 @@ def main(argv):
         m = result[label]
         per_point = ", ".join(f"{p}: {v:.3f}" for p, v in m["ce_increase"].items())
         print(f"| {label} | {m['clean_ce']:.4f} | {m['compound_ce_increase']:.4f} | {per_point} |")
-    print(f"KL {result['loss_first']:.4f} -> {result['loss_last']:.4f} in {result['steps']} steps, "
-          f"{result['seconds'] / 60:.1f} min ({result['cpu_seconds'] / 60:.1f} CPU-min); total L0 "
-          f"{result['before']['total_l0']:.1f} before, {result['after']['total_l0']:.1f} after")
+    if result["steps"]:
+        print(f"KL {result['loss_first']:.4f} -> {result['loss_last']:.4f} in {result['steps']} steps, "
+              f"{result['seconds'] / 60:.1f} min ({result['cpu_seconds'] / 60:.1f} CPU-min); total L0 "
+              f"{result['before']['total_l0']:.1f} before, {result['after']['total_l0']:.1f} after")
 
 
 if __name__ == "__main__":

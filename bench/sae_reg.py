@@ -298,13 +298,17 @@ def at_matched_l0(results, n=3):
     [] if the curves do not overlap."""
     runs = {v: [sorted((s["total_l0"], s["compound_ce_increase"]) for s in r["sweep"]) for r in results[v].values()]
             for v in COLORS}
-    every = [curve for v in runs for curve in runs[v]]
-    low, high = max(curve[0][0] for curve in every), min(curve[-1][0] for curve in every)
+    l0s = common_l0s([curve for v in runs for curve in runs[v]], n)
+    return [{"l0": l0, **{v: mean_std([interpolate(curve, l0) for curve in runs[v]]) for v in runs}} for l0 in l0s]
+
+
+def common_l0s(curves, n=3):
+    """n L0s spread evenly over the range every curve ([(L0, y)] sorted by L0) covers, largest first; [] if none."""
+    low, high = max(curve[0][0] for curve in curves), min(curve[-1][0] for curve in curves)
     if low > high:
         return []
     # the ends exactly, not as high - (high - low), which rounding can put just outside a curve
-    l0s = [high, *(high - (high - low) * i / (n - 1) for i in range(1, n - 1)), low] if high > low else [high]
-    return [{"l0": l0, **{v: mean_std([interpolate(curve, l0) for curve in runs[v]]) for v in runs}} for l0 in l0s]
+    return [high, *(high - (high - low) * i / (n - 1) for i in range(1, n - 1)), low] if high > low else [high]
 
 
 def plot(results, out, stem="sae_reg"):

@@ -17,10 +17,12 @@ sweep, which every route needs once, is left out of all).
     python -m bench.sae_routes --preset=gpt_circuits_cpu --sweep=original --corpus=../shared/data/tinyshakespeare.txt \
         --run=gpt_circuits_cpu --seeds=0 --sweep_points=4 --sweep_steps=3000 --sweep_batch_size=4096
 
-Its keys are bench/sae_reg.py's (the study: --seeds, --sweep, --sweep_points, ...), bench/sae_adapt.py's (the
-adaptation: --adapt_steps, --adapt_lr, --adapt_batch_size, --adapt_layers) and --norms; any other is the
-pipeline's. Every model, sweep point and adaptation is cached on its own, so an interrupted run resumes. Writes
-out/<run>/sae_reg/routes.json, routes.md and routes.png.
+Its keys are bench/sae_reg.py's (the study: --seeds, --sweep, --sweep_points, ...; not --estimate),
+bench/sae_adapt.py's (the adaptation: --adapt_steps, --adapt_lr, --adapt_batch_size, --adapt_points, --adapt_layers;
+not --saes) and --norms; any other is the pipeline's. Every model, sweep point and adaptation is cached on its own,
+so an interrupted run resumes (an adaptation is redone when its keys change: bench/sae_adapt.py run by hand with other
+--adapt_* keys on the same sweep point replaces the file). Writes out/<run>/sae_reg/routes.json, routes.md and
+routes.png.
 """
 
 import dataclasses
@@ -45,7 +47,7 @@ from report import fmt, mean_std, save_figure
 class Options(sae_reg.Options, sae_adapt.Options):
     # bench/sae_routes.py: bench/sae_reg.py's keys and bench/sae_adapt.py's (but --estimate and --saes), and
     norms: tuple[str, ...] = ("norm", "var")  # the regularized models: one per division of the joint SAEs' error
-    CHOICES = {**sae_reg.Options.CHOICES, **sae_adapt.Options.CHOICES, "norms": ("norm", "norm2", "var")}
+    CHOICES = {**sae_reg.Options.CHOICES, **sae_adapt.Options.CHOICES, "norms": cfg.CHOICES["sae_reg_norm"]}
     AT_LEAST_ZERO = sae_reg.Options.AT_LEAST_ZERO + sae_adapt.Options.AT_LEAST_ZERO
 
 
@@ -60,7 +62,7 @@ def parse(argv):
         raise ValueError(f"--{'estimate' if options.estimate else 'saes'} is not a key of this script (it runs "
                          "every model's study and adapts each model to each of its sweep points)")
     if not options.norms:
-        raise ValueError("--norms needs at least one of: norm, norm2, var")
+        raise ValueError(f"--norms needs at least one of: {', '.join(cfg.CHOICES['sae_reg_norm'])}")
     not_the_study = {f.name for f in dataclasses.fields(sae_adapt.Options)} | {"norms"}
     return options, sae_reg.parse([a for a in argv if a[2:].split("=", 1)[0] not in not_the_study])[1]
 
@@ -73,7 +75,7 @@ def models(config, norms, seed):
 
 
 def route_runs(config, options, device):
-    """{route: {seed: [one dict per sweep point: total_l0, compound, clean_ce, minutes (and, adapted, kl_first,
+    """{route: {str(seed): [one dict per sweep point: total_l0, compound, clean_ce, minutes (and, adapted, kl_first,
     kl_last)]}} for every model and the same model adapted to each sweep point's SAEs."""
     adapt_options = sae_adapt.Options(**{f.name: getattr(options, f.name)
                                          for f in dataclasses.fields(sae_adapt.Options)})
@@ -83,8 +85,8 @@ def route_runs(config, options, device):
             variant = "normal" if name == "normal" else "regularized"
             study = sae_reg.fresh_sae_sweep(model_config, sae_reg.sweep(model_config, options, variant), device)
             summary = cache.read_json(os.path.join(model_config.out_dir, model_config.run, "pretrain.json"))
-            minutes = model_config.max_iters * summary["ms_per_iter"] / 60_000  # its steps, at its time a step
-            runs.setdefault(name, {})[seed] = [
+            minutes = summary["history"][-1]["iter"] * summary["ms_per_iter"] / 60_000  # its steps, at its time a step
+            runs.setdefault(name, {})[str(seed)] = [
                 {"total_l0": s["total_l0"], "compound": s["compound_ce_increase"], "clean_ce": s["clean_ce"],
                  "minutes": minutes} for s in study["sweep"]]
             adapted = []
@@ -94,19 +96,20 @@ def route_runs(config, options, device):
                 adapted.append({"total_l0": r["after"]["total_l0"], "compound": r["after"]["compound_ce_increase"],
                                 "clean_ce": r["after"]["clean_ce"], "minutes": minutes + r["seconds"] / 60,
                                 "kl_first": r["loss_first"], "kl_last": r["loss_last"]})
-            runs.setdefault(f"{name} + adapted", {})[seed] = adapted
+            runs.setdefault(f"{name} + adapted", {})[str(seed)] = adapted
     return runs
 
 
 def matched_l0s(runs, n=3):
-    """n total L0s spread evenly over the range every seed's curve of every route covers (largest first); where the
-    curves have no range in common, the normal model's sweep points' L0s (mean over seeds), read where covered."""
-    curves = [sorted(s["total_l0"] for s in run) for route in runs.values() for run in route.values()]
-    low, high = max(c[0] for c in curves), min(c[-1] for c in curves)
-    if low < high:
-        return [high - (high - low) * i / (n - 1) for i in range(n)]
-    normal = list(runs["normal"].values())
-    return [mean_std([run[i]["total_l0"] for run in normal])[0] for i in range(len(normal[0]))]
+    """n total L0s spread evenly over the range every seed's curve of every route covers, largest first; where the
+    routes share no range, over the normal model's (the other routes are read where they reach); [] if its seeds
+    share none either."""
+    for compared in (runs, {"normal": runs["normal"]}):
+        curves = [sorted((s["total_l0"], 0.0) for s in run) for route in compared.values() for run in route.values()]
+        l0s = sae_reg.common_l0s(curves, n)
+        if l0s:
+            return l0s
+    return []
 
 
 def at_l0(route, l0, field):
@@ -142,16 +145,16 @@ def table(runs):
         for i in range(len(next(iter(route.values())))):
             points = [run[i] for run in route.values()]
             kl = (" / ".join(f"{mean_std([p[k] for p in points])[0]:.3f}" for k in ("kl_first", "kl_last"))
-                  if "kl_first" in points[0] else "")
+                  if points[0].get("kl_first") is not None else "")
             lines.append(f"| {name} | {i} | {mean_std([p['total_l0'] for p in points])[0]:.1f} | " +
                          fmt(*mean_std([p["compound"] for p in points])) + " | " +
                          fmt(*mean_std([p["clean_ce"] for p in points])) + f" | {kl} |")
     return "\n".join(lines)
 
 
-def plot(runs, path):
+def plot(runs, path, published=False):
     """Compound CE increase against total L0: each route's sweep points (mean over seeds; an adapted route dashed in
-    its model's colour), with the original study's published points."""
+    its model's colour), with the original study's published points (published=True: the original's sweep)."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     colors = {}
     for name, route in runs.items():
@@ -162,10 +165,11 @@ def plot(runs, path):
         ce = [mean_std([run[i]["compound"] for run in route.values()]) for i in range(n)]
         ax.errorbar(l0, [m for m, _ in ce], yerr=[s for _, s in ce], marker="o", color=color, capsize=3,
                     linestyle="--" if name.endswith("adapted") else "-", label=name)
-    for variant, marker_color in (("normal", "C0"), ("regularized", "C1")):
-        l0, ce = sae_reg.ORIGINAL["published"][variant]["compound"]
-        ax.scatter([l0], [ce], marker="*", s=180, color=marker_color, edgecolor="black", zorder=3,
-                   label=f"{variant} (original, published)")
+    for variant, route in (("normal", "normal"), ("regularized", "regularized (norm)")):
+        if published and route in colors:  # the original regularized under its own norm
+            l0, ce = sae_reg.ORIGINAL["published"][variant]["compound"]
+            ax.scatter([l0], [ce], marker="*", s=180, color=colors[route], edgecolor="black", zorder=3,
+                       label=f"{variant} (original, published)")
     ax.set(xlabel="total L0 (sum over points)", ylabel="compound CE increase (nats)",
            title="every point's SAE spliced in at once")
     ax.legend(fontsize=7)
@@ -182,7 +186,7 @@ def main(argv):
     runs = route_runs(config, options, cfg.resolve_device(config))
     out = os.path.join(config.out_dir, config.run, "sae_reg")
     cache.save_json(runs, os.path.join(out, "routes.json"))
-    plot(runs, os.path.join(out, "routes.png"))
+    plot(runs, os.path.join(out, "routes.png"), published=options.sweep == "original")
     text = table(runs)
     cache.save_text(f"Command: `python -m bench.sae_routes {' '.join(argv)}`\n\n{text}\n",
                     os.path.join(out, "routes.md"))

@@ -82,8 +82,12 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt
     assert (study / "regularized_var_seed0" / "base.pt").exists() and (study / "sae_reg_var.md").exists()
 
     # the routes: both studies' models reused, each adapted to its sweep point's SAEs
+    models = {m: (study / m / "base.pt").stat().st_mtime_ns for m in ("normal_seed0", "regularized_seed0",
+                                                                      "regularized_var_seed0")}
+    sweeps = (study / "regularized_var_seed0" / "sweep_0.json").stat().st_mtime_ns
     assert jobs.run_script(sae_routes.main, argv + ["--norms=norm,var", "--adapt_steps=2"]) == 0
-    assert (study / "normal_seed0" / "base.pt").stat().st_mtime_ns == normal_model
+    assert models == {m: (study / m / "base.pt").stat().st_mtime_ns for m in models}
+    assert (study / "regularized_var_seed0" / "sweep_0.json").stat().st_mtime_ns == sweeps
     runs = json.loads((study / "routes.json").read_text())
     assert set(runs) == {f"{m}{a}" for m in ("normal", "regularized (norm)", "regularized (var)")
                          for a in ("", " + adapted")}
@@ -92,7 +96,8 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt
     adapted = study / "normal_seed0" / "sae_adapt" / "all_all_sweep_0.json"
     result = json.loads(adapted.read_text())
     assert runs["normal + adapted"]["0"][0]["compound"] == result["after"]["compound_ce_increase"]
-    assert runs["normal + adapted"]["0"][0]["minutes"] > runs["normal"]["0"][0]["minutes"]
+    assert runs["normal + adapted"]["0"][0]["minutes"] == pytest.approx(
+        runs["normal"]["0"][0]["minutes"] + result["seconds"] / 60)  # the model, then its adaptation
     assert "| regularized (var) + adapted | 1 |" in (study / "routes.md").read_text()
 
     normal = SAE_REG + [f"--out_dir={tmp_path}", "--sae_reg_lambda=0", "--run=default/sae_reg/normal_seed0",
@@ -123,9 +128,12 @@ def test_routes_are_compared_where_every_curve_reaches_and_marked_where_one_does
     assert sae_routes.matched_l0s(runs) == [200, 175, 150]  # the range every curve covers: 150..200
     assert sae_routes.at_l0(runs["normal"], 150, "compound") == pytest.approx((2.45, 0.05 * 2 ** 0.5))  # 2.5, 2.4
     runs["regularized (var)"] = {0: run((20, 4.0), (40, 3.5))}  # no L0 in common with the others
-    assert sae_routes.matched_l0s(runs) == [110, 210]  # then the normal model's sweep points, mean over seeds
-    assert sae_routes.at_l0(runs["regularized (var)"], 110, "compound") is None
-    assert "| regularized (var) | 1 | outside its sweep | outside its sweep |" in sae_routes.table(runs)
+    assert sae_routes.matched_l0s(runs) == [200, 160, 120]  # then the normal model's range, 120..200
+    assert all(sae_routes.at_l0(runs["normal"], l0, "compound") for l0 in (200, 160, 120))
+    assert sae_routes.at_l0(runs["normal + adapted"], 120, "compound") is None  # it starts at 150
+    assert "| regularized (var) | 1 | outside its sweep | outside its sweep | outside its sweep |" in sae_routes.table(
+        runs)
+    assert sae_routes.matched_l0s({"normal": {0: run((100, 3.0), (120, 2.0)), 1: run((130, 3.0), (150, 2.0))}}) == []
 
 
 def test_the_gpt_circuits_preset_and_sweep_are_the_original_numbers():
