@@ -167,7 +167,8 @@ def adapt_to_saes(config, options, device):
     after = measure(model, saes, patch, val_ids, config, device)
     result = {"key": key, "points": sorted(patch), "layers": options.adapt_layers, "steps": options.adapt_steps,
               "seconds": seconds, "cpu_seconds": cpu_seconds, "loss_first": losses[0] if losses else None,
-              "loss_last": losses[-1] if losses else None, "before": before, "after": after}
+              "loss_last": losses[-1] if losses else None, "before": before, "after": after,
+              "kl_by_tenth": [c.mean().item() for c in torch.tensor(losses).chunk(10)] if losses else []}
     cache.save_json(result, path)
     return cache.read_json(path)  # one form for every caller: JSON's string keys
 

@@ -107,6 +107,7 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt
     assert adapted.stat().st_mtime_ns == written
     assert result["before"]["compound_ce_increase"] == pytest.approx(sweep_point["compound_ce_increase"])
     assert result["after"]["total_l0"] == result["before"]["total_l0"] and result["steps"] == 2  # TopK: L0 fixed
+    assert result["kl_by_tenth"] == pytest.approx([result["loss_first"], result["loss_last"]])  # 2 steps: 2 tenths
     sae_adapt.main(normal + ["--adapt_steps=3"])  # another key: adapted again
     assert json.loads(adapted.read_text())["steps"] == 3
     with pytest.raises(ValueError, match="trained on another model"):
