@@ -10,8 +10,9 @@ what the original predicts, on ordinary text:
 p_orig is the model with its adapters switched off (the teacher: the original, frozen, no copy made), p_spliced the
 model with its adapters on and each SAE's reconstruction patched into the residual stream, every SAE reading the
 already-patched stream. The adapters start as the identity (B = 0), so at step 0 the student is the spliced
-original. Measured before and after, at the same SAEs (so the same L0): the compound and per-point CE increase, and
-the model's own CE on held-out text without SAEs; and the cost, in steps, wall seconds and CPU-seconds.
+original. Measured before and after, with the same SAEs: the compound and per-point CE increase and the total L0
+(a TopK SAE's L0 is fixed; a ReLU SAE's moves where an adapted block changes what it reads), and the model's own CE
+on held-out text without SAEs; and the cost, in steps, wall seconds and CPU-seconds.
 
     python train.py --stage=sae --sae_points=0,1,2 --run=x      # a model and SAEs at every point (the pipeline's)
     python -m bench.sae_adapt --run=x --sae_points=0,1,2         # adapt the model to all of them at once
