@@ -47,6 +47,8 @@ import sae_stage
 import train
 from jobs import progress
 from evaluate import sae_metrics
+from data.corpus import get_batch
+from data.tokenizer import decode
 from model import model_from_checkpoint
 from pretrain import corpus_hash, corpus_of, pretrain
 from report import fmt, mean_std, save_figure
@@ -202,6 +204,39 @@ def fresh_sae_sweep(config, points_of_sweep, device):
             "norms": summary["history"][-1].get("norms", {})}
 
 
+def variance_by_token(x, tokens):
+    """x: (N, d) activations, tokens: (N,) the token at each. The share of the token-to-token variance held by the
+    tokens of each vocabulary entry v, and v's share of the tokens:
+
+        variance_share(v) = sum_{t: tokens_t = v} ||x_t - mu||^2 / sum_t ||x_t - mu||^2,   mu = mean_t x_t
+
+    Returns {'token', 'variance_share', 'token_share'} of the entry holding the largest share. A variance share far
+    above the token share means one vector on one token carries what varies: a single SAE latent reconstructs it."""
+    x = x.double()
+    centered = ((x - x.mean(0)) ** 2).sum(-1)
+    by_token = torch.zeros(int(tokens.max()) + 1, dtype=torch.float64).index_add_(0, tokens, centered)
+    top = int(by_token.argmax())
+    return {"token": top, "variance_share": (by_token[top] / centered.sum()).item(),
+            "token_share": (tokens == top).double().mean().item()}
+
+
+@torch.no_grad()
+def variance_by_character(config, device, n_batches=20, batch_size=32, seed=1234):
+    """{point: variance_by_token} of the model of config at every residual point, on the held-out windows that
+    evaluate.sae_metrics reads (the same seed), the token named as its character."""
+    model = model_from_checkpoint(pretrain(config, device), device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    windows = torch.cat([get_batch(corpus_of(config)[1], batch_size, config.block_size, generator, device)[0]
+                         for _ in range(n_batches)])
+    points = range(config.n_layer + 1)
+    residuals = model(windows, read=points)[2]
+    result = {}
+    for p in points:
+        top = variance_by_token(residuals[p].flatten(0, 1), windows.flatten())
+        result[str(p)] = {**top, "token": decode([top["token"]])}
+    return result
+
+
 def unigram_ce(train_ids, val_ids, vocab_size):
     """The held-out CE of a model that ignores context: -mean_t log p(y_t), p(v) = (count of v in train + 1) /
     (train tokens + vocab_size). A spliced model whose CE passes it does worse than one that ignores context."""
@@ -232,6 +267,7 @@ def main(argv):
             variant_config = variant_of(config, variant, seed)
             results[variant][str(seed)] = fresh_sae_sweep(variant_config, sweep(variant_config, options, variant),
                                                           device)
+            results[variant][str(seed)]["by_character"] = variance_by_character(variant_config, device)
     stem = "sae_reg" + ("" if config.sae_reg_norm == ORIGINAL_NORM else f"_{config.sae_reg_norm}")
     cache.save_json(results, os.path.join(out, f"{stem}.json"))
     plot(results, out, stem)
@@ -382,8 +418,9 @@ def plot(results, out, stem="sae_reg"):
 def table(results):
     """Markdown: val CE and, per sweep point, total L0 and compound CE increase, normal vs regularized (mean ± std
     over seeds); both at matched total L0; per point at the first sweep point; what of each point's activations is
-    constant (evaluate.second_moment_split); then the mean activation norm at each point along pretraining (first,
-    middle, last evaluation)."""
+    constant (evaluate.second_moment_split), and the character whose tokens hold the most of what varies
+    (variance_by_token); then the mean activation norm at each point along pretraining (first, middle, last
+    evaluation)."""
     lines = ["| model | val CE | ms/iter | sweep point | total L0 | compound CE increase |",
              "|---|---|---|---|---|---|"]
     for variant in COLORS:
@@ -424,6 +461,15 @@ def table(results):
         lines.append(f"| {variant} | " + " | ".join(
             fmt(*mean_std([r["activations"][p]["mean_share"] for r in runs]), digits=2) + ", " +
             fmt(*mean_std([r["activations"][p]["centered_rms"] for r in runs]), digits=2) for p in points) + " |")
+    if all("by_character" in r for v in COLORS for r in results[v].values()):
+        lines += ["", "The character whose tokens hold the largest share of each point's token-to-token variance "
+                  "E\\|\\|x - mu\\|\\|^2 (each seed: the character, its share of the variance / its share of the "
+                  "tokens):", "", "| model | " + " | ".join(f"point {p}" for p in points) + " |",
+                  "|---|" + "---|" * len(points)]
+        for variant in COLORS:
+            lines.append(f"| {variant} | " + " | ".join("; ".join(
+                f"{c['token']!r} {c['variance_share']:.2f} / {c['token_share']:.2f}"
+                for c in (r["by_character"][p] for r in results[variant].values())) for p in points) + " |")
     history = next(iter(results["normal"].values()))["norms_during_training"]
     shown = sorted({0, len(history) // 2, len(history) - 1})  # the first, a middle and the last evaluation
     steps = [history[i]["iter"] for i in shown]

@@ -80,6 +80,9 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt
     assert var["norm"] == "var" and var["normal"] == json.loads((study / "sae_reg.json").read_text())["normal"]
     assert var["regularized"]["0"]["val_ce"] != var["normal"]["0"]["val_ce"]  # its own model, regularized_var_seed0
     assert (study / "regularized_var_seed0" / "base.pt").exists() and (study / "sae_reg_var.md").exists()
+    by_character = var["regularized"]["0"]["by_character"]
+    assert set(by_character) == {"0", "1"} and 0 < by_character["1"]["variance_share"] <= 1  # points 0..n_layer
+    assert "The character whose tokens hold the largest share" in (study / "sae_reg_var.md").read_text()
 
     # the routes: both studies' models reused, each adapted to its sweep point's SAEs
     models = {m: (study / m / "base.pt").stat().st_mtime_ns for m in ("normal_seed0", "regularized_seed0",
@@ -116,6 +119,15 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt
         sae_routes.parse(argv + ["--saes=x.pt"])
     with pytest.raises(ValueError, match="--norms='l2' is not valid; choose from: norm, norm2, var"):
         sae_routes.parse(argv + ["--norms=l2"])
+
+
+def test_the_variance_held_by_one_token_is_computed_as_by_hand():
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0], [0.0, 0.0]])  # mu = (0.5, 0): 0.25, 0.25, 2.25, 0.25
+    assert sae_reg.variance_by_token(x, torch.tensor([5, 6, 7, 6])) == pytest.approx(
+        {"token": 7, "variance_share": 2.25 / 3.0, "token_share": 0.25})
+    x = torch.tensor([[1.0], [1.0], [3.0], [3.0]])  # every token the same distance from the mean: ties go to the first
+    assert sae_reg.variance_by_token(x, torch.tensor([2, 4, 2, 4])) == pytest.approx(
+        {"token": 2, "variance_share": 0.5, "token_share": 0.5})
 
 
 def test_routes_are_compared_where_every_curve_reaches_and_marked_where_one_does_not():
