@@ -98,7 +98,9 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt
     assert runs["normal"]["0"][0]["compound"] == sweep_point["compound_ce_increase"]
     adapted = study / "normal_seed0" / "sae_adapt" / "all_all_sweep_0.json"
     result = json.loads(adapted.read_text())
-    assert runs["normal + adapted"]["0"][0]["compound"] == result["after"]["compound_ce_increase"]
+    before, after = result["before"], result["after"]  # the spliced adapted model against the model it started as
+    assert runs["normal + adapted"]["0"][0]["compound"] == pytest.approx(
+        after["clean_ce"] + after["compound_ce_increase"] - before["clean_ce"])
     assert runs["normal + adapted"]["0"][0]["minutes"] == pytest.approx(
         runs["normal"]["0"][0]["minutes"] + result["seconds"] / 60)  # the model, then its adaptation
     assert "| regularized (var) + adapted | 1 |" in (study / "routes.md").read_text()
@@ -134,7 +136,8 @@ def test_routes_are_compared_where_every_curve_reaches_and_marked_where_one_does
     from bench import sae_routes
 
     def run(*points):  # (total L0, compound CE increase) per sweep point
-        return [{"total_l0": l0, "compound": ce, "clean_ce": 1.5, "minutes": 2.0} for l0, ce in points]
+        return [{"total_l0": l0, "compound": ce, "clean_ce": 1.5, "spliced_ce": 1.5 + ce, "minutes": 2.0}
+                for l0, ce in points]
 
     runs = {"normal": {0: run((100, 3.0), (200, 2.0)), 1: run((120, 3.0), (220, 1.0))},
             "normal + adapted": {0: run((150, 1.0), (250, 0.5))}}
