@@ -147,9 +147,10 @@ def table(runs):
                      + f" | {fmt(*clean)} | {minutes:.1f} |")
     lines += ["", "Compound CE increase: the CE of the spliced model (every point's SAE in at once) minus the CE of "
               "the model the route starts from, without SAEs (an adapted route: the model before adaptation). CE "
-              "without SAEs: on held-out text (evaluate.sae_metrics' windows); an adapted route's is the adapted model's, the "
-              "mean over its adaptations, one to each sweep point's SAEs, and over seeds. Minutes: the model's "
-              "pretraining steps at its measured time a step, plus the adaptation's wall time for an adapted route.",
+              "without SAEs: on held-out text (evaluate.sae_metrics' windows); an adapted route's is the adapted "
+              "model's, the mean over its adaptations, one to each sweep point's SAEs, and over seeds. Minutes: the "
+              "model's pretraining steps at its measured time a step, plus the adaptation's wall time for an adapted "
+              "route.",
               "", "| route | sweep point | total L0 (mean over seeds) | compound CE increase | CE without SAEs | CE "
               "with SAEs spliced | KL at the first / last adaptation step |", "|---|---|---|---|---|---|---|"]
     for name, route in runs.items():
