@@ -174,8 +174,9 @@ def plot(runs, path, published=False):
         model = name.removesuffix(" + adapted")
         color = colors.setdefault(model, f"C{len(colors)}")
         n = len(next(iter(route.values())))
-        l0 = [mean_std([run[i]["total_l0"] for run in route.values()])[0] for i in range(n)]
-        ce = [mean_std([run[i]["compound"] for run in route.values()]) for i in range(n)]
+        points = sorted((mean_std([run[i]["total_l0"] for run in route.values()])[0],
+                         mean_std([run[i]["compound"] for run in route.values()])) for i in range(n))
+        l0, ce = [l0 for l0, _ in points], [ce for _, ce in points]  # in order of L0, which adaptation reorders
         ax.errorbar(l0, [m for m, _ in ce], yerr=[s for _, s in ce], marker="o", color=color, capsize=3,
                     linestyle="--" if name.endswith("adapted") else "-", label=name)
     for variant, route in (("normal", "normal"), ("regularized", "regularized (norm)")):
