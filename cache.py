@@ -59,8 +59,13 @@ STAGE_CODE = {  # the project's code each stage runs, beside that of the stages 
 
 
 def stage_config(config, *stages):
-    """The config fields the given stages' results depend on."""
-    return {key: getattr(config, key) for stage in stages for key in STAGE_KEYS[stage]}
+    """The config fields the given stages' results depend on; a corpus file by its absolute path, so that the same
+    file named from another folder (../shared/x.txt, /work/shared/x.txt) is the same key (its content is keyed by its
+    hash, result_key's corpus_hash)."""
+    part = {key: getattr(config, key) for stage in stages for key in STAGE_KEYS[stage]}
+    if part.get("corpus"):
+        part["corpus"] = os.path.abspath(part["corpus"])
+    return part
 
 
 def stage_code(config, *stages):

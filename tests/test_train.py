@@ -141,6 +141,15 @@ def test_a_change_of_corpus_or_device_redoes_the_stage(tmp_path, monkeypatch, ca
     assert "different device" in capsys.readouterr().out
 
 
+def test_a_corpus_named_from_another_folder_is_the_same_key(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path / "data")
+    relative = cache.stage_config(tiny_config(tmp_path, "--corpus=../text.txt"), "pretrain")
+    absolute = cache.stage_config(tiny_config(tmp_path, f"--corpus={tmp_path / 'text.txt'}"), "pretrain")
+    assert relative == absolute and relative["corpus"] == str(tmp_path / "text.txt")
+    assert cache.stage_config(tiny_config(tmp_path), "pretrain")["corpus"] == ""  # the generated corpus: no path
+
+
 def test_a_redone_pretraining_invalidates_the_saes_built_on_it(tmp_path, capsys):
     config = tiny_config(tmp_path, "--sae_steps=5", "--sae_tokens=1000", "--sae_batch_size=64")
     base = train.pretrain(config, "cpu")
