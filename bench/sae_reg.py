@@ -211,7 +211,7 @@ def variance_by_token(x, tokens):
         variance_share(v) = sum_{t: tokens_t = v} ||x_t - mu||^2 / sum_t ||x_t - mu||^2,   mu = mean_t x_t
 
     Returns {'token', 'variance_share', 'token_share'} of the entry holding the largest share. A variance share far
-    above the token share means one vector on one token carries what varies: a single SAE latent reconstructs it."""
+    above the token share means one vector on one token carries what varies, which one SAE latent could reconstruct."""
     x = x.double()
     centered = ((x - x.mean(0)) ** 2).sum(-1)
     by_token = torch.zeros(int(tokens.max()) + 1, dtype=torch.float64).index_add_(0, tokens, centered)
@@ -225,8 +225,8 @@ def variance_by_character(config, device, n_batches=20, batch_size=32, seed=1234
     """{point: variance_by_token} of the model of config at every residual point, on the held-out windows that
     evaluate.sae_metrics reads (the same seed), the token named as its character."""
     model = model_from_checkpoint(pretrain(config, device), device).eval()
-    generator = torch.Generator().manual_seed(seed)
-    windows = torch.cat([get_batch(corpus_of(config)[1], batch_size, config.block_size, generator, device)[0]
+    val_ids, generator = corpus_of(config)[1], torch.Generator().manual_seed(seed)
+    windows = torch.cat([get_batch(val_ids, batch_size, config.block_size, generator, device)[0]
                          for _ in range(n_batches)])
     points = range(config.n_layer + 1)
     residuals = model(windows, read=points)[2]
