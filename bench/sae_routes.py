@@ -179,11 +179,11 @@ def plot(runs, path, published=False):
         l0, ce = [l0 for l0, _ in points], [ce for _, ce in points]  # in order of L0, which adaptation reorders
         ax.errorbar(l0, [m for m, _ in ce], yerr=[s for _, s in ce], marker="o", color=color, capsize=3,
                     linestyle="--" if name.endswith("adapted") else "-", label=name)
-    for variant, route in (("normal", "normal"), ("regularized", "regularized (norm)")):
-        if published and route in colors:  # the original regularized under its own norm
+    for variant, fill in (("normal", "white"), ("regularized", "black")):  # in black and white: its own SAEs
+        if published:
             l0, ce = sae_reg.ORIGINAL["published"][variant]["compound"]
-            ax.scatter([l0], [ce], marker="*", s=180, color=colors[route], edgecolor="black", zorder=3,
-                       label=f"{variant} (original, published)")
+            ax.scatter([l0], [ce], marker="*", s=180, color=fill, edgecolor="black", zorder=3,
+                       label=f"{variant}{', norm' if variant == 'regularized' else ''} (original, published)")
     ax.set(xlabel="total L0 (sum over points)", ylabel="compound CE increase (nats)",
            title="every point's SAE spliced in at once")
     ax.legend(fontsize=7)
