@@ -19,8 +19,8 @@ schedule (ORIGINAL below, read from peterlai/gpt-circuits). This script's keys a
 them); any other --key=value is the pipeline's (the regularized model's lambda is --sae_reg_lambda). Each
 model is a cached pretraining run that resumes from its last checkpoint, and each sweep point of each model is
 cached on its own (out/<run>/sae_reg/<variant>_seed<s>/sweep_<i>.json, its fresh SAEs in sweep_<i>.pt for
-bench/sae_adapt.py), so an interrupted study resumes per model and per sweep point. Writes
-out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
+bench/sae_adapt.py, and the same SAEs with least-squares decoders in sweep_<i>_refit.json), so an interrupted study
+resumes per model and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
 
 `--sae_reg_norm=var` (or norm2) under the same --run is a third model beside the two: the regularized model under
 that norm (regularized_var_seed<s>) against the normal models already there (the normal model divides nothing, so
@@ -237,6 +237,93 @@ def variance_by_character(config, device, n_batches=20, batch_size=32, seed=1234
     return result
 
 
+def least_squares_decoder(pairs, ridge=1e-8):
+    r"""(W, c): the linear decoder that reads codes best, fit by least squares on (z, x) chunks ((N, m) codes, (N, d)
+    activations):
+
+        (W, c) = argmin_{W, c} sum_n ||x_n - z_n W - c||^2 + ridge * mean_j (z^T z)_jj * ||W||^2
+
+    solved by the normal equations in float64, accumulated chunk by chunk (no (N, m) matrix of every token is kept);
+    the tiny ridge only gives a latent that never fires the weight 0."""
+    gram = rhs = None
+    for z, x in pairs:
+        design = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1).double()
+        gram = design.T @ design if gram is None else gram + design.T @ design
+        rhs = design.T @ x.double() if rhs is None else rhs + design.T @ x.double()
+    penalty = torch.full((gram.size(0),), ridge * gram.diagonal()[:-1].mean().item(), dtype=torch.float64,
+                         device=gram.device)
+    penalty[-1] = 0.0  # the bias c is not penalised
+    solution = torch.linalg.solve(gram + torch.diag(penalty), rhs)
+    return solution[:-1].float(), solution[-1].float()
+
+
+class RefitDecoder(torch.nn.Module):
+    """An SAE's encoder with the least-squares decoder of its codes (least_squares_decoder): xhat = encode(x) W + c.
+    Spliced in like the SAE (evaluate.sae_metrics reads its reconstruct, config and call), it measures how much of
+    the SAE's error is its decoder (an L1 penalty shrinks the codes and bends the decoder towards sparsity; the
+    best decoder of the same codes undoes what it can) and how much is in the codes themselves (same L0)."""
+
+    def __init__(self, sae, W, c):
+        super().__init__()
+        self.sae, self.config, self.W, self.c = sae, sae.config, W, c
+
+    def reconstruct(self, x):
+        z = self.sae.encode(x)
+        return z @ self.W + self.c, z
+
+    def forward(self, x):
+        return self.reconstruct(x)[0]
+
+
+@torch.no_grad()
+def decoder_refit(config, points_of_sweep, device, chunk=20_000):
+    """Per sweep point of the model of config: its SAEs on held-out text with their own decoders (the sweep's
+    numbers) and with the least-squares decoders of their codes, fit on the activations they were trained on
+    (the same config.sae_tokens tokens, the same seed): compound CE increase, and FVU and CE increase per point.
+    Cached per sweep point beside its SAEs (sweep_<i>_refit.json), under a key of the SAEs and this code."""
+    from bench.sae_adapt import sweep_point_saes  # bench/sae_adapt.py imports nothing of this script
+
+    base = pretrain(config, device)
+    model = model_from_checkpoint(base, device).eval()
+    train_ids, val_ids = corpus_of(config)
+    points = tuple(range(config.n_layer + 1))
+    activations, results = None, []
+    for i, (label, _, _) in enumerate(points_of_sweep):
+        folder = os.path.join(config.out_dir, config.run)
+        saes, sha = sweep_point_saes(os.path.join(folder, f"sweep_{i}.pt"), base, model, device)
+        key = cache.result_key({**cache.stage_config(config, "pretrain"), "refit_of": sha,
+                                "sae_tokens": config.sae_tokens, "seed": config.seed},
+                               cache.stage_code(config, "pretrain", "sae") + [
+                                   f"bench/sae_reg.py:{name}" for name in
+                                   ("least_squares_decoder", "RefitDecoder", "decoder_refit")],
+                               device, corpus_hash(config), {"base": base["sha"]})
+        path = os.path.join(folder, f"sweep_{i}_refit.json")
+        cached = cache.load_json_result(path, key)
+        if cached is None:
+            if activations is None:  # the tokens the sweep's SAEs were trained on (fresh_sae_sweep)
+                activations = collect_activations(model, train_ids, points, config.sae_tokens, config.block_size,
+                                                  config.seed)
+            refit = {}
+            for p, sae in saes.items():
+                x = activations[p]
+                W, c = least_squares_decoder((sae.encode(x[s:s + chunk]), x[s:s + chunk])
+                                             for s in range(0, len(x), chunk))
+                refit[p] = RefitDecoder(sae, W, c)
+            own = cache.read_json(os.path.join(folder, f"sweep_{i}.json"))
+            metrics = sae_metrics(model, refit, val_ids, config.block_size, device)
+            cache.save_json({"key": key, "label": label, "total_l0": own["total_l0"],
+                             "compound": own["compound_ce_increase"],
+                             "compound_refit": metrics["compound_ce_increase"],
+                             "points": {str(p): {"fvu": own["points"][str(p)]["fvu"],
+                                                 "fvu_refit": m["fvu"],
+                                                 "ce_increase": own["points"][str(p)]["ce_increase"],
+                                                 "ce_increase_refit": m["ce_increase"]}
+                                        for p, m in metrics["points"].items()}}, path)
+            cached = cache.read_json(path)
+        results.append(cached)
+    return results
+
+
 def unigram_ce(train_ids, val_ids, vocab_size):
     """The held-out CE of a model that ignores context: -mean_t log p(y_t), p(v) = (count of v in train + 1) /
     (train tokens + vocab_size). A spliced model whose CE passes it does worse than one that ignores context."""
@@ -268,6 +355,8 @@ def main(argv):
             results[variant][str(seed)] = fresh_sae_sweep(variant_config, sweep(variant_config, options, variant),
                                                           device)
             results[variant][str(seed)]["by_character"] = variance_by_character(variant_config, device)
+            results[variant][str(seed)]["refit"] = decoder_refit(
+                variant_config, sweep(variant_config, options, variant), device)
     stem = "sae_reg" + ("" if config.sae_reg_norm == ORIGINAL_NORM else f"_{config.sae_reg_norm}")
     cache.save_json(results, os.path.join(out, f"{stem}.json"))
     plot(results, out, stem)
@@ -419,8 +508,8 @@ def table(results):
     """Markdown: val CE and, per sweep point, total L0 and compound CE increase, normal vs regularized (mean ± std
     over seeds); both at matched total L0; per point at the first sweep point; what of each point's activations is
     constant (evaluate.second_moment_split), and the character whose tokens hold the most of what varies
-    (variance_by_token); then the mean activation norm at each point along pretraining (first, middle, last
-    evaluation)."""
+    (variance_by_token); each sweep point's SAEs with their own and with refit decoders (decoder_refit); then the
+    mean activation norm at each point along pretraining (first, middle, last evaluation)."""
     lines = ["| model | val CE | ms/iter | sweep point | total L0 | compound CE increase |",
              "|---|---|---|---|---|---|"]
     for variant in COLORS:
@@ -470,6 +559,19 @@ def table(results):
             lines.append(f"| {variant} | " + " | ".join("; ".join(
                 f"{c['token']!r} {c['variance_share']:.2f} / {c['token_share']:.2f}"
                 for c in (r["by_character"][p] for r in results[variant].values())) for p in points) + " |")
+    lines += ["", "Each sweep point's SAEs with their own decoders and with the least-squares decoders of their "
+              "codes (RefitDecoder: the same encoders and L0, the decoder fit on the SAEs' training tokens; "
+              "mean over seeds): compound CE increase, and FVU at each point, own / refit:", "",
+              "| model | sweep point | total L0 | compound, own | compound, refit | " +
+              " | ".join(f"FVU point {p}" for p in points) + " |", "|---|---|---|---|---|" + "---|" * len(points)]
+    for variant in COLORS:
+        for i, label in enumerate(curves(results, variant)["labels"]):
+            seeds = [r["refit"][i] for r in results[variant].values()]  # sweep point i of every seed
+            mean = lambda field, p=None: mean_std(  # noqa: E731
+                [s[field] if p is None else s["points"][p][field] for s in seeds])[0]
+            lines.append(f"| {variant} | {label} | {mean('total_l0'):.1f} | {mean('compound'):.3f} | "
+                         f"{mean('compound_refit'):.3f} | " + " | ".join(
+                             f"{mean('fvu', p):.3f} / {mean('fvu_refit', p):.3f}" for p in points) + " |")
     history = next(iter(results["normal"].values()))["norms_during_training"]
     shown = sorted({0, len(history) // 2, len(history) - 1})  # the first, a middle and the last evaluation
     steps = [history[i]["iter"] for i in shown]

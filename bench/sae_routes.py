@@ -46,7 +46,8 @@ from report import fmt, mean_std, save_figure
 @dataclass
 class Options(sae_reg.Options, sae_adapt.Options):
     # bench/sae_routes.py: bench/sae_reg.py's keys and bench/sae_adapt.py's (but --estimate and --saes), and
-    norms: tuple[str, ...] = ("norm", "var")  # the regularized models: one per division of the joint SAEs' error
+    norms: tuple[str, ...] = ("norm", "var")  # the regularized models, one per division of the joint SAEs' error;
+    # empty (--norms=): the normal model alone
     CHOICES = {**sae_reg.Options.CHOICES, **sae_adapt.Options.CHOICES, "norms": cfg.CHOICES["sae_reg_norm"]}
     AT_LEAST_ZERO = sae_reg.Options.AT_LEAST_ZERO + sae_adapt.Options.AT_LEAST_ZERO
 
@@ -61,8 +62,6 @@ def parse(argv):
     if options.estimate or options.saes:
         raise ValueError(f"--{'estimate' if options.estimate else 'saes'} is not a key of this script (it runs "
                          "every model's study and adapts each model to each of its sweep points)")
-    if not options.norms:
-        raise ValueError(f"--norms needs at least one of: {', '.join(cfg.CHOICES['sae_reg_norm'])}")
     not_the_study = {f.name for f in dataclasses.fields(sae_adapt.Options)} | {"norms"}
     return options, sae_reg.parse([a for a in argv if a[2:].split("=", 1)[0] not in not_the_study])[1]
 

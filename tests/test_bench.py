@@ -11,6 +11,8 @@ import pretrain
 import train
 from bench import calibrate, frontier, sae_reg
 from conftest import TINY
+from evaluate import fvu
+from sae import SAEConfig, make_sae
 
 SAE_REG = TINY + ["--sae_steps=20", "--sae_tokens=2000", "--sae_batch_size=128", "--sae_expansion=2",
                   "--sae_reg_expansion=2", "--sae_reg_k=4"]
@@ -40,6 +42,12 @@ def test_sae_reg_uses_each_seeds_corpus_throughout(tmp_path, monkeypatch):
                  "sae_reg.md"):
         assert (tmp_path / "default" / "sae_reg" / name).exists()
     assert "At matched total L0" in (tmp_path / "default" / "sae_reg" / "sae_reg.md").read_text()
+    for variant in ("normal", "regularized"):  # each sweep point's SAEs beside the least-squares decoders of their codes
+        run = results[variant]["1"]
+        assert [r["total_l0"] for r in run["refit"]] == [r["total_l0"] for r in run["sweep"]]
+        assert [r["compound"] for r in run["refit"]] == [r["compound_ce_increase"] for r in run["sweep"]]
+        assert all(r["compound_refit"] != r["compound"] and set(r["points"]) == {"0", "1"} for r in run["refit"])
+    assert "compound, refit" in (tmp_path / "default" / "sae_reg" / "sae_reg.md").read_text()
 
 
 def test_resuming_a_sweep_reproduces_the_uninterrupted_result(tmp_path, monkeypatch):
@@ -104,6 +112,9 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt
     assert runs["normal + adapted"]["0"][0]["minutes"] == pytest.approx(
         runs["normal"]["0"][0]["minutes"] + result["seconds"] / 60)  # the model, then its adaptation
     assert "| regularized (var) + adapted | 1 |" in (study / "routes.md").read_text()
+    assert jobs.run_script(sae_routes.main, argv + ["--norms=", "--adapt_steps=2"]) == 0  # the normal model alone
+    alone = json.loads((study / "routes.json").read_text())
+    assert alone == {route: runs[route] for route in ("normal", "normal + adapted")}  # read, not made again
 
     normal = SAE_REG + [f"--out_dir={tmp_path}", "--sae_reg_lambda=0", "--run=default/sae_reg/normal_seed0",
                         f"--saes={study / 'normal_seed0' / 'sweep_0.pt'}"]
@@ -130,6 +141,30 @@ def test_the_variance_held_by_one_token_is_computed_as_by_hand():
     x = torch.tensor([[1.0], [1.0], [3.0], [3.0]])  # every token the same distance from the mean: ties go to the first
     assert sae_reg.variance_by_token(x, torch.tensor([2, 4, 2, 4])) == pytest.approx(
         {"token": 2, "variance_share": 0.5, "token_share": 0.5})
+
+
+def test_the_least_squares_decoder_recovers_a_linear_decoder_and_undoes_a_shrunk_one():
+    torch.manual_seed(0)
+    z = torch.relu(torch.randn(400, 6)) * (torch.rand(400, 6) < 0.5)  # sparse non-negative codes
+    z[:, 5] = 0.0  # a latent that never fires
+    W, c = torch.randn(6, 3), torch.randn(3)
+    x = z @ W + c
+    chunks = [(z[:150], x[:150]), (z[150:], x[150:])]  # accumulated chunk by chunk
+    W_fit, c_fit = sae_reg.least_squares_decoder(chunks)
+    assert torch.allclose(W_fit[:5], W[:5], atol=1e-4) and torch.allclose(c_fit, c, atol=1e-4)
+    assert W_fit[5].abs().max() < 1e-6  # the latent that never fires gets no weight
+
+    sae = SAEConfig(d_in=3, d_sae=6, k=0, kind="relu", l1=0.0)
+    model = make_sae(sae)
+    x = torch.randn(300, 3)
+    with torch.no_grad():
+        own = fvu(x, model(x))
+        model.W_dec.mul_(0.5)  # a shrunk decoder: its reconstructions half the size they were
+        shrunk = fvu(x, model(x))
+        refit = sae_reg.RefitDecoder(model, *sae_reg.least_squares_decoder([(model.encode(x), x)]))
+        xhat, z = refit.reconstruct(x)
+    assert torch.equal(z, model.encode(x)) and fvu(x, xhat) < min(own, shrunk)  # same codes, a better decoder
+    assert fvu(x, refit(x)) == pytest.approx(fvu(x, xhat))
 
 
 def test_routes_are_compared_where_every_curve_reaches_and_marked_where_one_does_not():
