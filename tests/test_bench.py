@@ -134,6 +134,33 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt
         sae_routes.parse(argv + ["--norms=l2"])
 
 
+def test_a_budget_run_retrains_the_sweeps_sae_bit_for_bit_and_caches_each_step_count(tmp_path, monkeypatch):
+    from bench import sae_budget
+
+    argv = SAE_REG + [f"--out_dir={tmp_path}", "--seeds=0", "--k=2", "--budget_point=1"]
+    assert jobs.run_script(sae_budget.main, argv + ["--budget_steps=20,40"]) == 0  # the sweep's SAEs: 20 steps
+    folder = tmp_path / "default" / "sae_reg" / "normal_seed0"
+    sweep = json.loads((folder / "sweep_0.json").read_text())["points"]["1"]
+    same = json.loads((folder / "budget_0_point1_20.json").read_text())
+    assert [same[m] for m in ("fvu", "l0", "ce_increase")] == [sweep[m] for m in ("fvu", "l0", "ce_increase")]
+    longer = json.loads((folder / "budget_0_point1_40.json").read_text())
+    assert longer["steps"] == 40 and longer["training_fvu"][0][0] == 0 and longer["training_fvu"][-1][0] == 39
+    assert longer["training_fvu"][-1][1] < longer["training_fvu"][0][1]  # its training lowers its FVU
+    assert not (folder.parent / "regularized_seed0").exists()  # only the model asked for
+    trained, real_train_sae = [], sae_budget.train_sae
+    monkeypatch.setattr(sae_budget, "train_sae", lambda *a, **k: trained.append(k["steps"]) or real_train_sae(*a, **k))
+    sae_budget.main(argv + ["--budget_steps=40,60"])
+    assert trained == [60]  # 40 steps read from its file
+    assert "| 60 |" in (folder.parent / "budget.md").read_text()
+    for key, message in (("--budget_point=2", "--budget_point=2: the residual points are 0..1"),
+                         ("--budget_sweep_point=1", "--budget_sweep_point=1: the sweep has points 0..0"),
+                         ("--budget_steps=", "--budget_steps needs at least one step count"),
+                         ("--budget_steps=0", "--budget_steps=0: must be at least 1"),
+                         ("--budget_model=joint", "--budget_model='joint' is not valid")):
+        with pytest.raises(ValueError, match=message):
+            sae_budget.parse(argv + [key])
+
+
 def test_the_variance_held_by_one_token_is_computed_as_by_hand():
     x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0], [0.0, 0.0]])  # mu = (0.5, 0): 0.25, 0.25, 2.25, 0.25
     assert sae_reg.variance_by_token(x, torch.tensor([5, 6, 7, 6])) == pytest.approx(

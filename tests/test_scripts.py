@@ -9,7 +9,7 @@ import jobs
 
 SCRIPTS = ["train", "evidence.main"] + [f"bench.{name}" for name in (
     "calibrate", "cl_benchmark", "eval_cost", "frontier", "importance_scale", "nanogpt_parity", "profile_step",
-    "sae_adapt", "sae_reg", "sae_routes", "step_cost", "task_overlap", "tune")]
+    "sae_adapt", "sae_budget", "sae_reg", "sae_routes", "step_cost", "task_overlap", "tune")]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
