@@ -33,7 +33,7 @@ from sae import collect_activations, train_sae
 
 @dataclass
 class Options(sae_reg.Options):
-    # bench/sae_budget.py: bench/sae_reg.py's keys (not --estimate), and
+    # bench/sae_budget.py: bench/sae_reg.py's keys (not --estimate or --refit), and
     budget_model: str = "normal"  # the study's model whose SAE is retrained: 'normal' or 'regularized'
     budget_sweep_point: int = 0  # which sweep point's settings (0 = the first: --sweep=original's smallest L1s)
     budget_point: int = 2  # the residual point, 0..n_layer
@@ -51,8 +51,9 @@ def parse(argv):
     options = args[0]
     mine = {f.name for f in dataclasses.fields(Options)} - {f.name for f in dataclasses.fields(sae_reg.Options)}
     config = sae_reg.parse([a for a in argv if a[2:].split("=", 1)[0] not in mine])[1]
-    if options.estimate:
-        raise ValueError("--estimate is not a key of this script (it trains one SAE, for each of --budget_steps)")
+    for key in ("estimate", "refit"):
+        if getattr(options, key):
+            raise ValueError(f"--{key} is not a key of this script (it trains one SAE, for each of --budget_steps)")
     if options.budget_point > config.n_layer:
         raise ValueError(f"--budget_point={options.budget_point}: the residual points are 0..{config.n_layer}")
     n_points = len(sae_reg.sweep(config, options, options.budget_model))

@@ -19,8 +19,8 @@ schedule (ORIGINAL below, read from peterlai/gpt-circuits). This script's keys a
 them); any other --key=value is the pipeline's (the regularized model's lambda is --sae_reg_lambda). Each
 model is a cached pretraining run that resumes from its last checkpoint, and each sweep point of each model is
 cached on its own (out/<run>/sae_reg/<variant>_seed<s>/sweep_<i>.json, its fresh SAEs in sweep_<i>.pt for
-bench/sae_adapt.py, and the same SAEs with least-squares decoders in sweep_<i>_refit.json), so an interrupted study
-resumes per model and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
+bench/sae_adapt.py, and with --refit=true the same SAEs with least-squares decoders in sweep_<i>_refit.json), so an
+interrupted study resumes per model and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
 
 `--sae_reg_norm=var` (or norm2) under the same --run is a third model beside the two: the regularized model under
 that norm (regularized_var_seed<s>) against the normal models already there (the normal model divides nothing, so
@@ -78,6 +78,7 @@ class Options:
     sweep_steps: int = ORIGINAL["sae_steps"]  # --sweep=original: steps of each fresh SAE (the original: 7500)
     sweep_batch_size: int = ORIGINAL["sae_batch_size"]  # --sweep=original: tokens a step (the original: 16384)
     estimate: bool = False  # time a few steps of each stage and print the projected hours per seed; train nothing
+    refit: bool = False  # also splice each sweep point's SAEs in with the least-squares decoders of their codes
     CHOICES = {"sweep": ("k", "original")}
     AT_LEAST_ZERO = ("seeds",)
 
@@ -355,8 +356,9 @@ def main(argv):
             results[variant][str(seed)] = fresh_sae_sweep(variant_config, sweep(variant_config, options, variant),
                                                           device)
             results[variant][str(seed)]["by_character"] = variance_by_character(variant_config, device)
-            results[variant][str(seed)]["refit"] = decoder_refit(
-                variant_config, sweep(variant_config, options, variant), device)
+            if options.refit:
+                results[variant][str(seed)]["refit"] = decoder_refit(
+                    variant_config, sweep(variant_config, options, variant), device)
     stem = "sae_reg" + ("" if config.sae_reg_norm == ORIGINAL_NORM else f"_{config.sae_reg_norm}")
     cache.save_json(results, os.path.join(out, f"{stem}.json"))
     plot(results, out, stem)
@@ -508,7 +510,7 @@ def table(results):
     """Markdown: val CE and, per sweep point, total L0 and compound CE increase, normal vs regularized (mean ± std
     over seeds); both at matched total L0; per point at the first sweep point; what of each point's activations is
     constant (evaluate.second_moment_split), and the character whose tokens hold the most of what varies
-    (variance_by_token); each sweep point's SAEs with their own and with refit decoders (decoder_refit); then the
+    (variance_by_token); with --refit=true, each sweep point's SAEs with their own and with refit decoders; then the
     mean activation norm at each point along pretraining (first, middle, last evaluation)."""
     lines = ["| model | val CE | ms/iter | sweep point | total L0 | compound CE increase |",
              "|---|---|---|---|---|---|"]
@@ -559,19 +561,20 @@ def table(results):
             lines.append(f"| {variant} | " + " | ".join("; ".join(
                 f"{c['token']!r} {c['variance_share']:.2f} / {c['token_share']:.2f}"
                 for c in (r["by_character"][p] for r in results[variant].values())) for p in points) + " |")
-    lines += ["", "Each sweep point's SAEs with their own decoders and with the least-squares decoders of their "
-              "codes (RefitDecoder: the same encoders and L0, the decoder fit on the SAEs' training tokens; "
-              "mean over seeds): compound CE increase, and FVU at each point, own / refit:", "",
-              "| model | sweep point | total L0 | compound, own | compound, refit | " +
-              " | ".join(f"FVU point {p}" for p in points) + " |", "|---|---|---|---|---|" + "---|" * len(points)]
-    for variant in COLORS:
-        for i, label in enumerate(curves(results, variant)["labels"]):
-            seeds = [r["refit"][i] for r in results[variant].values()]  # sweep point i of every seed
-            mean = lambda field, p=None: mean_std(  # noqa: E731
-                [s[field] if p is None else s["points"][p][field] for s in seeds])[0]
-            lines.append(f"| {variant} | {label} | {mean('total_l0'):.1f} | {mean('compound'):.3f} | "
-                         f"{mean('compound_refit'):.3f} | " + " | ".join(
-                             f"{mean('fvu', p):.3f} / {mean('fvu_refit', p):.3f}" for p in points) + " |")
+    if all("refit" in r for v in COLORS for r in results[v].values()):  # --refit=true
+        lines += ["", "Each sweep point's SAEs with their own decoders and with the least-squares decoders of their "
+                  "codes (RefitDecoder: the same encoders and L0, the decoder fit on the SAEs' training tokens; "
+                  "mean over seeds): compound CE increase, and FVU at each point, own / refit:", "",
+                  "| model | sweep point | total L0 | compound, own | compound, refit | " +
+                  " | ".join(f"FVU point {p}" for p in points) + " |", "|---|---|---|---|---|" + "---|" * len(points)]
+        for variant in COLORS:
+            for i, label in enumerate(curves(results, variant)["labels"]):
+                seeds = [r["refit"][i] for r in results[variant].values()]  # sweep point i of every seed
+                mean = lambda field, p=None: mean_std(  # noqa: E731
+                    [s[field] if p is None else s["points"][p][field] for s in seeds])[0]
+                lines.append(f"| {variant} | {label} | {mean('total_l0'):.1f} | {mean('compound'):.3f} | "
+                             f"{mean('compound_refit'):.3f} | " + " | ".join(
+                                 f"{mean('fvu', p):.3f} / {mean('fvu_refit', p):.3f}" for p in points) + " |")
     history = next(iter(results["normal"].values()))["norms_during_training"]
     shown = sorted({0, len(history) // 2, len(history) - 1})  # the first, a middle and the last evaluation
     steps = [history[i]["iter"] for i in shown]

@@ -17,7 +17,7 @@ sweep, which every route needs once, is left out of all).
     python -m bench.sae_routes --preset=gpt_circuits_cpu --sweep=original --corpus=../shared/data/tinyshakespeare.txt \
         --run=gpt_circuits_cpu --seeds=0 --sweep_points=4 --sweep_steps=3000 --sweep_batch_size=4096
 
-Its keys are bench/sae_reg.py's (the study: --seeds, --sweep, --sweep_points, ...; not --estimate),
+Its keys are bench/sae_reg.py's (the study: --seeds, --sweep, --sweep_points, ...; not --estimate or --refit),
 bench/sae_adapt.py's (the adaptation: --adapt_steps, --adapt_lr, --adapt_batch_size, --adapt_points, --adapt_layers;
 not --saes) and --norms; any other is the pipeline's. Every model, sweep point and adaptation is cached on its own,
 so an interrupted run resumes (an adaptation is redone when its keys change: bench/sae_adapt.py run by hand with other
@@ -59,9 +59,10 @@ def parse(argv):
     if args is None:
         return None
     options = args[0]
-    if options.estimate or options.saes:
-        raise ValueError(f"--{'estimate' if options.estimate else 'saes'} is not a key of this script (it runs "
-                         "every model's study and adapts each model to each of its sweep points)")
+    for key in ("estimate", "saes", "refit"):
+        if getattr(options, key):
+            raise ValueError(f"--{key} is not a key of this script (it runs every model's study and adapts each "
+                             "model to each of its sweep points)")
     not_the_study = {f.name for f in dataclasses.fields(sae_adapt.Options)} | {"norms"}
     return options, sae_reg.parse([a for a in argv if a[2:].split("=", 1)[0] not in not_the_study])[1]
 

@@ -28,7 +28,7 @@ def test_sae_reg_uses_each_seeds_corpus_throughout(tmp_path, monkeypatch):
         return real_corpus(path, n_lines, seed, block_size)
 
     monkeypatch.setattr(pretrain, "corpus", recording_corpus)
-    sae_reg.main(SAE_REG + [f"--out_dir={tmp_path}", "--seeds=1", "--k=2,4"])
+    sae_reg.main(SAE_REG + [f"--out_dir={tmp_path}", "--seeds=1", "--k=2,4", "--refit=true"])
     assert seen and set(seen) == {1}  # pretraining, the fresh SAEs and their metrics: all on seed 1's corpus
     results = json.loads((tmp_path / "default" / "sae_reg" / "sae_reg.json").read_text())
     for variant in ("normal", "regularized"):
@@ -91,6 +91,8 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt
     by_character = var["regularized"]["0"]["by_character"]
     assert set(by_character) == {"0", "1"} and 0 < by_character["1"]["variance_share"] <= 1  # points 0..n_layer
     assert "The character whose tokens hold the largest share" in (study / "sae_reg_var.md").read_text()
+    assert "compound, refit" not in (study / "sae_reg_var.md").read_text()  # --refit is off by default
+    assert not (study / "normal_seed0" / "sweep_0_refit.json").exists()
 
     # the routes: both studies' models reused, each adapted to its sweep point's SAEs
     models = {m: (study / m / "base.pt").stat().st_mtime_ns for m in ("normal_seed0", "regularized_seed0",
@@ -128,8 +130,9 @@ def test_a_study_under_another_norm_shares_the_normal_model_and_the_routes_adapt
     assert json.loads(adapted.read_text())["steps"] == 3
     with pytest.raises(ValueError, match="trained on another model"):
         sae_adapt.main(normal[:-1] + [f"--saes={study / 'regularized_seed0' / 'sweep_0.pt'}"])
-    with pytest.raises(ValueError, match="--saes is not a key of this script"):
-        sae_routes.parse(argv + ["--saes=x.pt"])
+    for key in ("--saes=x.pt", "--refit=true"):
+        with pytest.raises(ValueError, match=f"{key.split('=')[0]} is not a key of this script"):
+            sae_routes.parse(argv + [key])
     with pytest.raises(ValueError, match="--norms='l2' is not valid; choose from: norm, norm2, var"):
         sae_routes.parse(argv + ["--norms=l2"])
 
@@ -156,7 +159,8 @@ def test_a_budget_run_retrains_the_sweeps_sae_bit_for_bit_and_caches_each_step_c
                          ("--budget_sweep_point=1", "--budget_sweep_point=1: the sweep has points 0..0"),
                          ("--budget_steps=", "--budget_steps needs at least one step count"),
                          ("--budget_steps=0", "--budget_steps=0: must be at least 1"),
-                         ("--budget_model=joint", "--budget_model='joint' is not valid")):
+                         ("--budget_model=joint", "--budget_model='joint' is not valid"),
+                         ("--refit=true", "--refit is not a key of this script")):
         with pytest.raises(ValueError, match=message):
             sae_budget.parse(argv + [key])
 
