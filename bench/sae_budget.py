@@ -12,8 +12,8 @@ made with them measures the SAEs' training as much as the model.
 
 Its keys are bench/sae_reg.py's (the study; its model is the first of --seeds) and the four below; any other is the
 pipeline's. It runs or reuses the study's model and sweep first. At the sweep's own step count it retrains the sweep's
-SAE bit for bit (same seed, same activations), so that row is also a check. Each step count is cached on its own (out/<run>/sae_reg/<model>/budget_<sweep
-point>_point<p>_<steps>.json); writes out/<run>/sae_reg/budget.md.
+SAE bit for bit (same seed, same activations), so that row is also a check. Each step count is cached on its own
+(out/<run>/sae_reg/<model>/budget_<sweep point>_point<p>_<steps>.json); writes out/<run>/sae_reg/budget.md.
 """
 
 import dataclasses
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import cache
 import configurator as cfg
 import jobs
+import train
 from bench import sae_reg
 from evaluate import sae_metrics
 from model import model_from_checkpoint
@@ -127,6 +128,7 @@ def main(argv):
     if parsed is None:
         return 0
     options, config = parsed
+    train.check_inputs(dataclasses.replace(config, seed=options.seeds[0]), tasks=False)
     device = cfg.resolve_device(config)
     sweep_point, results = budget_runs(config, options, device)
     text = table(results, sweep_point)

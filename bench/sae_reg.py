@@ -20,7 +20,8 @@ them); any other --key=value is the pipeline's (the regularized model's lambda i
 model is a cached pretraining run that resumes from its last checkpoint, and each sweep point of each model is
 cached on its own (out/<run>/sae_reg/<variant>_seed<s>/sweep_<i>.json, its fresh SAEs in sweep_<i>.pt for
 bench/sae_adapt.py, and with --refit=true the same SAEs with least-squares decoders in sweep_<i>_refit.json), so an
-interrupted study resumes per model and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md, sae_reg_*.png.
+interrupted study resumes per model and per sweep point. Writes out/<run>/sae_reg/sae_reg.json, sae_reg.md and
+sae_reg_*.png.
 
 `--sae_reg_norm=var` (or norm2) under the same --run is a third model beside the two: the regularized model under
 that norm (regularized_var_seed<s>) against the normal models already there (the normal model divides nothing, so

@@ -42,7 +42,7 @@ def test_sae_reg_uses_each_seeds_corpus_throughout(tmp_path, monkeypatch):
                  "sae_reg.md"):
         assert (tmp_path / "default" / "sae_reg" / name).exists()
     assert "At matched total L0" in (tmp_path / "default" / "sae_reg" / "sae_reg.md").read_text()
-    for variant in ("normal", "regularized"):  # each sweep point's SAEs beside the least-squares decoders of their codes
+    for variant in ("normal", "regularized"):  # each sweep point's SAEs beside least-squares decoders of their codes
         run = results[variant]["1"]
         assert [r["total_l0"] for r in run["refit"]] == [r["total_l0"] for r in run["sweep"]]
         assert [r["compound"] for r in run["refit"]] == [r["compound_ce_increase"] for r in run["sweep"]]
