@@ -54,6 +54,7 @@ from model import model_from_checkpoint
 from pretrain import corpus_hash, corpus_of, pretrain
 from report import fmt, mean_std, save_figure
 from sae import SAEConfig, collect_activations, sae_to_dict, train_sae
+from bench.sae_adapt import sweep_point_saes
 
 # The original study (peterlai/gpt-circuits: experiments/regularization/setup.py, RegularizeAllLayersExperiment, and
 # config/sae/training.py, shakespeare_64x4_defaults); its model settings are configurator.PRESETS["gpt_circuits"].
@@ -243,17 +244,20 @@ def least_squares_decoder(pairs, ridge=1e-8):
     r"""(W, c): the linear decoder that reads codes best, fit by least squares on (z, x) chunks ((N, m) codes, (N, d)
     activations):
 
-        (W, c) = argmin_{W, c} sum_n ||x_n - z_n W - c||^2 + ridge * mean_j (z^T z)_jj * ||W||^2
+        (W, c) = argmin_{W, c} sum_n ||x_n - z_n W - c||^2 + ridge * s * ||W||^2,   s = max(mean_j (z^T z)_jj, 1e-12)
 
     solved by the normal equations in float64, accumulated chunk by chunk (no (N, m) matrix of every token is kept);
-    the tiny ridge only gives a latent that never fires the weight 0."""
+    the tiny ridge only gives a latent that never fires the weight 0 (and keeps the system solvable if none fires)."""
     gram = rhs = None
     for z, x in pairs:
-        design = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1).double()
+        design = torch.ones(len(z), z.size(1) + 1, dtype=torch.float64, device=z.device)  # [z, 1]
+        design[:, :-1] = z
         gram = design.T @ design if gram is None else gram + design.T @ design
         rhs = design.T @ x.double() if rhs is None else rhs + design.T @ x.double()
-    penalty = torch.full((gram.size(0),), ridge * gram.diagonal()[:-1].mean().item(), dtype=torch.float64,
-                         device=gram.device)
+    if gram is None:
+        raise ValueError("least_squares_decoder: no (codes, activations) to fit")
+    scale = max(gram.diagonal()[:-1].mean().item(), 1e-12)
+    penalty = torch.full((gram.size(0),), ridge * scale, dtype=torch.float64, device=gram.device)
     penalty[-1] = 0.0  # the bias c is not penalised
     solution = torch.linalg.solve(gram + torch.diag(penalty), rhs)
     return solution[:-1].float(), solution[-1].float()
@@ -262,29 +266,31 @@ def least_squares_decoder(pairs, ridge=1e-8):
 class RefitDecoder(torch.nn.Module):
     """An SAE's encoder with the least-squares decoder of its codes (least_squares_decoder): xhat = encode(x) W + c.
     Spliced in like the SAE (evaluate.sae_metrics reads its reconstruct, config and call), it measures how much of
-    the SAE's error is its decoder (an L1 penalty shrinks the codes and bends the decoder towards sparsity; the
-    best decoder of the same codes undoes what it can) and how much is in the codes themselves (same L0)."""
+    the SAE's error is its decoder and how much is in the codes themselves (the same encoder: the same L0)."""
 
     def __init__(self, sae, W, c):
         super().__init__()
-        self.sae, self.config, self.W, self.c = sae, sae.config, W, c
+        self.sae, self.config = sae, sae.config
+        self.register_buffer("W", W)  # (d_sae, d_in)
+        self.register_buffer("c", c)  # (d_in,)
 
     def reconstruct(self, x):
+        """(xhat, z): x's reconstruction by the refit decoder, and the SAE's code it was decoded from."""
         z = self.sae.encode(x)
         return z @ self.W + self.c, z
 
     def forward(self, x):
+        """The reconstruction of x, to splice into the model as the SAE would be."""
         return self.reconstruct(x)[0]
 
 
 @torch.no_grad()
 def decoder_refit(config, points_of_sweep, device, chunk=20_000):
-    """Per sweep point of the model of config: its SAEs on held-out text with their own decoders (the sweep's
-    numbers) and with the least-squares decoders of their codes, fit on the activations they were trained on
-    (the same config.sae_tokens tokens, the same seed): compound CE increase, and FVU and CE increase per point.
-    Cached per sweep point beside its SAEs (sweep_<i>_refit.json), under a key of the SAEs and this code."""
-    from bench.sae_adapt import sweep_point_saes  # bench/sae_adapt.py imports nothing of this script
-
+    """[{label, compound_refit, points: {p: {fvu_refit, ce_increase_refit}}}], one per sweep point of the model of
+    config: its SAEs spliced in on held-out text with the least-squares decoders of their codes, fit on the
+    activations they were trained on (the same config.sae_tokens tokens, the same seed), measured as the sweep
+    measures them with their own decoders (evaluate.sae_metrics, the same windows: table() sets the two side by
+    side). Cached per sweep point beside its SAEs (sweep_<i>_refit.json), under a key of the SAEs and this code."""
     base = pretrain(config, device)
     model = model_from_checkpoint(base, device).eval()
     train_ids, val_ids = corpus_of(config)
@@ -311,15 +317,9 @@ def decoder_refit(config, points_of_sweep, device, chunk=20_000):
                 W, c = least_squares_decoder((sae.encode(x[s:s + chunk]), x[s:s + chunk])
                                              for s in range(0, len(x), chunk))
                 refit[p] = RefitDecoder(sae, W, c)
-            own = cache.read_json(os.path.join(folder, f"sweep_{i}.json"))
             metrics = sae_metrics(model, refit, val_ids, config.block_size, device)
-            cache.save_json({"key": key, "label": label, "total_l0": own["total_l0"],
-                             "compound": own["compound_ce_increase"],
-                             "compound_refit": metrics["compound_ce_increase"],
-                             "points": {str(p): {"fvu": own["points"][str(p)]["fvu"],
-                                                 "fvu_refit": m["fvu"],
-                                                 "ce_increase": own["points"][str(p)]["ce_increase"],
-                                                 "ce_increase_refit": m["ce_increase"]}
+            cache.save_json({"key": key, "label": label, "compound_refit": metrics["compound_ce_increase"],
+                             "points": {str(p): {"fvu_refit": m["fvu"], "ce_increase_refit": m["ce_increase"]}
                                         for p, m in metrics["points"].items()}}, path)
             cached = cache.read_json(path)
         results.append(cached)
@@ -570,12 +570,15 @@ def table(results):
                   " | ".join(f"FVU point {p}" for p in points) + " |", "|---|---|---|---|---|" + "---|" * len(points)]
         for variant in COLORS:
             for i, label in enumerate(curves(results, variant)["labels"]):
-                seeds = [r["refit"][i] for r in results[variant].values()]  # sweep point i of every seed
-                mean = lambda field, p=None: mean_std(  # noqa: E731
-                    [s[field] if p is None else s["points"][p][field] for s in seeds])[0]
-                lines.append(f"| {variant} | {label} | {mean('total_l0'):.1f} | {mean('compound'):.3f} | "
-                             f"{mean('compound_refit'):.3f} | " + " | ".join(
-                                 f"{mean('fvu', p):.3f} / {mean('fvu_refit', p):.3f}" for p in points) + " |")
+                own = [r["sweep"][i] for r in results[variant].values()]  # sweep point i of every seed
+                refit = [r["refit"][i] for r in results[variant].values()]
+                mean = lambda values: mean_std(list(values))[0]  # noqa: E731
+                lines.append(
+                    f"| {variant} | {label} | {mean(o['total_l0'] for o in own):.1f} | "
+                    f"{mean(o['compound_ce_increase'] for o in own):.3f} | "
+                    f"{mean(r['compound_refit'] for r in refit):.3f} | " + " | ".join(
+                        f"{mean(o['points'][p]['fvu'] for o in own):.4f} / "
+                        f"{mean(r['points'][p]['fvu_refit'] for r in refit):.4f}" for p in points) + " |")
     history = next(iter(results["normal"].values()))["norms_during_training"]
     shown = sorted({0, len(history) // 2, len(history) - 1})  # the first, a middle and the last evaluation
     steps = [history[i]["iter"] for i in shown]

@@ -44,9 +44,10 @@ def test_sae_reg_uses_each_seeds_corpus_throughout(tmp_path, monkeypatch):
     assert "At matched total L0" in (tmp_path / "default" / "sae_reg" / "sae_reg.md").read_text()
     for variant in ("normal", "regularized"):  # each sweep point's SAEs beside least-squares decoders of their codes
         run = results[variant]["1"]
-        assert [r["total_l0"] for r in run["refit"]] == [r["total_l0"] for r in run["sweep"]]
-        assert [r["compound"] for r in run["refit"]] == [r["compound_ce_increase"] for r in run["sweep"]]
-        assert all(r["compound_refit"] != r["compound"] and set(r["points"]) == {"0", "1"} for r in run["refit"])
+        assert [r["label"] for r in run["refit"]] == [r["label"] for r in run["sweep"]]
+        for refit, own in zip(run["refit"], run["sweep"]):  # 20 steps of TopK: a decoder far from its codes' best
+            assert refit["compound_refit"] != own["compound_ce_increase"] and set(refit["points"]) == {"0", "1"}
+            assert all(refit["points"][p]["fvu_refit"] < own["points"][p]["fvu"] for p in ("0", "1"))
     assert "compound, refit" in (tmp_path / "default" / "sae_reg" / "sae_reg.md").read_text()
 
 
@@ -147,14 +148,18 @@ def test_a_budget_run_retrains_the_sweeps_sae_bit_for_bit_and_caches_each_step_c
     same = json.loads((folder / "budget_0_point1_20.json").read_text())
     assert [same[m] for m in ("fvu", "l0", "ce_increase")] == [sweep[m] for m in ("fvu", "l0", "ce_increase")]
     longer = json.loads((folder / "budget_0_point1_40.json").read_text())
-    assert longer["steps"] == 40 and longer["training_fvu"][0][0] == 0 and longer["training_fvu"][-1][0] == 39
+    assert longer["steps"] == 40 and [s for s, _ in longer["training_fvu"]] == [0, 39]  # logged every 100 and last
     assert longer["training_fvu"][-1][1] < longer["training_fvu"][0][1]  # its training lowers its FVU
+    curve = [[s, 1.0] for s in range(0, 901, 100)] + [[999, 1.0]]
+    assert [s for s, _ in sae_budget.tenths(curve, 1000)] == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999]
+    assert [s for s, _ in sae_budget.tenths(curve[::3], 1000)] == [0, 300, 600, 900]  # the nearest that is logged
     assert not (folder.parent / "regularized_seed0").exists()  # only the model asked for
     trained, real_train_sae = [], sae_budget.train_sae
     monkeypatch.setattr(sae_budget, "train_sae", lambda *a, **k: trained.append(k["steps"]) or real_train_sae(*a, **k))
-    sae_budget.main(argv + ["--budget_steps=40,60"])
-    assert trained == [60]  # 40 steps read from its file
-    assert "| 60 |" in (folder.parent / "budget.md").read_text()
+    sae_budget.main(argv + ["--budget_steps=20,40,60"])
+    assert trained == [60]  # 20 and 40 steps read from their files
+    table = (folder.parent / "budget_normal_0_point1.md").read_text()
+    assert "| 20 (the sweep's, reproduced) |" in table and "| 60 |" in table
     for key, message in (("--budget_point=2", "--budget_point=2: the residual points are 0..1"),
                          ("--budget_sweep_point=1", "--budget_sweep_point=1: the sweep has points 0..0"),
                          ("--budget_steps=", "--budget_steps needs at least one step count"),
@@ -185,17 +190,18 @@ def test_the_least_squares_decoder_recovers_a_linear_decoder_and_undoes_a_shrunk
     assert torch.allclose(W_fit[:5], W[:5], atol=1e-4) and torch.allclose(c_fit, c, atol=1e-4)
     assert W_fit[5].abs().max() < 1e-6  # the latent that never fires gets no weight
 
-    sae = SAEConfig(d_in=3, d_sae=6, k=0, kind="relu", l1=0.0)
-    model = make_sae(sae)
+    sae = make_sae(SAEConfig(d_in=3, d_sae=6, k=0, kind="relu", l1=0.0))
     x = torch.randn(300, 3)
     with torch.no_grad():
-        own = fvu(x, model(x))
-        model.W_dec.mul_(0.5)  # a shrunk decoder: its reconstructions half the size they were
-        shrunk = fvu(x, model(x))
-        refit = sae_reg.RefitDecoder(model, *sae_reg.least_squares_decoder([(model.encode(x), x)]))
+        own = fvu(x, sae(x))
+        sae.W_dec.mul_(0.5)  # a shrunk decoder: its reconstructions half the size they were
+        shrunk = fvu(x, sae(x))
+        refit = sae_reg.RefitDecoder(sae, *sae_reg.least_squares_decoder([(sae.encode(x), x)]))
         xhat, z = refit.reconstruct(x)
-    assert torch.equal(z, model.encode(x)) and fvu(x, xhat) < min(own, shrunk)  # same codes, a better decoder
+    assert torch.equal(z, sae.encode(x)) and fvu(x, xhat) < min(own, shrunk)  # same codes, a better decoder
     assert fvu(x, refit(x)) == pytest.approx(fvu(x, xhat))
+    W_fit, c_fit = sae_reg.least_squares_decoder([(torch.zeros(10, 4), torch.ones(10, 2))])  # no latent fires
+    assert torch.equal(W_fit, torch.zeros(4, 2)) and torch.allclose(c_fit, torch.ones(2))
 
 
 def test_routes_are_compared_where_every_curve_reaches_and_marked_where_one_does_not():
