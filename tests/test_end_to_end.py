@@ -214,6 +214,15 @@ def spawned_workers(pid):
     return found
 
 
+def ignores_ctrl_c(pid):
+    """Whether process pid ignores SIGINT now (its SigIgn mask in /proc): jobs.run_all does while it starts workers."""
+    import signal
+
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
 def test_ctrl_c_is_one_line_and_no_worker_outlives_its_parent(tmp_path):
     import signal
@@ -228,10 +237,10 @@ def test_ctrl_c_is_one_line_and_no_worker_outlives_its_parent(tmp_path):
     def start_and_wait_for_workers():
         process = subprocess.Popen(argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                    start_new_session=True)
+        # until both workers run and the parent handles Ctrl-C again (jobs.run_all ignores it while they start)
         deadline = time.time() + 120
-        while len(spawned_workers(process.pid)) < 2 and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(0.5)  # the workers exist; they start with Ctrl-C ignored (jobs.py), so no moment is unsafe
+        while (len(spawned_workers(process.pid)) < 2 or ignores_ctrl_c(process.pid)) and time.time() < deadline:
+            time.sleep(0.05)
         return process, spawned_workers(process.pid)
 
     process, workers = start_and_wait_for_workers()
