@@ -18,6 +18,7 @@ one, while an edit of a method redoes only the continual-learning runs.
 
 import ast
 import errno
+import functools
 import glob
 import hashlib
 import io
@@ -107,11 +108,22 @@ def code_of(entry):
     if not name:
         return source
     text = source.decode()
+    if name not in top_level_spans(text):
+        raise ValueError(f"{path} has no function {name} (cache.STAGE_CODE names it)")
+    first, last = top_level_spans(text)[name]
+    return "\n".join(text.splitlines()[first - 1 : last]).encode()
+
+
+@functools.lru_cache(maxsize=32)
+def top_level_spans(text):
+    """{name: (first line, last line)} of a module's top-level functions and classes, decorators included; parsed
+    once per text (a key names several functions of one file, and is made at every stage of every run)."""
+    spans = {}
     for node in ast.parse(text).body:
-        if getattr(node, "name", None) == name:
+        if hasattr(node, "name"):
             first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-            return "\n".join(text.splitlines()[first - 1 : node.end_lineno]).encode()
-    raise ValueError(f"{path} has no function {name} (cache.STAGE_CODE names it)")
+            spans.setdefault(node.name, (first, node.end_lineno))  # the first of two of one name, as before
+    return spans
 
 
 def sha256_of_files(entries):

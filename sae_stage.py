@@ -13,7 +13,7 @@ from evaluate import sae_metrics
 from jobs import progress
 from model import model_from_checkpoint
 from pretrain import corpus_hash, corpus_of
-from report import plot_sae_metrics
+import report
 from sae import check_sae_fits, sae_from_dict, sae_to_dict, train_saes
 
 
@@ -95,6 +95,7 @@ def train_sae_stage(config, device, base):
     checkpoint["sha"] = results["sha"] = cache.tensor_hash(checkpoint["saes"])
     cache.save_checkpoint(checkpoint, path)
     cache.save_json(results, metrics_path)
-    plot_sae_metrics(results, run_dir)
+    if report.DRAW_PLOTS:
+        report.plot_sae_metrics(results, run_dir)
     print(f"sae: trained in {results['seconds']:.1f}s; metrics in {metrics_path}, plots sae_*.png")
     return checkpoint

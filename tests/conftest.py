@@ -1,6 +1,7 @@
 """Shared test settings: the project root on sys.path, a tiny seeded model, and tiny configs of the pipeline."""
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -24,6 +25,34 @@ TINY_PIPELINE = TINY + ["--sae_steps=40", "--sae_tokens=4000", "--sae_batch_size
                         "--jobs=1"]  # in this process: no worker start-up, and test-local methods need no pickling
 
 
+STAGES = ("base.pt", "pretrain.json", "sae.pt", "sae.json")  # what pretraining and the SAE stage leave in a run folder
+
+
+@pytest.fixture(scope="session")
+def tiny_stages(tmp_path_factory):
+    """The run folder of TINY_PIPELINE's base model and SAEs, made once per test session."""
+    import sae_stage
+    import train
+
+    config = train.parse_args(TINY_PIPELINE + [f"--out_dir={tmp_path_factory.mktemp('tiny_stages')}"])
+    drawing, report.DRAW_PLOTS = report.DRAW_PLOTS, False
+    try:
+        sae_stage.train_sae_stage(config, "cpu", train.pretrain(config, "cpu"))
+    finally:
+        report.DRAW_PLOTS = drawing
+    return os.path.join(config.out_dir, config.run)
+
+
+@pytest.fixture
+def pipeline_out(tmp_path, tiny_stages):
+    """An out dir whose default run already holds TINY_PIPELINE's base model and SAEs, copied as a user may copy
+    them: a run there reuses both (their keys hold no path) and makes only what the test asks of it."""
+    (tmp_path / "default").mkdir()
+    for name in STAGES:
+        shutil.copy(os.path.join(tiny_stages, name), tmp_path / "default" / name)
+    return tmp_path
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)
@@ -39,4 +68,4 @@ def no_plots(request, monkeypatch):
     """Drawing the plots is most of a tiny run's report (about a second a run): only tests marked `plots` draw them.
     Processes a test starts (workers, torchrun) draw them as usual."""
     if "plots" not in request.keywords:
-        monkeypatch.setattr(report, "SAVE_PLOTS", False)
+        monkeypatch.setattr(report, "DRAW_PLOTS", False)

@@ -202,6 +202,7 @@ def test_weight_protection_freezes_exactly_the_protected_weights_and_collateral_
 
 
 @pytest.mark.plots
+@pytest.mark.usefixtures("pipeline_out")  # tmp_path holds the base model and SAEs already
 def test_one_command_writes_every_part_with_its_plot_and_table(tmp_path, monkeypatch):
     from conftest import TINY_PIPELINE
 
@@ -227,10 +228,10 @@ def test_one_command_writes_every_part_with_its_plot_and_table(tmp_path, monkeyp
     assert set(ablated) == {"seqft (no penalty)", "random mask, same mass"}
     assert all(0.0 <= row["OP"][0] <= 1.0 and row["seeds"] == [0] for row in ablated.values())
     assert jobs.run_script(evidence_main.main, argv + ["--parts=nothing"]) == 2  # a bad part: a one-line error
-    assert evidence_main.main(argv + ["--parts=ground_truth"]) == 0  # one part again: the others' sections stay
+    assert evidence_main.main(argv + ["--parts=memory"]) == 0  # one part again: the others' sections stay
     again = (out / "evidence.md").read_text()
-    assert all(f"## {part} (" in again for part in evidence_main.PARTS) and "--parts=ground_truth`" in again
-    assert again.index("## separability") < again.index("## ground_truth") < again.index("## ablations")
+    assert all(f"## {part} (" in again for part in evidence_main.PARTS) and "--parts=memory`" in again
+    assert again.index("## separability") < again.index("## memory") < again.index("## ablations")
     assert jobs.run_script(evidence_main.main, argv + ["--tasks=add"]) == 2  # the analyses compare tasks
 
 

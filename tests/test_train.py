@@ -238,6 +238,7 @@ def test_grad_clip_zero_means_no_clipping_in_every_stage(tmp_path, monkeypatch):
     assert main(argv[:-4] + ["--grad_clip=-1"]) == 2  # negative: refused
 
 
+@pytest.mark.usefixtures("pipeline_out")  # tmp_path holds the base model and SAEs already
 def test_a_nan_loss_is_one_line_naming_where(tmp_path, capsys):
     argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft", "--cl_lr=1e30", "--steps_per_task=3"]
     assert main(argv) == 2
@@ -368,6 +369,7 @@ def test_pretraining_with_relu_saes_of_per_point_widths_and_the_scale_free_forms
 # what a method keeps: relearning and forced choice, measured after the sequence
 
 
+@pytest.mark.usefixtures("pipeline_out")  # tmp_path holds the base model and SAEs already
 def test_relearning_starts_at_the_final_accuracy_and_the_base_reference_is_made_once(tmp_path, monkeypatch, capsys):
     calls, original = [], train.base_reference
     monkeypatch.setattr(train, "base_reference", lambda seed, **kw: calls.append(seed) or original(seed, **kw))
@@ -579,6 +581,7 @@ def test_an_os_error_half_way_through_a_write_leaves_no_temporary_file(tmp_path,
     assert json.loads(path.read_text())["value"] == 1
 
 
+@pytest.mark.usefixtures("pipeline_out")  # tmp_path holds the base model and SAEs already
 def test_the_base_reference_is_keyed_on_what_it_reads_and_still_found_by_the_report(tmp_path, monkeypatch):
     """The diagnostic's settings change the methods' runs, not the base model's reference: it is reused, and the
     report still sets it beside the runs (kept@n)."""
