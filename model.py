@@ -104,7 +104,8 @@ class LoRALinear(nn.Module):
         y = base(x) + (alpha / r) sum_s (x A_s^T) B_s^T
 
     Where no gradient is asked for (measuring), the same map is computed as one product with the update folded into
-    the weight, x (W + (alpha / r) sum_s B_s A_s)^T: cheaper than the thin products over every token."""
+    the weight, x (W + (alpha / r) sum_s B_s A_s)^T: cheaper than the thin products over every token. In training
+    the earlier pairs are folded the same way, and the current pair stays thin."""
 
     fold_when_measuring = True  # bench/eval_cost.py times the measuring passes with it off as well
 
@@ -138,10 +139,13 @@ class LoRALinear(nn.Module):
             return self.base(x)
         if self.fold_when_measuring and not torch.is_grad_enabled():  # measuring: one product, the same map
             return F.linear(x, self.merged_weight(), self.base.bias)
-        y = self.base(x)  # training: the thin products, so the frozen W gets no gradient to compute
-        for A, B in self.pairs():
-            y = y + self.scale * (x @ A.t()) @ B.t()
-        return y
+        # training: the current pair as thin products, so that the frozen W gets no gradient to compute; the frozen
+        # earlier pairs (O-LoRA) folded into the weight, one product over the tokens instead of two for each pair
+        *past, (A, B) = self.pairs()
+        weight = self.base.weight
+        for A_s, B_s in past:
+            weight = weight + self.scale * B_s @ A_s
+        return F.linear(x, weight, self.base.bias) + self.scale * (x @ A.t()) @ B.t()
 
     def merged_weight(self):
         """W + (alpha / r) sum_s B_s A_s."""

@@ -291,23 +291,28 @@ def per_example_mean(model, example_fn, tensors, reduce, chunk_size=64):
 
 class LwF(Method):
     """Learning without forgetting: lambda T^2 KL(p_ref || p_theta) at temperature T on the current batch's content
-    tokens, p_ref the model at task start (a frozen copy held during the task only)."""
+    tokens, p_ref the model at task start. That model is frozen for the whole task, so its logits on every training
+    example of the task are computed once, when the task starts, held during the task only, and looked up per batch
+    (as SAE-guided's reference codes are), not recomputed at every step."""
 
     name = "lwf"
     strength = ("lwf_lambda", (1e-2, 1e-1, 1.0, 10.0, 1e2))
     positive = ("lwf_temperature",)
 
     def before_task(self, model, split, t):
-        self.reference = frozen_copy(model)
+        reference, x = frozen_copy(model), split.x.to(model_device(model))
+        self.rows = {key: row for row, key in enumerate(example_keys(split.rows(slice(None))))}
+        with torch.no_grad():
+            self.ref_logits = torch.cat([reference(x[i : i + 128])[0] for i in range(0, len(x), 128)])
 
     def penalty(self, model, batch, outputs):
-        with torch.no_grad():
-            ref_logits = self.reference(batch.x)[0]
+        rows = torch.tensor([self.rows[key] for key in example_keys(batch)], device=self.ref_logits.device)
+        ref_logits = self.ref_logits[rows, : batch.x.size(1)]  # the batch may be trimmed: its first columns
         kl = distillation_loss(outputs["logits"], ref_logits, batch.content_mask, self.config.lwf_temperature)
         return self.config.lwf_lambda * kl, {"kl": kl.item()}
 
     def after_task(self, model, split, t):
-        self.reference = None
+        self.rows = self.ref_logits = None
 
 
 def distillation_loss(logits, ref_logits, mask, temperature):

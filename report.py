@@ -177,9 +177,9 @@ def mean_std(values):
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
 
-def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
+def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl", plots=True):
     """Aggregate the CL results over seeds, print the comparison table, write summary.json, report.md, plots
-    (into out/<run>/, or out/<run>/<cl_dir>/ for another results folder)."""
+    (into out/<run>/, or out/<run>/<cl_dir>/ for another results folder; plots=False: no plots)."""
     results = load_cl_results(run_dir, cl_dir)
     results = {m: [r for r in results[m] if seeds is None or r["seed"] in seeds]
                for m in METHODS if m in results and (methods is None or m in methods)}
@@ -234,7 +234,7 @@ def summarize_run(run_dir, methods=None, seeds=None, cl_dir="cl"):
     cache.save_json(summary, os.path.join(run_dir, "summary.json"))
     table = results_table(summary)
     print(table)
-    if DRAW_PLOTS:
+    if plots and DRAW_PLOTS:
         plot_cl(summary, run_dir)
         plot_forgetting(summary, run_dir)
         plot_knowledge(summary, run_dir)

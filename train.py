@@ -251,12 +251,13 @@ def run_and_save(job, *, device, base, sae_checkpoint):
                     job["path"])
 
 
-def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1):
+def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1, plots=True):
     """For each config, run its methods and seeds (each cached as out/<run>/<cl_dir>/<method>_seed<seed>.json) and
-    write its report; returns the summaries. The runs not cached go to one list, `jobs` at a time."""
+    write its report (plots=False: without its plots); returns the summaries. The runs not cached go to one list,
+    `jobs` at a time."""
     todo = runs_to_do(configs, device, base, sae_checkpoint)
     run_all(run_and_save, todo, jobs, device=device, base=base, sae_checkpoint=sae_checkpoint)
-    return [summarize_run(os.path.join(c.out_dir, c.run), c.methods, c.seeds, c.cl_dir) for c in configs]
+    return [summarize_run(os.path.join(c.out_dir, c.run), c.methods, c.seeds, c.cl_dir, plots) for c in configs]
 
 
 def continual_learning(config, device, base, sae_checkpoint):

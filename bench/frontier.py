@@ -114,8 +114,12 @@ def main(argv):
                 print(f"frontier: {method} {key}={value} left out ({error})")
     base = pretrain(base_config, device)
     sae_checkpoint = sae_stage.train_sae_stage(base_config, device, base)
+    # the sweep, and seqft on test (its seeds are needed whatever the sweep finds: they fill the pool's last places);
+    # the run folders' own plots are left out (about a second of the main process each; frontier.png draws them all)
+    seqft_test = run_config(passthrough, "seqft", "test", options.final_seeds)[0]
     configs = [run_config(passthrough, m, "val", (0,), s)[0] for m, s in sweep]
-    summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=base_config.jobs)
+    summaries = train.continual_learning_many(configs + [seqft_test], device, base, sae_checkpoint,
+                                              jobs=base_config.jobs, plots=False)[:-1]  # seqft's test: below
     reference = summaries[0]["seqft"]["plasticity"]
     curves, sweep_rows = {}, {}
     for (method, setting), summary in zip(sweep[1:], summaries[1:]):
@@ -125,7 +129,8 @@ def main(argv):
     finals = [("seqft", None)] + sorted({(m, (METHODS[m].strength[0], v)) for level, points in matched.items()
                                          for m, (v, p) in points.items() if reaches(p, level, reference)})
     configs = [run_config(passthrough, m, "test", options.final_seeds, s)[0] for m, s in finals]
-    summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=base_config.jobs)
+    summaries = train.continual_learning_many(configs, device, base, sae_checkpoint, jobs=base_config.jobs,
+                                              plots=False)
     final_rows = {(m, s[1] if s else None): retention(summary[m]) for (m, s), summary in zip(finals, summaries)}
     out_dir = os.path.join(base_config.out_dir, base_config.run, "frontier")
     columns = [("BWT + 1", "retention"), ("knowledge", "knowledge")]  # retention: the measures drawn and tabled

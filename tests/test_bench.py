@@ -415,6 +415,8 @@ def test_the_frontier_script_runs_end_to_end_on_a_tiny_config(tmp_path, monkeypa
         for method, row in result["matched"][level].items():
             assert row["value"] in [r["value"] for r in result["sweep"][method]] and row["seeds"] == [0]
     assert (tmp_path / "default" / "frontier" / "frontier.png").exists()
+    assert not list((tmp_path / "default" / "frontier").glob("*/*/*.png"))  # no run folder's own plots
+    assert (tmp_path / "default" / "frontier" / "test" / "seqft" / "summary.json").exists()
     assert "| ewc |" in (tmp_path / "default" / "frontier" / "frontier.md").read_text()
 
 

@@ -147,26 +147,34 @@ def test_each_weight_space_method_is_lambda_half_w_squared_distance(tiny_model, 
     assert reg.tensor_bytes(method.retained()) == 2 * theta.numel() * 4  # w and theta*, float32
 
 
-def test_lwf_is_zero_at_task_start_and_positive_after_a_change(tiny_model, add_split):
+def test_lwf_is_zero_at_task_start_and_positive_after_a_change(tiny_model):
+    import copy
+
+    from data.tasks import trim_padding
+
     config = dataclasses.replace(train.Config(), lwf_lambda=2.0, lwf_temperature=2.0)
+    start = copy.deepcopy(tiny_model)
     lwf = reg.LwF(config, tiny_model)
-    lwf.before_task(tiny_model, add_split, 0)
-    batch = add_split.rows(slice(0, 6))
+    split = build_task_suite(["add", "translate"], n_train=40, n_val=4, n_test=4)["add"]["train"]  # padded to 32
+    lwf.before_task(tiny_model, split, 0)
+    batch = trim_padding(split.rows(torch.tensor([5, 0, 3, 3])))  # as training draws them: any order, trimmed
+    assert batch.x.size(1) < split.x.size(1)
     outputs = {"logits": tiny_model(batch.x)[0]}
-    assert lwf.penalty(tiny_model, batch, outputs)[0].item() == pytest.approx(0.0, abs=1e-7)
+    assert lwf.penalty(tiny_model, batch, outputs)[0].item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         tiny_model.lm_head.weight.add_(0.1 * torch.randn_like(tiny_model.lm_head.weight))
     logits = tiny_model(batch.x)[0]
     penalty, logs = lwf.penalty(tiny_model, batch, {"logits": logits})
     assert penalty.item() > 0 and logs["kl"] > 0
-    # by hand at one content position: 2 * T^2 * KL(softmax(ref / T) || softmax(logits / T)), padding ignored
-    ref = lwf.reference(batch.x)[0]
+    # by hand at one content position: 2 * T^2 * KL(softmax(ref / T) || softmax(logits / T)), padding ignored, with
+    # ref the task-start model's logits on this batch (the cached ones were computed on the whole split, untrimmed)
+    ref = start(batch.x)[0]
     p = torch.softmax(ref / 2, -1)
     kl = (p * (torch.log_softmax(ref / 2, -1) - torch.log_softmax(logits / 2, -1))).sum(-1)
     mask = batch.content_mask
     assert penalty.item() == pytest.approx((2 * 4 * (kl * mask).sum() / mask.sum()).item(), rel=1e-5)
-    lwf.after_task(tiny_model, add_split, 0)
-    assert reg.tensor_bytes(lwf.retained()) == 0 and lwf.reference is None  # nothing outlives the task
+    lwf.after_task(tiny_model, split, 0)
+    assert reg.tensor_bytes(lwf.retained()) == 0 and lwf.ref_logits is None  # nothing outlives the task
 
 
 def test_every_method_has_a_unique_name_and_its_config_keys_exist():
