@@ -52,9 +52,12 @@ def built_suite(tasks, n_train, n_val, n_test, block_size, template_is_content):
 # stage 3: continual learning
 
 
-def evaluate_tasks(model, suite, config, device):
-    """One row of the accuracy matrix: accuracy on every task's eval split, in task order."""
-    return [task_accuracy(model, suite[name][config.eval_split], device) for name in config.tasks]
+SPLITS = ("val", "test")  # the splits R is measured on along a sequence: a sequence serves a run on either (runs.py)
+
+
+def evaluate_tasks(model, suite, config, device, split=None):
+    """One row of the accuracy matrix: accuracy on every task's split (the eval split unless given), in task order."""
+    return [task_accuracy(model, suite[name][split or config.eval_split], device) for name in config.tasks]
 
 
 def cl_optimizer(model, config):
@@ -185,26 +188,32 @@ def base_reference(seed, *, config, device, base, suite):
             **knowledge(model, row, suite, config, device, seed, desc=f"relearn base seed {seed}")}
 
 
-def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
-    """Learn the tasks in order with one method; returns the results dict (accuracy matrix R, timings, and what the
-    final model keeps beyond its greedy answers)."""
+def learn_sequence(name, seed, *, config, device, base, saes, suite, lm_val_ids):
+    """Learn the tasks in order with one method. Returns the final model and the sequence's record: R's rows on
+    both splits (SPLITS; before the first task and after each), the auxiliary accuracy, the LM loss before and
+    after, the bytes the method retains, its step and wall times, and the forgetting diagnostic (on the eval split)."""
     generator = torch.Generator().manual_seed(seed)
     model = start_model(base, config, device, seed)
     lm_loss_before = estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters)
-    R = [evaluate_tasks(model, suite, config, device)]
+    R = {split: [evaluate_tasks(model, suite, config, device, split)] for split in SPLITS}
     aux = aux_suite(config)  # with an instruction-following base: is the tag still followed along the sequence?
     aux_R = [aux_accuracy(model, aux, device)] if aux else []
     diagnostic, snapshots = [], {}
     method = METHODS[name](config, model, saes, seed)
     step_seconds, t_start = 0.0, time.time()
     total_steps = config.steps_per_task * len(config.tasks)
+
+    def measure_rows():
+        for split in SPLITS:
+            R[split].append(evaluate_tasks(model, suite, config, device, split))
+        aux_R.extend([aux_accuracy(model, aux, device)] if aux else [])
+
     with progress(total=total_steps, desc=f"cl {name} seed {seed}") as bar:
         if method.joint:  # every task at once, as many steps as the whole sequence
             mixed = concat_splits([suite[task]["train"] for task in config.tasks])
             step_seconds = train_steps(model, mixed, total_steps, method, config=config, device=device,
                                        generator=generator, bar=bar)
-            R.append(evaluate_tasks(model, suite, config, device))
-            aux_R += [aux_accuracy(model, aux, device)] if aux else []
+            measure_rows()
         else:
             for t, task in enumerate(config.tasks):
                 split = suite[task]["train"]
@@ -212,43 +221,97 @@ def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
                 step_seconds += train_steps(model, split, config.steps_per_task, method, config=config, device=device,
                                             generator=generator, bar=bar)
                 method.after_task(model, split, t)
-                R.append(evaluate_tasks(model, suite, config, device))
-                aux_R += [aux_accuracy(model, aux, device)] if aux else []
+                measure_rows()
                 if config.diagnose:
                     diagnostic.append(diagnose_earlier_tasks(model, saes, suite, t, snapshots, config=config,
                                                              device=device))
                 bar.write(f"{name} seed {seed} after {task}: " + " ".join(
-                    f"{n}={a:.2f}" for n, a in zip(config.tasks, R[-1])))
+                    f"{n}={a:.2f}" for n, a in zip(config.tasks, R[config.eval_split][-1])))
     wall_seconds = time.time() - t_start
-    return {"method": name, "seed": seed, "tasks": list(config.tasks), "eval_split": config.eval_split, "R": R,
-            "lm_loss_before": lm_loss_before,
-            "lm_loss_after": estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters),
-            "retained_bytes": tensor_bytes(method.retained()), "step_seconds": step_seconds / max(1, total_steps),
-            "wall_seconds": wall_seconds, "aux_accuracy": aux_R, "diagnostic": diagnostic,
-            **knowledge(model, R[-1], suite, config, device, seed, desc=f"relearn {name} seed {seed}")}
+    return model, {"R": R, "lm_loss_before": lm_loss_before,
+                   "lm_loss_after": estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters),
+                   "retained_bytes": tensor_bytes(method.retained()), "step_seconds": step_seconds / max(1, total_steps),
+                   "wall_seconds": wall_seconds, "aux_accuracy": aux_R, "diagnostic": diagnostic}
+
+
+def sequence_state(model):
+    """What a sequence's final model is rebuilt from (final_model): its weights, and how many adapter sets it has
+    (0: none; 1: LoRA; one per task: O-LoRA)."""
+    layers = model.lora_layers()
+    return {"model": model.state_dict(), "adapter_sets": len(layers[0].pairs()) if layers else 0}
+
+
+def final_model(state, base, config, device):
+    """The final model of a sequence from its sequence_state: the base model, its adapter sets, its weights."""
+    model = model_from_checkpoint(base, device)
+    if state["adapter_sets"]:
+        model.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
+        for _ in range(state["adapter_sets"] - 1):
+            model.stack_adapters()
+    model.load_state_dict(state["model"])
+    return model
+
+
+def measure(name, seed, model, record, *, config, device, suite):
+    """A run's result: its sequence's record with R on the eval split, and what the final model keeps beyond its
+    greedy answers (knowledge), measured on the eval split."""
+    R = record["R"][config.eval_split]
+    return {"method": name, "seed": seed, "tasks": list(config.tasks), "eval_split": config.eval_split, **record,
+            "R": R, **knowledge(model, R[-1], suite, config, device, seed, desc=f"relearn {name} seed {seed}")}
+
+
+def run_method(name, seed, *, config, device, base, saes, suite, lm_val_ids):
+    """Learn the tasks in order with one method, then measure its final model: the results dict (accuracy matrix R,
+    timings, and what the final model keeps beyond its greedy answers)."""
+    model, record = learn_sequence(name, seed, config=config, device=device, base=base, saes=saes, suite=suite,
+                                   lm_val_ids=lm_val_ids)
+    model = final_model(sequence_state(model), base, config, device)  # as a saved sequence is measured
+    return measure(name, seed, model, record, config=config, device=device, suite=suite)
+
+
+def sequence_of(job, *, device, base, sae_checkpoint):
+    """The final model and record of a job's sequence: the saved one if it was made with the job's sequence key (by a
+    run of the same training measured on the other split, or with other measures after it), else learned now and
+    saved (out/<run>/sequences/)."""
+    saved = cache.load_checkpoint(job["sequence_path"], job["sequence_key"], "model")
+    config = job["runs"][0]["config"]  # the job's runs differ only in what is measured after the sequence
+    if saved is not None:
+        print(f"cl: reusing {job['sequence_path']}")
+    else:
+        model = model_from_checkpoint(base, device)
+        uses_saes = METHODS[job["name"]].uses_saes or config.diagnose
+        saes = load_saes(sae_checkpoint, model, device) if uses_saes else None
+        model, record = learn_sequence(job["name"], job["seed"], config=config, device=device, base=base, saes=saes,
+                                       suite=task_suite(config), lm_val_ids=job["lm_val_ids"])
+        saved = {"key": job["sequence_key"], "record": record, **sequence_state(model)}
+        saved["sha"] = cache.tensor_hash(saved["model"])
+        cache.save_checkpoint(saved, job["sequence_path"])
+    return final_model(saved, base, config, device), saved["record"]
 
 
 def run_and_save(job, *, device, base, sae_checkpoint):
-    """run_method for one job (a dict: name, seed, config, and the path, key, shared key and method settings its
-    result is saved with), on one CPU thread: a run's numbers then depend on its seed, not on how many cores the
-    machine has or how many runs share them (--jobs), since the thread count changes the order of floating-point
-    sums and training amplifies the difference."""
+    """One job (runs.runs_to_do: a method's sequence at a seed, and the runs measured after it; or the base model's
+    reference), on one CPU thread: a run's numbers then depend on its seed, not on how many cores the machine has or
+    how many runs share them (--jobs), since the thread count changes the order of floating-point sums and training
+    amplifies the difference. Each run's result is saved with its key, shared key and method settings."""
+    def save(run, result):
+        cache.save_json({**result, "key": run["key"], "shared": run["shared"], "method_settings": run["settings"]},
+                        run["path"])
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        config = job["config"]
         if job["name"] is None:  # the base model's reference for kept@n
-            result = base_reference(job["seed"], config=config, device=device, base=base, suite=task_suite(config))
+            (run,) = job["runs"]
+            save(run, base_reference(job["seed"], config=run["config"], device=device, base=base,
+                                     suite=task_suite(run["config"])))
         else:
-            model = model_from_checkpoint(base, device)
-            uses_saes = METHODS[job["name"]].uses_saes or config.diagnose
-            saes = load_saes(sae_checkpoint, model, device) if uses_saes else None
-            result = run_method(job["name"], job["seed"], config=config, device=device, base=base, saes=saes,
-                                suite=task_suite(config), lm_val_ids=job["lm_val_ids"])
+            model, record = sequence_of(job, device=device, base=base, sae_checkpoint=sae_checkpoint)
+            for run in job["runs"]:
+                save(run, measure(job["name"], job["seed"], model, record, config=run["config"], device=device,
+                                  suite=task_suite(run["config"])))
     finally:
         torch.set_num_threads(threads)
-    cache.save_json({**result, "key": job["key"], "shared": job["shared"], "method_settings": job["settings"]},
-                    job["path"])
 
 
 def continual_learning_many(configs, device, base, sae_checkpoint, jobs=1, plots=True):

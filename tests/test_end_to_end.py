@@ -1,6 +1,7 @@
 """The whole pipeline on a tiny config: pretrain, SAEs, continual learning with every method, the report."""
 
 import json
+import math
 import os
 import shutil
 
@@ -266,3 +267,57 @@ def test_ctrl_c_is_one_line_and_no_worker_outlives_its_parent(tmp_path):
     while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)  # the workers saw it and ended
+
+
+def test_a_run_on_test_measures_the_sequence_a_run_on_val_trained_and_gets_a_fresh_runs_numbers(
+        tmp_path, tiny_stages, monkeypatch, capsys):
+    """The sequence (training, R on both splits, the final model) is keyed without the eval split or the measures
+    after it: a run on test after one on val trains nothing, and its result is, bit for bit, that of a test run made
+    from scratch. With the diagnostic on (measured along the sequence, on the eval split) nothing is shared."""
+    def answer_likelihood(model, split, device):  # in [0, 1], and moves with every weight, unlike a tiny model's 0.0
+        with torch.no_grad():
+            return math.exp(-model(split.x, split.y, split.answer_mask)[1].item())
+
+    monkeypatch.setattr(train, "task_accuracy", answer_likelihood)
+    argv = TINY_PIPELINE + ["--methods=seqft,o_lora", "--finetune=lora", "--lora_rank=2", "--diagnose=false"]
+    for out in ("shared", "fresh"):
+        shutil.copytree(tiny_stages, tmp_path / out / "default")
+    learned, original = [], train.learn_sequence
+    monkeypatch.setattr(train, "learn_sequence", lambda name, seed, **kw: learned.append(name) or original(
+        name, seed, **kw))
+    shared = argv + [f"--out_dir={tmp_path / 'shared'}"]
+    assert train.main(shared + ["--eval_split=val", "--cl_dir=val"]) == 0
+    assert learned == ["seqft", "o_lora"]
+    capsys.readouterr()
+    assert train.main(shared + ["--eval_split=test", "--cl_dir=test", "--relearn_steps=0,3"]) == 0
+    assert learned == ["seqft", "o_lora"] and capsys.readouterr().out.count("sequences/") == 2  # both reused
+    assert train.main(argv + [f"--out_dir={tmp_path / 'fresh'}", "--eval_split=test", "--relearn_steps=0,3"]) == 0
+    assert learned == ["seqft", "o_lora"] * 2
+    for method in ("seqft", "o_lora"):  # O-LoRA: a final model of two adapter sets, rebuilt from its weights
+        val, test, fresh = (json.loads((tmp_path / out / "default" / folder / f"{method}_seed0.json").read_text())
+                            for out, folder in (("shared", "val"), ("shared", "test"), ("fresh", "cl")))
+        assert val["eval_split"] == "val" and test["eval_split"] == "test" and val["R"] != test["R"]  # R per split
+        for field in ("R", "relearn", "relearn_shuffled", "forced_choice", "lm_loss_after", "retained_bytes"):
+            assert test[field] == fresh[field], (method, field)
+    assert train.main(shared + ["--eval_split=test", "--cl_dir=diagnosed", "--diagnose=true",
+                                "--methods=seqft"]) == 0
+    assert learned[-1] == "seqft" and len(learned) == 5
+
+
+@pytest.mark.usefixtures("pipeline_out")  # tmp_path holds the base model and SAEs already
+def test_runs_that_share_a_sequence_are_one_job(tmp_path):
+    """A method at a seed on val and on test (other measures too) trains one sequence, in one job: two runs of the
+    pool never train the same sequence at once. The diagnostic, read along the sequence, keeps the eval split in
+    its key."""
+    from runs import runs_to_do
+
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft", "--diagnose=false"]
+    val = train.parse_args(argv + ["--eval_split=val", "--seeds=0", "--cl_dir=val"])
+    test = train.parse_args(argv + ["--eval_split=test", "--seeds=0,1", "--cl_dir=test", "--relearn_steps=0,3"])
+    diagnosed = train.parse_args(argv + ["--eval_split=val", "--seeds=0", "--cl_dir=d", "--diagnose=true"])
+    base = train.pretrain(val, "cpu")
+    sae_checkpoint = sae_stage.train_sae_stage(val, "cpu", base)
+    jobs = [j for j in runs_to_do([val, test, diagnosed], "cpu", base, sae_checkpoint) if j["name"] == "seqft"]
+    assert [(j["seed"], [r["config"].cl_dir for r in j["runs"]]) for j in jobs] == [(0, ["val", "test"]), (1, ["test"]),
+                                                                                  (0, ["d"])]
+    assert len({j["sequence_path"] for j in jobs}) == 3 and all(j["sequence_path"].endswith(".pt") for j in jobs)
