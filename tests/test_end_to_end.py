@@ -321,3 +321,20 @@ def test_runs_that_share_a_sequence_are_one_job(tmp_path):
     assert [(j["seed"], [r["config"].cl_dir for r in j["runs"]]) for j in jobs] == [(0, ["val", "test"]), (1, ["test"]),
                                                                                   (0, ["d"])]
     assert len({j["sequence_path"] for j in jobs}) == 3 and all(j["sequence_path"].endswith(".pt") for j in jobs)
+
+
+@pytest.mark.usefixtures("pipeline_out")  # tmp_path holds the base model and SAEs already
+def test_a_damaged_sequence_is_noticed_and_learned_again(tmp_path, monkeypatch, capsys):
+    argv = TINY_PIPELINE + [f"--out_dir={tmp_path}", "--methods=seqft", "--diagnose=false"]
+    assert train.main(argv) == 0
+    (path,) = (tmp_path / "default" / "sequences").iterdir()
+    saved = torch.load(path, weights_only=False)
+    next(t for t in saved["model"].values() if t.is_floating_point()).view(-1)[0] += 1.0  # key and hash unchanged
+    torch.save(saved, path)
+    learned, original = [], train.learn_sequence
+    monkeypatch.setattr(train, "learn_sequence", lambda name, seed, **kw: learned.append(name) or original(
+        name, seed, **kw))
+    capsys.readouterr()
+    assert train.main(argv + ["--relearn_steps=0,3"]) == 0  # another measure: the run is redone from its sequence
+    assert f"{path} is damaged (its model does not match its content hash); redoing it" in capsys.readouterr().out
+    assert learned == ["seqft"]
