@@ -407,7 +407,11 @@ def test_the_frontier_script_runs_end_to_end_on_a_tiny_config(tmp_path, monkeypa
                    "--n_test=8", "--relearn_steps=0,2", "--diagnose=false", "--jobs=1", "--methods=ewc,freeze",
                    "--levels=1.0", "--final_seeds=0"]
     monkeypatch.setattr(METHODS["freeze"], "strength", ("freeze_layers", (1, 2)))
+    calls, original = [], train.continual_learning_many
+    monkeypatch.setattr(train, "continual_learning_many", lambda configs, *args, **kwargs: calls.append(
+        [c.cl_dir for c in configs]) or original(configs, *args, **kwargs))
     assert jobs.run_script(frontier.main, argv) == 0
+    assert calls[0][-1] == "frontier/test/seqft" and "frontier/val/seqft" in calls[0]  # seqft's test in the sweep's pool
     result = json.loads((tmp_path / "default" / "frontier" / "frontier.json").read_text())
     assert set(result["sweep"]) == {"ewc", "freeze"} and len(result["sweep"]["ewc"]) == 1
     assert [r["value"] for r in result["sweep"]["freeze"]] == [1]  # 2 blocks: more than the model has
