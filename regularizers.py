@@ -286,6 +286,20 @@ def per_example_mean(model, example_fn, tensors, reduce, chunk_size=64):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# a frozen reference's outputs on a task's training examples, computed once and looked up per batch (LwF, SAE-guided)
+
+
+def example_rows(split):
+    """{example key: its row in the split} (data.tasks.example_keys): where a batch's examples are found again."""
+    return {key: row for row, key in enumerate(example_keys(split.rows(slice(None))))}
+
+
+def batch_rows(rows, batch, device):
+    """The rows of the batch's examples in their split (a tensor on device), from example_rows."""
+    return torch.tensor([rows[key] for key in example_keys(batch)], device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # LwF: the task-start model's outputs, distilled
 
 
@@ -301,12 +315,12 @@ class LwF(Method):
 
     def before_task(self, model, split, t):
         reference, x = frozen_copy(model), split.x.to(model_device(model))
-        self.rows = {key: row for row, key in enumerate(example_keys(split.rows(slice(None))))}
+        self.rows = example_rows(split)
         with torch.no_grad():
             self.ref_logits = torch.cat([reference(x[i : i + 128])[0] for i in range(0, len(x), 128)])
 
     def penalty(self, model, batch, outputs):
-        rows = torch.tensor([self.rows[key] for key in example_keys(batch)], device=self.ref_logits.device)
+        rows = batch_rows(self.rows, batch, self.ref_logits.device)
         ref_logits = self.ref_logits[rows, : batch.x.size(1)]  # the batch may be trimmed: its first columns
         kl = distillation_loss(outputs["logits"], ref_logits, batch.content_mask, self.config.lwf_temperature)
         return self.config.lwf_lambda * kl, {"kl": kl.item()}
@@ -588,8 +602,7 @@ def reference_codes(reference, saes, split):
     The reference is frozen while a task trains, so its codes on the task's training examples are computed once,
     when the task starts, and looked up per batch (lookup_codes)."""
     device = next(reference.parameters()).device
-    rows = {key: row for row, key in enumerate(example_keys(split.rows(slice(None))))}
-    return {"rows": rows, "codes": sparse_codes(reference, saes, split.x.to(device), split.content_mask.to(device))}
+    return {"rows": example_rows(split), "codes": sparse_codes(reference, saes, split.x.to(device), split.content_mask.to(device))}
 
 
 def lookup_codes(cache, batch):
@@ -597,7 +610,7 @@ def lookup_codes(cache, batch):
     tokens, the same tokens in the same order as content_codes."""
     codes = cache["codes"]
     some_values = next(iter(codes.values()))[0]
-    rows = torch.tensor([cache["rows"][key] for key in example_keys(batch)], device=some_values.device)
+    rows = batch_rows(cache["rows"], batch, some_values.device)
     length, content = batch.x.size(1), batch.content_mask.bool()  # the batch may be trimmed: its first columns
     return {p: (values[rows, :length][content], indices[rows, :length][content])
             for p, (values, indices) in codes.items()}
