@@ -49,11 +49,17 @@ AUX_HELD_OUT = 32  # held-out prompts per auxiliary task: the instruction-follow
 
 
 def aux_suite(config):
-    """{aux task: {'train', 'val' (empty), 'test' (held out)}} of the instruction phase; {} without one."""
+    """{aux task: {'train', 'val' (empty), 'test' (held out)}} of the instruction phase; {} without one. Built once
+    per process (every continual-learning run a worker does measures the same held-out prompts; none changes them)."""
     if not config.instruct_tags:
         return {}
-    return build_task_suite(aux_task_names(config.instruct_tags), config.instruct_examples, 0, AUX_HELD_OUT, seed=0,
-                            block_size=config.block_size, tasks=AUX_TASKS)
+    return built_aux_suite(config.instruct_tags, config.instruct_examples, config.block_size)
+
+
+@functools.lru_cache(maxsize=2)
+def built_aux_suite(instruct_tags, instruct_examples, block_size):
+    return build_task_suite(aux_task_names(instruct_tags), instruct_examples, 0, AUX_HELD_OUT, seed=0,
+                            block_size=block_size, tasks=AUX_TASKS)
 
 
 def aux_accuracy(model, suite, device):
