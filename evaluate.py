@@ -19,10 +19,10 @@ metrics. (report.py turns saved results into tables, plots and the report.)
 import random
 
 import torch
+import torch.nn.functional as F
 
-from data.tasks import Batch, answer_format, answer_kind, format_example, to_tensors, trim_padding
+from data.tasks import Batch, answer_format, answer_kind, format_example, trim_padding
 from data.tokenizer import NEWLINE, decode, encode
-from model import answer_log_likelihood
 from regularizers import propagate_mask, relative_move
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,27 +125,79 @@ def blind_questions(split, seed=0):
     return blind
 
 
+def shared_prompt_rows(questions, candidates):
+    """Forced choice's rows, one per example, its prompt read once for all of its candidates:
+
+        x = prompt + c_1[:-1] + c_2[:-1] + ...      c_j: candidate j's completion tokens (its answer and newline)
+
+    Candidate j's tokens take the positions they would have after the prompt alone (len(prompt) + t) and attend to
+    the prompt and to their own earlier tokens only, so the model reads each candidate exactly as in a row of its
+    own, prompt + c_j; the first token of every candidate is predicted at the prompt's last position, which they
+    share. Rows are padded with newlines (padding attends to itself only). Returns (x, positions, attention,
+    lengths, targets): x and positions (N, L), attention (N, L, L) bool (True: may attend), each row's real length,
+    and one (row, position, token, candidate number) for every token of every candidate, the candidates numbered
+    in order over all examples."""
+    rows, targets, n = [], [], 0
+    for i, (question, answers) in enumerate(zip(questions, candidates)):
+        prompt = encode(format_example(question, "")[0])
+        tokens, positions, segment = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+        for j, answer in enumerate(answers, start=1):
+            completion = encode(format_example(question, answer)[1])
+            start = len(tokens)  # where this candidate's tokens go in the row
+            for t, token in enumerate(completion):  # token t is predicted where token t - 1 is read (t = 0: the prompt)
+                targets.append((i, len(prompt) - 1 if t == 0 else start + t - 1, token, n))
+            tokens += completion[:-1]
+            positions += range(len(prompt), len(prompt) + len(completion) - 1)
+            segment += [j] * (len(completion) - 1)
+            n += 1
+        rows.append((tokens, positions, segment))
+    L = max(len(tokens) for tokens, _, _ in rows)
+    x = torch.full((len(rows), L), NEWLINE, dtype=torch.long)
+    positions = torch.zeros(len(rows), L, dtype=torch.long)
+    attention = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for i, (tokens, position, segment) in enumerate(rows):
+        m = len(tokens)
+        x[i, :m], positions[i, :m] = torch.tensor(tokens), torch.tensor(position)
+        segment = torch.tensor(segment)
+        # causal, and within the prompt (segment 0) or the token's own candidate
+        attention[i, :m, :m] = causal[:m, :m] & ((segment[None, :] == 0) | (segment[:, None] == segment[None, :]))
+    lengths = torch.tensor([len(tokens) for tokens, _, _ in rows])
+    return x, positions, attention, lengths, torch.tensor(targets)
+
+
 @torch.no_grad()
-def forced_choice_accuracy(model, split, candidates, device, questions=None, batch_size=512):
-    """(accuracy, chance): the share of examples whose correct answer scores highest among its candidates, with
+def candidate_scores(model, questions, candidates, device, batch_size=64):
+    """Every candidate's score after its example's question, in order over all examples (float64):
 
         score(a) = sum over the completion's tokens (the answer and its newline) of log p(a_t | prompt, a_<t)
 
-    teacher-forced, every candidate of every example in one batched pass; a tie of the correct answer with m - 1
-    others for the highest score counts 1/m (the expected credit of a random tie-break). chance is the mean over
-    examples of 1 / (number of candidates). questions: the prompt each example's candidates are scored after
-    (default: its own question; blind_questions gives the control's)."""
+    teacher-forced, every candidate of batch_size examples in one pass, each prompt read once (shared_prompt_rows)."""
     was_training = model.training
     model.eval()
-    questions = questions or [q for q, _ in split.examples]
-    rows = [(question, c) for question, cs in zip(questions, candidates) for c in cs]
-    tensors = to_tensors(split.name, rows, split.x.size(1))
-    scores = []
-    for start in range(0, len(rows), batch_size):
-        batch = trim_padding(Batch(*(t.to(device) for t in tensors.rows(slice(start, start + batch_size)))))
-        scores.append(answer_log_likelihood(model(batch.x)[0].double(), batch.y, batch.answer_mask).cpu())
+    x, positions, attention, lengths, targets = shared_prompt_rows(questions, candidates)
+    scores = torch.zeros(sum(len(cs) for cs in candidates), dtype=torch.float64)
+    for start in range(0, len(x), batch_size):
+        rows = slice(start, start + batch_size)
+        L = int(lengths[rows].max())  # cut the columns that are padding in every row of the batch
+        logits = model(x[rows, :L].to(device), positions=positions[rows, :L].to(device),
+                       attention=attention[rows, :L, :L].to(device))[0]
+        log_probs = F.log_softmax(logits.double(), dim=-1).cpu()
+        row, position, token, candidate = targets[(targets[:, 0] >= start) & (targets[:, 0] < start + batch_size)].T
+        scores.index_add_(0, candidate, log_probs[row - start, position, token])
     model.train(was_training)
-    per_example = torch.cat(scores).split([len(cs) for cs in candidates])
+    return scores
+
+
+def forced_choice_accuracy(model, split, candidates, device, questions=None, batch_size=64):
+    """(accuracy, chance): the share of examples whose correct answer (each example's first candidate) scores
+    highest among its candidates (candidate_scores); a tie of the correct answer with m - 1 others for the highest
+    score counts 1/m (the expected credit of a random tie-break). chance is the mean over examples of
+    1 / (number of candidates). questions: the prompt each example's candidates are scored after (default: its own
+    question; blind_questions gives the control's)."""
+    questions = questions or [q for q, _ in split.examples]
+    scores = candidate_scores(model, questions, candidates, device, batch_size)
+    per_example = scores.split([len(cs) for cs in candidates])
     credit = [(s[0] == s.max()).item() / (s == s.max()).sum().item() for s in per_example]
     return sum(credit) / len(credit), sum(1 / len(cs) for cs in candidates) / len(candidates)
 

@@ -50,16 +50,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, attention=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # softmax(q k^T / sqrt(head_size) + causal mask) v
+        # softmax(q k^T / sqrt(head_size) + mask) v; the mask is causal unless `attention` (B, T, T) says which
+        # positions each one reads (True: read)
+        mask = None if attention is None else attention.unsqueeze(1)  # the same for every head
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=attention is None
         )  # (B, n_head, T, head_size)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -87,8 +89,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, attention=None):
+        x = x + self.attn(self.ln_1(x), attention)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -103,11 +105,13 @@ class LoRALinear(nn.Module):
 
         y = base(x) + (alpha / r) sum_s (x A_s^T) B_s^T
 
-    Where no gradient is asked for (measuring), the same map is computed as one product with the update folded into
-    the weight, x (W + (alpha / r) sum_s B_s A_s)^T: cheaper than the thin products over every token. In training
-    the earlier pairs are folded the same way, and the current pair stays thin."""
+    The same map is computed as one product with every update folded into the weight, x (W + (alpha / r) sum_s
+    B_s A_s)^T: cheaper than the thin products over every token, in training too. Autograd then forms the merged
+    weight's gradient G = (dL/dy)^T x and hands the current pair its share, dB = (alpha / r) G A^T and
+    dA = (alpha / r) B^T G. With `fold` off, the thin products above are computed as written (bench/eval_cost.py and
+    bench/step_cost.py time both)."""
 
-    fold_when_measuring = True  # bench/eval_cost.py times the measuring passes with it off as well
+    fold = True
 
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -137,15 +141,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if not self.enabled:
             return self.base(x)
-        if self.fold_when_measuring and not torch.is_grad_enabled():  # measuring: one product, the same map
+        if self.fold:
             return F.linear(x, self.merged_weight(), self.base.bias)
-        # training: the current pair as thin products, so that the frozen W gets no gradient to compute; the frozen
-        # earlier pairs (O-LoRA) folded into the weight, one product over the tokens instead of two for each pair
-        *past, (A, B) = self.pairs()
-        weight = self.base.weight
-        for A_s, B_s in past:
-            weight = weight + self.scale * B_s @ A_s
-        return F.linear(x, weight, self.base.bias) + self.scale * (x @ A.t()) @ B.t()
+        return self.base(x) + self.scale * sum((x @ A.t()) @ B.t() for A, B in self.pairs())
 
     def merged_weight(self):
         """W + (alpha / r) sum_s B_s A_s."""
@@ -247,7 +245,7 @@ class GPT(nn.Module):
                     setattr(module, name, getattr(module, name).merged())
         return model
 
-    def forward(self, idx, targets=None, loss_mask=None, read=(), patch=None):
+    def forward(self, idx, targets=None, loss_mask=None, read=(), patch=None, positions=None, attention=None):
         """
         idx:       (B, T) token ids
         targets:   (B, T) next-token ids; if given, the mean cross-entropy is returned as `loss`
@@ -256,10 +254,16 @@ class GPT(nn.Module):
         patch:     {point: tensor (B, T, C) or function x -> x'}; the activation at that point is replaced before
                    the next block sees it. `read` returns the activation *before* its own patch is applied, and
                    later points see the already-patched stream.
+        positions: (B, T) each token's position (default 0..T-1)
+        attention: (B, T, T) bool, which tokens each token attends to (default causal: itself and every earlier
+                   one). With both, one row can hold several sequences that share a prefix (evaluate.py, forced
+                   choice: one prompt, read once, and every candidate answer after it).
         returns (logits (B, T, vocab), loss or None, {point: (B, T, C)})
         """
         B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of length {T} > block_size {self.config.block_size}"
+        if positions is None:
+            assert T <= self.config.block_size, f"sequence of length {T} > block_size {self.config.block_size}"
+            positions = torch.arange(T, device=idx.device)
         for point in list(read) + list(patch or {}):
             if not 0 <= point <= self.config.n_layer:
                 raise ValueError(f"residual point {point} is not in 0..{self.config.n_layer}")
@@ -273,11 +277,10 @@ class GPT(nn.Module):
                 x = replacement(x) if callable(replacement) else replacement
             return x
 
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
         x = visit(0, x)
         for layer, block in enumerate(self.blocks, start=1):
-            x = visit(layer, block(x))
+            x = visit(layer, block(x, attention))
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
 
         loss = None

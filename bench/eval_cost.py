@@ -1,7 +1,7 @@
 """
 What the measuring passes of one continual-learning run cost under the run's settings: one row of the accuracy
 matrix R (every task's eval split) and forced choice with its question-blind control, one thread, best of a few
-rounds; under LoRA, with the adapters folded into the weight (model.LoRALinear.fold_when_measuring, the default)
+rounds; under LoRA, with the adapters folded into the weight (model.LoRALinear.fold, the default)
 and without. The adapters are given random nonzero B, as after training (the time does not depend on the values).
 
     python -m bench.eval_cost --preset=paper --run=paper
@@ -48,11 +48,11 @@ def main(argv):
                   model, suite, config.tasks, config.eval_split, "cpu", config.forced_choice_k)}
     try:
         for fold in ((True, False) if model.has_adapters() else (True,)):
-            LoRALinear.fold_when_measuring = fold
+            LoRALinear.fold = fold
             label = ("adapters folded: " if fold else "adapters as thin products: ") if model.has_adapters() else ""
             print(label + ", ".join(f"{name} {best_seconds(fn):.3f} s" for name, fn in passes.items()))
     finally:
-        LoRALinear.fold_when_measuring = True
+        LoRALinear.fold = True
     return 0
 
 

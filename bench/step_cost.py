@@ -1,8 +1,9 @@
 """
 Where the time of a continual-learning step goes: seqft's step against SAE-guided's, on the run's base model and
-SAEs, one thread, the same batches of each task. Then the parts of SAE-guided's penalty timed alone (the SAE
-encoding of the model's own codes, the look-up of the cached reference codes, the drift and hinges) and the
-operators that take the most CPU time in its step (torch.profiler).
+SAEs, one thread, the same batches of each task (under LoRA, seqft's step with the adapters as thin products too,
+not folded into the weight). Then the parts of SAE-guided's penalty timed alone (the SAE encoding of the model's
+own codes, the look-up of the cached reference codes, the drift and hinges) and the operators that take the most
+CPU time in its step (torch.profiler).
 
     python -m bench.step_cost                    # the default run (its base and SAEs are made if missing)
     python -m bench.step_cost --preset=paper --run=paper
@@ -19,7 +20,7 @@ import regularizers as reg
 import sae_stage
 import train
 from data.tasks import trim_padding
-from model import model_from_checkpoint
+from model import LoRALinear, model_from_checkpoint
 from pretrain import pretrain
 
 STEPS, ROUNDS = 50, 2  # steps per task and method, and how often the methods take turns (the clock drifts)
@@ -84,10 +85,14 @@ def main(argv):
     saes = sae_stage.load_saes(sae_checkpoint, model_from_checkpoint(base, "cpu"), "cpu")
     suite = train.task_suite(config)
     times = {"seqft": [], "sae_guided": []}
+    if config.finetune == "lora":  # and seqft with the adapters as thin products, not folded (model.LoRALinear)
+        times["seqft, adapters thin"] = []
     for _ in range(ROUNDS):
         for name in times:
-            ms, model, method = step_ms(name, config, base, saes, suite)
+            LoRALinear.fold = name != "seqft, adapters thin"
+            ms, model, method = step_ms(name.split(",")[0], config, base, saes, suite)
             times[name].append(ms)
+    LoRALinear.fold = True
     for name, ms in times.items():
         print(f"{name}: " + ", ".join(f"{m:.1f}" for m in ms) + f" ms per step ({STEPS} steps of each task, "
               f"{ROUNDS} rounds)")

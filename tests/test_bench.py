@@ -469,4 +469,4 @@ def test_eval_cost_times_both_paths_under_lora_and_leaves_the_fold_on(tmp_path, 
     assert jobs.run_script(eval_cost.main, argv) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "one row of R" in line]
     assert [line.split(":")[0] for line in lines] == ["adapters folded", "adapters as thin products"]
-    assert LoRALinear.fold_when_measuring
+    assert LoRALinear.fold

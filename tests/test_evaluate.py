@@ -8,9 +8,10 @@ import torch
 from data.tasks import (SEPARATOR, answer_format, answer_kind, build_task_suite, concat_splits, format_example,
                         to_tensors)
 from data.tokenizer import NEWLINE, decode, encode
-from evaluate import (answer_attribution, blind_questions, choice_candidates, cl_metrics, drift_split, forced_choice,
-                      forced_choice_accuracy, forgetting_diagnostic, forgetting_snapshot, format_confusion,
-                      greedy_answers, knowledge_metrics, sae_metrics, second_moment_split, task_accuracy)
+from evaluate import (answer_attribution, blind_questions, candidate_scores, choice_candidates, cl_metrics, drift_split,
+                      forced_choice, forced_choice_accuracy, forgetting_diagnostic, forgetting_snapshot,
+                      format_confusion, greedy_answers, knowledge_metrics, sae_metrics, second_moment_split,
+                      task_accuracy)
 from model import GPT
 from report import base_path, load_cl_results, summarize_run
 from sae import SAEConfig, TopKSAE
@@ -36,6 +37,16 @@ def test_multitask_matrix_has_only_op():
     assert m["op"] == pytest.approx(0.9) and m["bwt"] is None
 
 
+def contexts(idx, attention=None):
+    """(row, position, the tokens that position reads, in order) for every position of idx: the row up to it, or,
+    where an attention mask is given (model.GPT.forward), the tokens it lets the position attend to. What a
+    constructed model conditions on, so that it reads rows packed with a shared prompt as a GPT does."""
+    for b, row in enumerate(idx.tolist()):
+        for t in range(len(row)):
+            reads = range(t + 1) if attention is None else attention[b, t].nonzero().flatten().tolist()
+            yield b, t, [row[s] for s in reads]
+
+
 class Oracle(torch.nn.Module):
     """A causal 'model' that knows each line: at every position it predicts the next character of
     prompt + completion, where the completion is the true answer and newline unless `completions` says otherwise."""
@@ -49,14 +60,13 @@ class Oracle(torch.nn.Module):
             self.lines.append((encode(prompt), encode(prompt + completion)))
         self.config = type("C", (), {"block_size": 64})()
 
-    def forward(self, idx):
+    def forward(self, idx, positions=None, attention=None):
         logits = torch.zeros(idx.size(0), idx.size(1), 96)
-        for b, row in enumerate(idx.tolist()):
-            # the line whose prompt starts this row (prompts never share a prefix up to their last character)
-            line = next(line for prompt, line in self.lines if row[: len(prompt)] == prompt)
-            for t in range(len(row)):
-                if row[: t + 1] == line[: t + 1]:  # only a true prefix is answered as in the line
-                    logits[b, t, line[t + 1] if t + 1 < len(line) else NEWLINE] = 1.0
+        # the line whose prompt starts each row (prompts never share a prefix up to their last character)
+        lines = [next(line for prompt, line in self.lines if row[: len(prompt)] == prompt) for row in idx.tolist()]
+        for b, t, seen in contexts(idx, attention):
+            if seen == lines[b][: len(seen)]:  # only a true prefix is answered as in the line
+                logits[b, t, lines[b][len(seen)] if len(seen) < len(lines[b]) else NEWLINE] = 1.0
         return logits, None, {}
 
     generate = GPT.generate
@@ -127,18 +137,39 @@ class PriorOracle(torch.nn.Module):
         self.answers = [a + "\n" for a in answers]
         self.config = type("C", (), {"block_size": 64})()
 
-    def forward(self, idx):
+    def forward(self, idx, positions=None, attention=None):
         logits = torch.full((idx.size(0), idx.size(1), 96), -30.0)
         separator = encode(SEPARATOR)
-        for b, row in enumerate(idx.tolist()):
-            start = next(t for t in range(len(row)) if row[t : t + len(separator)] == separator) + len(separator)
-            for t in range(start - 1, len(row)):
-                prefix = decode(row[start : t + 1])
-                for a in self.answers:
-                    if a.startswith(prefix) and len(a) > len(prefix):
-                        logits[b, t, encode(a[len(prefix)])[0]] = torch.logaddexp(
-                            logits[b, t, encode(a[len(prefix)])[0]], torch.tensor(0.0))  # log count
+        for b, t, seen in contexts(idx, attention):
+            ends = [s + len(separator) for s in range(len(seen)) if seen[s : s + len(separator)] == separator]
+            if not ends:  # still in the question (or padding)
+                continue
+            prefix = decode(seen[ends[0]:])
+            for a in self.answers:
+                if a.startswith(prefix) and len(a) > len(prefix):
+                    logits[b, t, encode(a[len(prefix)])[0]] = torch.logaddexp(
+                        logits[b, t, encode(a[len(prefix)])[0]], torch.tensor(0.0))  # log count
         return logits, None, {}
+
+
+def test_candidate_scores_read_each_prompt_once_and_equal_one_row_per_candidate(tiny_model):
+    """The shared-prompt rows give a real GPT's scores of each candidate as a row of its own would: the sum of
+    log p(completion token | prompt, earlier completion tokens), by hand, one candidate at a time. Batches that
+    cut an example's candidates from the next example's change nothing."""
+    questions = ["add: 12+7", "add: 3+45", "reverse: abc"]
+    candidates = [["19", "91", "20"], ["48", "4"], ["cba", "abc", "bca", "cab"]]
+    by_hand = []
+    for question, answers in zip(questions, candidates):
+        prompt = encode(format_example(question, "")[0])
+        for answer in answers:
+            completion = encode(format_example(question, answer)[1])
+            row = torch.tensor([prompt + completion[:-1]])
+            log_probs = torch.log_softmax(tiny_model(row)[0][0].double(), -1)
+            by_hand.append(sum(log_probs[len(prompt) - 1 + t, token].item() for t, token in enumerate(completion)))
+    for batch_size in (1, 2, 64):
+        scores = candidate_scores(tiny_model, questions, candidates, "cpu", batch_size)
+        assert scores.shape == (9,) and torch.allclose(scores, torch.tensor(by_hand, dtype=torch.float64), atol=1e-4)
+    assert len(set(by_hand)) == 9  # distinct scores: a mix-up of candidates would be seen
 
 
 def test_a_question_blind_model_scores_forced_choice_above_chance_but_zero_knowledge():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import cross_entropy
+from model import LoRALinear, cross_entropy
 
 
 def test_shapes_and_loss(tiny_model):
@@ -164,10 +164,13 @@ def test_stacked_adapters_add_up_and_only_the_newest_learns(tiny_model):
         assert torch.allclose(model.merged()(x)[0], both, atol=1e-5)  # the sum of both sets
         with model.adapters_off():
             assert torch.equal(model(x)[0], base(x)[0])  # every set off: the base
-    assert torch.allclose(model(x)[0], both, atol=1e-5)  # training's path (the earlier set folded, the newest thin)
+    assert torch.allclose(model(x)[0], both, atol=1e-5)  # with gradients on: the same map
 
 
-def test_measuring_folds_the_adapters_into_the_weight_and_computes_the_training_path_s_function(tiny_model):
+def test_folded_adapters_give_the_thin_products_function_and_the_current_pair_s_gradients(tiny_model):
+    """LoRALinear.fold (the default) computes x (W + (alpha / r) sum_s B_s A_s)^T in one product; with it off, the
+    thin products base(x) + (alpha / r) sum_s (x A_s^T) B_s^T. The same output, and the same gradients for the
+    current pair; the frozen earlier pair and the base weights get none either way."""
     model = lora_model(tiny_model)
     x = torch.randint(0, 96, (2, 16))
     with torch.no_grad():  # two adapter sets, both nonzero
@@ -176,13 +179,45 @@ def test_measuring_folds_the_adapters_into_the_weight_and_computes_the_training_
         model.stack_adapters()
         for layer in model.lora_layers():
             layer.B.normal_(0, 0.1)
-    training_path = model(x)[0]  # gradients on: base(x) + the thin products
-    assert training_path.requires_grad
-    with torch.no_grad():
-        measuring_path = model(x)[0]  # no gradients: x (W + (alpha / r) sum_s B_s A_s)^T in one product
-        layer = model.lora_layers()[0]
-        expected = layer.base.weight + layer.scale * sum(B @ A for A, B in layer.pairs())
-        assert torch.allclose(layer.merged_weight(), expected)
-    assert torch.allclose(measuring_path, training_path, atol=1e-5)
+    layer = model.lora_layers()[0]
+    expected = layer.base.weight + layer.scale * sum(B @ A for A, B in layer.pairs())
+    assert torch.allclose(layer.merged_weight(), expected)
+    outputs, gradients = {}, {}
+    try:
+        for fold in (True, False):
+            LoRALinear.fold = fold
+            model.zero_grad(set_to_none=True)
+            logits, loss, _ = model(x, x)
+            loss.backward()
+            outputs[fold] = logits.detach()
+            gradients[fold] = [p.grad.clone() for m in model.lora_layers() for p in (m.A, m.B)]
+            assert all(p.grad is None for m in model.lora_layers() for p in m.past)
+            assert all(p.grad is None for n, p in model.named_parameters() if "base" in n)
+    finally:
+        LoRALinear.fold = True
+    assert torch.allclose(outputs[True], outputs[False], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gradients[True], gradients[False]))
+    assert any(g.abs().max() > 1e-4 for g in gradients[True])  # the gradients compared are not all zero
     with torch.no_grad(), model.adapters_off():
-        assert not torch.allclose(measuring_path, model(x)[0], atol=1e-3)  # the adapters are in it
+        assert not torch.allclose(outputs[True], model(x)[0], atol=1e-3)  # the adapters are in it
+
+
+def test_positions_and_an_attention_mask_let_one_row_hold_two_sequences_that_share_a_prefix(tiny_model):
+    """forward(positions=, attention=): with 0..T-1 and the causal mask it is the default forward; with a row
+    packed as prefix + a + b, b's tokens at the positions they have after the prefix and reading the prefix and
+    themselves only, each sequence gets the logits it gets in a row of its own."""
+    prefix, a, b = [5, 6, 7, 8], [20, 21], [30, 31, 32]
+    T = 9
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    x = torch.tensor([prefix + a + b])
+    default = tiny_model(x)[0]
+    explicit = tiny_model(x, positions=torch.arange(T)[None], attention=causal[None])[0]
+    assert torch.allclose(default, explicit, atol=1e-5)
+    segment = torch.tensor([0] * 4 + [1] * 2 + [2] * 3)
+    attention = causal & ((segment[None, :] == 0) | (segment[:, None] == segment[None, :]))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 4, 5, 6]])
+    packed = tiny_model(x, positions=positions, attention=attention[None])[0][0]
+    alone_a, alone_b = tiny_model(torch.tensor([prefix + a]))[0][0], tiny_model(torch.tensor([prefix + b]))[0][0]
+    assert torch.allclose(packed[:6], alone_a, atol=1e-5)
+    assert torch.allclose(packed[6:], alone_b[4:], atol=1e-5)
+    assert not torch.allclose(default[0, 6:], alone_b[4:], atol=1e-3)  # without the mask, b would read a
