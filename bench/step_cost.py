@@ -87,17 +87,22 @@ def main(argv):
     times = {"seqft": [], "sae_guided": []}
     if config.finetune == "lora":  # and seqft with the adapters as thin products, not folded (model.LoRALinear)
         times["seqft, adapters thin"] = []
-    for _ in range(ROUNDS):
-        for name in times:
-            LoRALinear.fold = name != "seqft, adapters thin"
-            ms, model, method = step_ms(name.split(",")[0], config, base, saes, suite)
-            times[name].append(ms)
-    LoRALinear.fold = True
+    try:
+        for _ in range(ROUNDS):
+            for name in times:
+                LoRALinear.fold = name != "seqft, adapters thin"
+                ms, model, method = step_ms(name.split(",")[0], config, base, saes, suite)
+                times[name].append(ms)
+                if name == "sae_guided":
+                    guided = model, method
+    finally:
+        LoRALinear.fold = True
     for name, ms in times.items():
         print(f"{name}: " + ", ".join(f"{m:.1f}" for m in ms) + f" ms per step ({STEPS} steps of each task, "
               f"{ROUNDS} rounds)")
     ratio = sum(times["sae_guided"]) / sum(times["seqft"])
     print(f"SAE-guided / seqft: {ratio:.2f}x")
+    model, method = guided  # SAE-guided's last run: the parts of its penalty, then the operators of its step
     parts = penalty_parts_ms(model, method, suite[config.tasks[0]]["train"], config)
     print(f"SAE-guided's penalty, forward only, per batch of {config.tasks[0]}: "
           + ", ".join(f"{part} {ms:.2f} ms" for part, ms in parts.items()))

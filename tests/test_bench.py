@@ -460,6 +460,21 @@ def test_adapters_after_a_point_leave_the_blocks_before_it_frozen(tiny_model):
     assert list(sae_adapt.spliced({1: None, 2: None}, ())) == [1, 2]
 
 
+@pytest.mark.usefixtures("pipeline_out")
+def test_step_cost_times_seqft_with_the_adapters_thin_too_under_lora_and_leaves_the_fold_on(tmp_path, capsys,
+                                                                                             monkeypatch):
+    from bench import step_cost
+    from conftest import TINY_PIPELINE
+    from model import LoRALinear
+
+    monkeypatch.setattr(step_cost, "STEPS", 3)
+    assert jobs.run_script(step_cost.main, TINY_PIPELINE + [f"--out_dir={tmp_path}", "--finetune=lora"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if "ms per step" in line] == [
+        "seqft", "sae_guided", "seqft, adapters thin"]
+    assert "SAE-guided's penalty" in out and LoRALinear.fold
+
+
 def test_eval_cost_times_both_paths_under_lora_and_leaves_the_fold_on(tmp_path, capsys):
     from bench import eval_cost
     from model import LoRALinear
