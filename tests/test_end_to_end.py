@@ -250,10 +250,18 @@ def test_ctrl_c_is_one_line_and_no_worker_outlives_its_parent(tmp_path):
         deadline = time.time() + 120
         while (len(spawned_workers(process.pid)) < 2 or ignores_ctrl_c(process.pid)) and time.time() < deadline:
             time.sleep(0.05)
-        return process, spawned_workers(process.pid)
+        workers = spawned_workers(process.pid)
+        if len(workers) != 2:  # say why, with the run's last words (it may have ended early)
+            exit_status = process.poll()
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the whole group has ended already
+                pass
+            pytest.fail(f"{len(workers)} workers after 120 s (exit status {exit_status}); stderr ends: "
+                        f"{process.communicate()[1][-2000:]}")
+        return process, workers
 
     process, workers = start_and_wait_for_workers()
-    assert len(workers) == 2
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err
