@@ -176,15 +176,20 @@ def candidate_scores(model, questions, candidates, device, batch_size=64):
     was_training = model.training
     model.eval()
     x, positions, attention, lengths, targets = shared_prompt_rows(questions, candidates)
+    too_far = (positions.amax(1) >= model.config.block_size).nonzero().flatten().tolist()
+    if too_far:  # a blind question with a long candidate can outgrow the block
+        raise ValueError(f"forced choice: {questions[too_far[0]]!r} with its candidates reaches position "
+                         f"{int(positions[too_far[0]].max())} >= block_size {model.config.block_size}")
     scores = torch.zeros(sum(len(cs) for cs in candidates), dtype=torch.float64)
     for start in range(0, len(x), batch_size):
         rows = slice(start, start + batch_size)
         L = int(lengths[rows].max())  # cut the columns that are padding in every row of the batch
         logits = model(x[rows, :L].to(device), positions=positions[rows, :L].to(device),
                        attention=attention[rows, :L, :L].to(device))[0]
-        log_probs = F.log_softmax(logits.double(), dim=-1).cpu()
+        log_probs = F.log_softmax(logits.double(), dim=-1)
         row, position, token, candidate = targets[(targets[:, 0] >= start) & (targets[:, 0] < start + batch_size)].T
-        scores.index_add_(0, candidate, log_probs[row - start, position, token])
+        picked = log_probs[(row - start).to(device), position.to(device), token.to(device)]
+        scores.index_add_(0, candidate, picked.cpu())
     model.train(was_training)
     return scores
 

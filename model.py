@@ -106,10 +106,11 @@ class LoRALinear(nn.Module):
         y = base(x) + (alpha / r) sum_s (x A_s^T) B_s^T
 
     The same map is computed as one product with every update folded into the weight, x (W + (alpha / r) sum_s
-    B_s A_s)^T: cheaper than the thin products over every token, in training too. Autograd then forms the merged
-    weight's gradient G = (dL/dy)^T x and hands the current pair its share, dB = (alpha / r) G A^T and
-    dA = (alpha / r) B^T G. With `fold` off, the thin products above are computed as written (bench/eval_cost.py and
-    bench/step_cost.py time both)."""
+    B_s A_s)^T, in training too. Autograd then forms the merged weight's gradient G = (dL/dy)^T x and hands the
+    current pair its share, dB = (alpha / r) G A^T and dA = (alpha / r) B^T G. That is more arithmetic than the thin
+    products once the width is well above the rank (G is a full out x in product), but fewer, larger products: at this
+    project's sizes on one CPU thread it is the faster (bench/step_cost.py and bench/eval_cost.py time both). With
+    `fold` off, the thin products above are computed as written; on a GPU or at larger widths they may win."""
 
     fold = True
 

@@ -154,8 +154,8 @@ class PriorOracle(torch.nn.Module):
 
 def test_candidate_scores_read_each_prompt_once_and_equal_one_row_per_candidate(tiny_model):
     """The shared-prompt rows give a real GPT's scores of each candidate as a row of its own would: the sum of
-    log p(completion token | prompt, earlier completion tokens), by hand, one candidate at a time. Batches that
-    cut an example's candidates from the next example's change nothing."""
+    log p(completion token | prompt, earlier completion tokens), by hand, one candidate at a time; wherever the
+    batches' boundaries between examples fall. A question whose candidates would outgrow the block is named."""
     questions = ["add: 12+7", "add: 3+45", "reverse: abc"]
     candidates = [["19", "91", "20"], ["48", "4"], ["cba", "abc", "bca", "cab"]]
     by_hand = []
@@ -170,6 +170,8 @@ def test_candidate_scores_read_each_prompt_once_and_equal_one_row_per_candidate(
         scores = candidate_scores(tiny_model, questions, candidates, "cpu", batch_size)
         assert scores.shape == (9,) and torch.allclose(scores, torch.tensor(by_hand, dtype=torch.float64), atol=1e-4)
     assert len(set(by_hand)) == 9  # distinct scores: a mix-up of candidates would be seen
+    with pytest.raises(ValueError, match="'add: 12\\+7' with its candidates reaches position"):
+        candidate_scores(tiny_model, questions, [["1" * 40], ["48"], ["cba"]], "cpu")
 
 
 def test_a_question_blind_model_scores_forced_choice_above_chance_but_zero_knowledge():
