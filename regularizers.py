@@ -602,7 +602,8 @@ def reference_codes(reference, saes, split):
     The reference is frozen while a task trains, so its codes on the task's training examples are computed once,
     when the task starts, and looked up per batch (lookup_codes)."""
     device = next(reference.parameters()).device
-    return {"rows": example_rows(split), "codes": sparse_codes(reference, saes, split.x.to(device), split.content_mask.to(device))}
+    codes = sparse_codes(reference, saes, split.x.to(device), split.content_mask.to(device))
+    return {"rows": example_rows(split), "codes": codes}
 
 
 def lookup_codes(cache, batch):

@@ -230,8 +230,9 @@ def learn_sequence(name, seed, *, config, device, base, saes, suite, lm_val_ids)
     wall_seconds = time.time() - t_start
     return model, {"R": R, "lm_loss_before": lm_loss_before,
                    "lm_loss_after": estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters),
-                   "retained_bytes": tensor_bytes(method.retained()), "step_seconds": step_seconds / max(1, total_steps),
-                   "wall_seconds": wall_seconds, "aux_accuracy": aux_R, "diagnostic": diagnostic}
+                   "retained_bytes": tensor_bytes(method.retained()),
+                   "step_seconds": step_seconds / max(1, total_steps), "wall_seconds": wall_seconds,
+                   "aux_accuracy": aux_R, "diagnostic": diagnostic}
 
 
 def sequence_state(model):
