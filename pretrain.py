@@ -354,7 +354,7 @@ def finish(run, config, device, path, summary_path, timing):
     if aux:  # instruction following: held-out prompts of the auxiliary tasks, and prompts it was trained on
         summary["aux_accuracy"] = aux_accuracy(model, aux, device)
         summary["aux_train_accuracy"] = mean_accuracy(
-            model, [s["train"].subset(torch.arange(AUX_HELD_OUT)) for s in aux.values()], device)
+            model, [s["train"].subset(torch.arange(min(AUX_HELD_OUT, len(s["train"])))) for s in aux.values()], device)
         summary["aux_samples"] = greedy_samples(model, [q + " > " for q, _ in (s["test"].examples[0]
                                                                                 for s in aux.values())], device)
         print(f"pretrain: instruction phase, held-out auxiliary accuracy {summary['aux_accuracy']:.3f} "

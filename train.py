@@ -14,6 +14,7 @@ written atomically, and an interrupted pretraining resumes from its last checkpo
 
 import copy
 import functools
+import json
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ import time
 import torch
 
 import cache
+from cache import stage_config
 from cli import help_text
 from configurator import Config, parse_args, resolve_device
 from data.tasks import (TASKS, answer_format, build_task_suite, concat_splits, constant_guess, shuffle_answers,
@@ -31,7 +33,7 @@ from model import model_from_checkpoint
 from pretrain import aux_accuracy, aux_suite, check_finite, clip_gradients, corpus_of, estimate_lm_loss, pretrain
 from regularizers import METHODS, Method, tensor_bytes
 from report import summarize_run
-from runs import runs_to_do
+from runs import MEASURED_AFTER, runs_to_do
 from sae_stage import load_saes, train_sae_stage
 
 
@@ -188,16 +190,39 @@ def base_reference(seed, *, config, device, base, suite):
             **knowledge(model, row, suite, config, device, seed, desc=f"relearn base seed {seed}")}
 
 
+START_MEASURES = {}  # {key: (suite, measures)} of the start model, per process (start_measures)
+
+
+def start_measures(model, *, config, device, base, suite, lm_val_ids):
+    """What a sequence measures before its first task: R's first row on both splits, the auxiliary accuracy (None
+    without an instruction phase) and the LM loss. Every sequence starts from the base model's function, whatever
+    its method and seed (LoRA's B starts at zero, so the adapters add exactly nothing), so these are measured once
+    per process and setting and shared by the sequences after it. The setting: the base, the device, the suite (the
+    object, kept with its measures so that its id is not reused), the LM validation tokens and the pretraining and
+    continual-learning fields."""
+    fields = {k: v for k, v in stage_config(config, "pretrain", "cl").items() if k not in MEASURED_AFTER}
+    key = json.dumps([base["sha"], device, id(suite), cache.tensor_hash(lm_val_ids), fields], sort_keys=True,
+                     default=str)
+    if key not in START_MEASURES:
+        aux = aux_suite(config)
+        START_MEASURES[key] = suite, {
+            "R": {split: evaluate_tasks(model, suite, config, device, split) for split in SPLITS},
+            "aux": aux_accuracy(model, aux, device) if aux else None,
+            "lm_loss": estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters)}
+    return START_MEASURES[key][1]
+
+
 def learn_sequence(name, seed, *, config, device, base, saes, suite, lm_val_ids):
     """Learn the tasks in order with one method. Returns the final model and the sequence's record: R's rows on
     both splits (SPLITS; before the first task and after each), the auxiliary accuracy, the LM loss before and
     after, the bytes the method retains, its step and wall times, and the forgetting diagnostic (on the eval split)."""
     generator = torch.Generator().manual_seed(seed)
     model = start_model(base, config, device, seed)
-    lm_loss_before = estimate_lm_loss(model, lm_val_ids, config, device, config.eval_iters)
-    R = {split: [evaluate_tasks(model, suite, config, device, split)] for split in SPLITS}
+    start = start_measures(model, config=config, device=device, base=base, suite=suite, lm_val_ids=lm_val_ids)
+    lm_loss_before = start["lm_loss"]
+    R = {split: [list(start["R"][split])] for split in SPLITS}
     aux = aux_suite(config)  # with an instruction-following base: is the tag still followed along the sequence?
-    aux_R = [aux_accuracy(model, aux, device)] if aux else []
+    aux_R = [start["aux"]] if aux else []
     diagnostic, snapshots = [], {}
     method = METHODS[name](config, model, saes, seed)
     step_seconds, t_start = 0.0, time.time()

@@ -114,6 +114,7 @@ def main(argv):
                 print(f"frontier: {method} {key}={value} left out ({error})")
     base = pretrain(base_config, device)
     sae_checkpoint = sae_stage.train_sae_stage(base_config, device, base)
+    base_seconds = time.time() - t0  # pretraining and the SAEs (reused when train.py has made them)
     # the sweep, and seqft on test (its seeds are needed whatever the sweep finds: they fill the pool's last places);
     # the run folders' own plots are left out (about a second of the main process each; frontier.png draws them all)
     seqft_test = run_config(passthrough, "seqft", "test", options.final_seeds)[0]
@@ -137,7 +138,8 @@ def main(argv):
     if base_config.relearn_steps and base_config.relearn_steps[-1] > 0:
         n = base_config.relearn_steps[-1]
         columns.append((f"content kept@{n}", f"content_kept@{n}"))
-    result = {"argv": argv, "seconds": time.time() - t0, "seqft_val_plasticity": reference, "columns": columns,
+    result = {"argv": argv, "seconds": time.time() - t0, "base_seconds": base_seconds,
+              "seqft_val_plasticity": reference, "columns": columns,
               "levels": list(options.levels), "sweep": sweep_rows,
               "matched": {str(level): {m: {"value": v, "val_plasticity": p,
                                            **(final_rows[(m, v)] if reaches(p, level, reference) else {})}
@@ -145,7 +147,8 @@ def main(argv):
               "seqft": final_rows[("seqft", None)]}
     cache.save_json(result, os.path.join(out_dir, "frontier.json"))
     text = frontier_table(result)
-    cache.save_text(f"Command: `python -m bench.frontier {' '.join(argv)}` ({result['seconds']:.0f} s)\n\n{text}\n",
+    cache.save_text(f"Command: `python -m bench.frontier {' '.join(argv)}` ({result['seconds']:.0f} s, of which "
+                    f"{base_seconds:.0f} s pretraining and the SAEs)\n\n{text}\n",
                     os.path.join(out_dir, "frontier.md"))
     plot_frontier(result, os.path.join(out_dir, "frontier.png"))
     print(text)
