@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
 
-from data.tasks import Batch, concat_splits, example_keys
+from data.tasks import Batch, concat_splits, example_keys, trim_padding
 from model import AdaptersOff, answer_log_likelihood, evaluating, frozen_copy, model_device
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def fisher_diagonal(model, split, n_examples, labels="true", seed=0):
         return answer_log_likelihood(logits, y1, m1)
 
     with evaluating(model):
-        batch = split.sample(n_examples, seed, model_device(model))
+        batch = trim_padding(split.sample(n_examples, seed, model_device(model)))
         y = batch.y
         if labels == "true":
             with torch.no_grad():
@@ -263,7 +263,7 @@ def mas_importance(model, split, n_examples, seed=0):
         return (logits.pow(2).sum(-1) * m1).sum() / m1.sum().clamp(min=1.0)
 
     with evaluating(model):
-        batch = split.sample(n_examples, seed, model_device(model))
+        batch = trim_padding(split.sample(n_examples, seed, model_device(model)))
         return per_example_mean(model, output_norm, (batch.x, batch.answer_mask), torch.abs)
 
 
@@ -314,7 +314,7 @@ class LwF(Method):
     positive = ("lwf_temperature",)
 
     def before_task(self, model, split, t):
-        reference, x = frozen_copy(model), split.x.to(model_device(model))
+        reference, x = frozen_copy(model), trim_padding(split.rows(slice(None))).x.to(model_device(model))
         self.rows = example_rows(split)
         with torch.no_grad():
             self.ref_logits = torch.cat([reference(x[i : i + 128])[0] for i in range(0, len(x), 128)])
@@ -401,7 +401,8 @@ def feature_relevance(reference, saes, split, n_examples, codes="topk", batch_si
     n_tokens = 0.0
     for start in range(0, min(n_examples, len(split)), batch_size):
         end = min(start + batch_size, n_examples, len(split))
-        x, content = split.x[start:end].to(device), split.content_mask[start:end].to(device)
+        batch = trim_padding(split.rows(slice(start, end)))
+        x, content = batch.x.to(device), batch.content_mask.to(device)
         _, _, residuals = reference(x, read=points)
         for p in points:
             z = sae_codes(saes[p], residuals[p], codes)  # (B, T, d_sae)
@@ -602,7 +603,8 @@ def reference_codes(reference, saes, split):
     The reference is frozen while a task trains, so its codes on the task's training examples are computed once,
     when the task starts, and looked up per batch (lookup_codes)."""
     device = next(reference.parameters()).device
-    codes = sparse_codes(reference, saes, split.x.to(device), split.content_mask.to(device))
+    every = trim_padding(split.rows(slice(None)))  # up to the longest example: a batch is never longer
+    codes = sparse_codes(reference, saes, every.x.to(device), every.content_mask.to(device))
     return {"rows": example_rows(split), "codes": codes}
 
 

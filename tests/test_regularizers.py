@@ -671,3 +671,43 @@ def test_sae_training_penalty_gradient_matches_finite_differences(norm):
     sae = identity_sae().double()
     x = torch.tensor([[[1.0, -2.0], [3.0, 0.5], [-0.7, 1.3]]], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: pretrain.sae_training_penalty({0: x}, {0: sae}, 3.0, norm=norm), (x,))
+
+
+def test_a_task_s_references_and_importances_read_its_examples_up_to_its_longest_only(tiny_model):
+    """The same add examples padded to their own length, or to translate's as the suite pads them: LwF's reference
+    logits, SAE-guided's mask and cached codes, EWC's Fisher and MAS's importance are the same (on the columns the
+    examples have), and the model never reads a column past the longest example."""
+    from sae import SAEConfig, TopKSAE
+
+    from data.tasks import example_lengths
+
+    alone = build_task_suite(["add"], n_train=40, n_val=4, n_test=4)["add"]["train"]
+    padded = build_task_suite(["add", "translate"], n_train=40, n_val=4, n_test=4)["add"]["train"]
+    longest = int(example_lengths(alone).max())
+    assert alone.x.size(1) == longest < padded.x.size(1) and torch.equal(padded.x[:, :longest], alone.x)
+    torch.manual_seed(0)
+    saes = {1: TopKSAE(SAEConfig(32, 64, 4)), 2: TopKSAE(SAEConfig(32, 64, 4))}
+    config = dataclasses.replace(train.Config(), lwf_temperature=2.0)
+
+    def outputs(split):
+        lwf = reg.LwF(config, tiny_model)
+        lwf.before_task(tiny_model, split, 0)
+        codes = reg.reference_codes(tiny_model, saes, split)["codes"]
+        return {"lwf": lwf.ref_logits, **{f"codes {p}": c for p, c in codes.items()},
+                **{f"mask {p}": m for p, m in reg.build_feature_masks(tiny_model, saes, split, n_examples=32, knn=3,
+                                                                     alpha=0.5).items()},
+                "fisher": reg.fisher_diagonal(tiny_model, split, 8, seed=3),
+                "mas": reg.mas_importance(tiny_model, split, 8, seed=3)}
+
+    widths = []
+    hook = tiny_model.register_forward_pre_hook(lambda module, args: widths.append(args[0].size(-1)))
+    try:
+        expected, got = outputs(alone), outputs(padded)
+    finally:
+        hook.remove()
+    assert max(widths) == longest
+    for name, value in expected.items():
+        if name.startswith("codes"):
+            assert all(torch.equal(a, b) for a, b in zip(value, got[name])), name
+        else:
+            assert torch.allclose(value, got[name], atol=1e-6), name
