@@ -199,7 +199,7 @@ def start_measures(model, *, config, device, base, suite, lm_val_ids):
     its method and seed (LoRA's B starts at zero, so the adapters add exactly nothing), so these are measured once
     per process and setting and shared by the sequences after it. The setting: the base, the device, the suite (the
     object, kept with its measures so that its id is not reused), the LM validation tokens and the pretraining and
-    continual-learning fields."""
+    continual-learning fields but those read only after a sequence (MEASURED_AFTER)."""
     fields = {k: v for k, v in stage_config(config, "pretrain", "cl").items() if k not in MEASURED_AFTER}
     key = json.dumps([base["sha"], device, id(suite), cache.tensor_hash(lm_val_ids), fields], sort_keys=True,
                      default=str)

@@ -69,3 +69,12 @@ def no_plots(request, monkeypatch):
     Processes a test starts (workers, torchrun) draw them as usual."""
     if "plots" not in request.keywords:
         monkeypatch.setattr(report, "DRAW_PLOTS", False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_start_measures(monkeypatch):
+    """Each test measures its sequences' start models afresh (train.start_measures keeps them for the process): a
+    test that fakes an evaluation leaves nothing behind for the next."""
+    import train
+
+    monkeypatch.setattr(train, "START_MEASURES", {})

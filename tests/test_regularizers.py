@@ -167,7 +167,8 @@ def test_lwf_is_zero_at_task_start_and_positive_after_a_change(tiny_model):
     penalty, logs = lwf.penalty(tiny_model, batch, {"logits": logits})
     assert penalty.item() > 0 and logs["kl"] > 0
     # by hand at one content position: 2 * T^2 * KL(softmax(ref / T) || softmax(logits / T)), padding ignored, with
-    # ref the task-start model's logits on this batch (the cached ones were computed on the whole split, untrimmed)
+    # ref the task-start model's logits on this batch (the cached ones were computed on the whole split, trimmed to
+    # its longest example, not to this batch's)
     ref = start(batch.x)[0]
     p = torch.softmax(ref / 2, -1)
     kl = (p * (torch.log_softmax(ref / 2, -1) - torch.log_softmax(logits / 2, -1))).sum(-1)

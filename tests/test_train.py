@@ -640,7 +640,7 @@ def test_the_task_suite_is_built_once_per_process_and_again_for_a_replaced_task(
 def test_every_sequence_starts_from_the_base_model_s_measures_taken_once_per_setting(tmp_path, monkeypatch):
     """A sequence's first row of R (both splits), auxiliary accuracy and LM loss are the base model's, measured by
     hand, whatever the method and the seed's LoRA A (B starts at zero: the same logits bit for bit); a process
-    measures them once per setting, and another task list is another setting."""
+    measures them once per setting, and another task list or LM-loss length is another setting."""
     config = tiny_config(tmp_path, "--tasks=add,reverse", "--n_train=32", "--n_test=8", "--n_val=4",
                          "--finetune=lora", "--steps_per_task=2", "--diagnose=false", "--instruct_tags=2",
                          "--instruct_iters=4", "--instruct_examples=16")
@@ -648,11 +648,11 @@ def test_every_sequence_starts_from_the_base_model_s_measures_taken_once_per_set
     plain = train.model_from_checkpoint(base, "cpu")
     x = train.task_suite(config)["add"]["val"].x
     assert torch.equal(train.start_model(base, config, "cpu", seed=1)(x)[0], plain(x)[0])
-    monkeypatch.setattr(train, "START_MEASURES", {})
     calls, evaluate = [], train.evaluate_tasks
     monkeypatch.setattr(train, "evaluate_tasks", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
     lm_val_ids = train.corpus_of(config)[1]
-    for other in (config, dataclasses.replace(config, tasks=("reverse", "add"))):
+    for other in (config, dataclasses.replace(config, tasks=("reverse", "add")),
+                  dataclasses.replace(config, eval_iters=config.eval_iters + 1)):
         suite = train.task_suite(other)
         records = [train.learn_sequence(name, seed, config=other, device="cpu", base=base, saes=None, suite=suite,
                                         lm_val_ids=lm_val_ids)[1] for name, seed in (("seqft", 0), ("ewc", 1))]
@@ -664,4 +664,4 @@ def test_every_sequence_starts_from_the_base_model_s_measures_taken_once_per_set
             assert record["lm_loss_before"] == pretrain.estimate_lm_loss(plain, lm_val_ids, other, "cpu",
                                                                           other.eval_iters)
     rows_along = 2 * len(config.tasks) * len(train.SPLITS)  # two sequences' rows after each task, both splits
-    assert len(calls) == 2 * (len(train.SPLITS) + rows_along)  # and the start rows once for each task list
+    assert len(calls) == 3 * (len(train.SPLITS) + rows_along)  # and the start rows once for each setting
