@@ -3,6 +3,8 @@ What the measuring passes of one continual-learning run cost under the run's set
 matrix R (every task's eval split) and forced choice with its question-blind control, one thread, best of a few
 rounds; under LoRA, with the adapters folded into the weight (model.LoRALinear.fold, the default)
 and without. The adapters are given random nonzero B, as after training (the time does not depend on the values).
+Then what a sequence measures before its first task (train.start_measures: R's first row on both splits, the
+auxiliary accuracy, the LM loss), which a worker process measures once per setting, not once per sequence.
 
     python -m bench.eval_cost --preset=paper --run=paper
 """
@@ -17,7 +19,7 @@ import evaluate
 import jobs
 import train
 from model import LoRALinear
-from pretrain import pretrain
+from pretrain import corpus_of, pretrain
 
 ROUNDS = 3
 
@@ -53,6 +55,13 @@ def main(argv):
             print(label + ", ".join(f"{name} {best_seconds(fn):.3f} s" for name, fn in passes.items()))
     finally:
         LoRALinear.fold = True
+    start = train.start_model(base, config, "cpu", seed=0)
+
+    def start_measures():
+        train.START_MEASURES.clear()  # measured afresh each round
+        train.start_measures(start, config=config, device="cpu", base=base, suite=suite,
+                             lm_val_ids=corpus_of(config)[1])
+    print(f"a sequence's start measures {best_seconds(start_measures):.3f} s (once per worker and setting)")
     return 0
 
 

@@ -482,6 +482,8 @@ def test_eval_cost_times_both_paths_under_lora_and_leaves_the_fold_on(tmp_path, 
     argv = TINY + [f"--out_dir={tmp_path}", "--tasks=add,reverse", "--n_train=20", "--n_val=8", "--n_test=8",
                    "--finetune=lora", "--forced_choice_k=2"]
     assert jobs.run_script(eval_cost.main, argv) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if "one row of R" in line]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "one row of R" in line]
     assert [line.split(":")[0] for line in lines] == ["adapters folded", "adapters as thin products"]
     assert LoRALinear.fold
+    assert "a sequence's start measures" in out
