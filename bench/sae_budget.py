@@ -68,9 +68,10 @@ def parse(argv):
 
 def budget_runs(config, options, device):
     """(the sweep point as the study made it, [{steps, sweep_steps, l0, fvu, ce_increase, dead_fraction,
-    training_fvu}] for each of options.budget_steps): the SAE of the chosen point and sweep point trained for that many steps on the sweep's
-    activations (sae_reg.fresh_sae_sweep's: the same tokens and seed), measured as the sweep measures it
-    (evaluate.sae_metrics, that point alone spliced in). The study's model and sweep are run or reused first."""
+    training_fvu}] for each of options.budget_steps): the SAE of the chosen point and sweep point trained for that
+    many steps on the sweep's activations (sae_reg.fresh_sae_sweep's: the same tokens and seed), measured as the sweep
+    measures it (evaluate.sae_metrics, that point alone spliced in). The study's model and sweep are run or reused
+    first."""
     model_config = sae_reg.variant_of(config, options.budget_model, options.seeds[0])
     i, p = options.budget_sweep_point, options.budget_point
     points_of_sweep = sae_reg.sweep(model_config, options, options.budget_model)[:i + 1]  # the ones up to it

@@ -411,7 +411,8 @@ def test_the_frontier_script_runs_end_to_end_on_a_tiny_config(tmp_path, monkeypa
     monkeypatch.setattr(train, "continual_learning_many", lambda configs, *args, **kwargs: calls.append(
         [c.cl_dir for c in configs]) or original(configs, *args, **kwargs))
     assert jobs.run_script(frontier.main, argv) == 0
-    assert calls[0][-1] == "frontier/test/seqft" and "frontier/val/seqft" in calls[0]  # seqft's test in the sweep's pool
+    # seqft's test in the sweep's pool
+    assert calls[0][-1] == "frontier/test/seqft" and "frontier/val/seqft" in calls[0]
     result = json.loads((tmp_path / "default" / "frontier" / "frontier.json").read_text())
     assert set(result["sweep"]) == {"ewc", "freeze"} and len(result["sweep"]["ewc"]) == 1
     assert [r["value"] for r in result["sweep"]["freeze"]] == [1]  # 2 blocks: more than the model has
