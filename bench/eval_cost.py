@@ -55,12 +55,11 @@ def main(argv):
             print(label + ", ".join(f"{name} {best_seconds(fn):.3f} s" for name, fn in passes.items()))
     finally:
         LoRALinear.fold = True
-    start = train.start_model(base, config, "cpu", seed=0)
+    start, lm_val_ids = train.start_model(base, config, "cpu", seed=0), corpus_of(config)[1]
 
     def start_measures():
         train.START_MEASURES.clear()  # measured afresh each round
-        train.start_measures(start, config=config, device="cpu", base=base, suite=suite,
-                             lm_val_ids=corpus_of(config)[1])
+        train.start_measures(start, config=config, device="cpu", base=base, suite=suite, lm_val_ids=lm_val_ids)
     print(f"a sequence's start measures {best_seconds(start_measures):.3f} s (once per worker and setting)")
     return 0
 
