@@ -43,8 +43,10 @@ def task_accuracy(model, split, device, batch_size=256):
     correct = []
     for start in range(0, len(split), batch_size):
         batch = trim_padding(Batch(*(t.to(device) for t in split.rows(slice(start, start + batch_size)))))
-        predicted = model(batch.x)[0].argmax(-1)
-        correct.append(((predicted == batch.y) | (batch.answer_mask == 0)).all(-1))
+        answers = batch.answer_mask.bool()  # the head runs there only (model.GPT.forward, head_at)
+        predicted = batch.y.clone()  # right wherever nothing is predicted
+        predicted[answers] = model(batch.x, head_at=answers)[0].argmax(-1)
+        correct.append((predicted == batch.y).all(-1))
     model.train(was_training)
     return torch.cat(correct).float().mean().item()
 
@@ -184,11 +186,15 @@ def candidate_scores(model, questions, candidates, device, batch_size=64):
     for start in range(0, len(x), batch_size):
         rows = slice(start, start + batch_size)
         L = int(lengths[rows].max())  # cut the columns that are padding in every row of the batch
-        logits = model(x[rows, :L].to(device), positions=positions[rows, :L].to(device),
-                       attention=attention[rows, :L, :L].to(device))[0]
-        log_probs = F.log_softmax(logits.double(), dim=-1)
         row, position, token, candidate = targets[(targets[:, 0] >= start) & (targets[:, 0] < start + batch_size)].T
-        picked = log_probs[(row - start).to(device), position.to(device), token.to(device)]
+        scored = torch.zeros(len(x[rows]), L, dtype=torch.bool)  # the positions whose next token is scored
+        scored[row - start, position] = True
+        logits = model(x[rows, :L].to(device), positions=positions[rows, :L].to(device),
+                       attention=attention[rows, :L, :L].to(device), head_at=scored.to(device))[0]  # there only
+        log_probs = F.log_softmax(logits.double(), dim=-1)  # (N, vocab), in the order of scored.nonzero()
+        index = torch.zeros(scored.shape, dtype=torch.long)
+        index[scored] = torch.arange(len(logits))
+        picked = log_probs[index[row - start, position].to(device), token.to(device)]
         scores.index_add_(0, candidate, picked.cpu())
     model.train(was_training)
     return scores

@@ -89,8 +89,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attention=None):
+    def forward(self, x, attention=None, keep=None):
         x = x + self.attn(self.ln_1(x), attention)
+        if keep is not None:  # (B, T) bool: only these positions are read after this block, and the MLP reads each
+            x = x[keep]  # position alone, so it runs at these only: (N, C)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -246,7 +248,8 @@ class GPT(nn.Module):
                     setattr(module, name, getattr(module, name).merged())
         return model
 
-    def forward(self, idx, targets=None, loss_mask=None, read=(), patch=None, positions=None, attention=None):
+    def forward(self, idx, targets=None, loss_mask=None, read=(), patch=None, positions=None, attention=None,
+                head_at=None):
         """
         idx:       (B, T) token ids
         targets:   (B, T) next-token ids; if given, the mean cross-entropy is returned as `loss`
@@ -259,6 +262,11 @@ class GPT(nn.Module):
         attention: (B, T, T) bool, which tokens each token attends to (default causal: itself and every earlier
                    one). With both, one row can hold several sequences that share a prefix (evaluate.py, forced
                    choice: one prompt, read once, and every candidate answer after it).
+        head_at:   (B, T) bool, the positions whose logits are wanted (a fine-tuning loss reads the answers' only).
+                   The last block's MLP, ln_f and the head then run at those N positions alone: nothing after the
+                   last attention mixes positions, so the logits there are the same, for less work (as nanoGPT's
+                   generate runs the head at the last position only). Logits come back as (N, vocab), in the order
+                   of head_at.nonzero(), and the loss is taken there; the last point cannot be read or patched.
         returns (logits (B, T, vocab), loss or None, {point: (B, T, C)})
         """
         B, T = idx.size()
@@ -268,6 +276,9 @@ class GPT(nn.Module):
         for point in list(read) + list(patch or {}):
             if not 0 <= point <= self.config.n_layer:
                 raise ValueError(f"residual point {point} is not in 0..{self.config.n_layer}")
+            if head_at is not None and point == self.config.n_layer:
+                raise ValueError(f"head_at: the last point ({point}) is computed at head_at's positions only, so it "
+                                 "cannot be read or patched; leave head_at out")
         residuals = {}
 
         def visit(point, x):
@@ -281,11 +292,15 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
         x = visit(0, x)
         for layer, block in enumerate(self.blocks, start=1):
-            x = visit(layer, block(x, attention))
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+            x = visit(layer, block(x, attention, keep=head_at if layer == self.config.n_layer else None))
+        if head_at is not None and not self.blocks:  # no block: the head reads the embedding
+            x = x[head_at]
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab), or (N, vocab) at head_at
 
         loss = None
         if targets is not None:
+            if head_at is not None:
+                targets, loss_mask = targets[head_at], None if loss_mask is None else loss_mask[head_at]
             loss = cross_entropy(logits, targets, loss_mask)
         return logits, loss, residuals
 

@@ -11,6 +11,9 @@ The loop in train.py calls the hooks and never names a method:
                       after_task(model, split, t)
     retained()   the tensors the method keeps between tasks (the "retained bytes" of the report)
 
+The loss reads the logits at the answer positions only, so the forward pass computes them there alone, unless the
+method says it reads them everywhere (reads_logits) or reads the last residual point.
+
 A method's results depend on the Config fields whose names start with its name and '_' (`ewc_lambda`, ...), on
 the shared continual-learning fields, and, if it uses the SAEs, on the SAE stage.
 
@@ -58,7 +61,8 @@ class Method:
     strength = None  # (config key, its values from seqft-like to learning almost nothing): bench/frontier.py
     joint = False  # True: the loop trains on every task at once, for as many steps as the whole sequence
     uses_saes = False  # True: the method gets the SAEs, and its results depend on the SAE stage
-    reads = ()  # residual points the penalty needs in outputs["residuals"]
+    reads = ()  # residual points the penalty needs in outputs["residuals"], at every position
+    reads_logits = False  # True: the penalty needs outputs["logits"] at every position, not at the answers' only
     positive = ()  # config keys that must be above 0 (not only at least 0, which holds for every float)
 
     def __init__(self, config, model, saes=None, seed=0):
@@ -311,6 +315,7 @@ class LwF(Method):
 
     name = "lwf"
     strength = ("lwf_lambda", (1e-2, 1e-1, 1.0, 10.0, 1e2))
+    reads_logits = True  # the KL is taken at every content token
     positive = ("lwf_temperature",)
 
     def before_task(self, model, split, t):
@@ -645,7 +650,7 @@ class SAEFD(Method):
 
     def __init__(self, config, model, saes=None, seed=0):
         super().__init__(config, model, saes, seed)
-        self.saes, self.reads, self.anchors = saes, tuple(sorted(saes or ())), None
+        self.saes, self.points, self.anchors = saes, tuple(sorted(saes or ())), None  # read on the anchors only
         self.generator = torch.Generator().manual_seed(seed)  # which anchors each step sees
 
     def after_task(self, model, split, t):
@@ -667,7 +672,7 @@ class SAEFD(Method):
         idx = torch.randint(len(x), (self.config.sae_fd_batch_size,), generator=self.generator).to(x.device)
         length = int(content[idx].nonzero()[:, 1].max()) + 1  # cut the padding columns
         x, content = x[idx, :length], content[idx, :length]
-        _, _, residuals = model(x, read=self.reads)
+        _, _, residuals = model(x, read=self.points)
         distance = 0.0
         for p, sae in self.saes.items():
             values, indices = (c[idx, :length][content.bool()] for c in self.anchors["codes"][p])

@@ -60,14 +60,14 @@ class Oracle(torch.nn.Module):
             self.lines.append((encode(prompt), encode(prompt + completion)))
         self.config = type("C", (), {"block_size": 64})()
 
-    def forward(self, idx, positions=None, attention=None):
+    def forward(self, idx, positions=None, attention=None, head_at=None):
         logits = torch.zeros(idx.size(0), idx.size(1), 96)
         # the line whose prompt starts each row (prompts never share a prefix up to their last character)
         lines = [next(line for prompt, line in self.lines if row[: len(prompt)] == prompt) for row in idx.tolist()]
         for b, t, seen in contexts(idx, attention):
             if seen == lines[b][: len(seen)]:  # only a true prefix is answered as in the line
                 logits[b, t, lines[b][len(seen)] if len(seen) < len(lines[b]) else NEWLINE] = 1.0
-        return logits, None, {}
+        return logits if head_at is None else logits[head_at], None, {}  # as GPT.forward's head_at
 
     generate = GPT.generate
 
@@ -137,7 +137,7 @@ class PriorOracle(torch.nn.Module):
         self.answers = [a + "\n" for a in answers]
         self.config = type("C", (), {"block_size": 64})()
 
-    def forward(self, idx, positions=None, attention=None):
+    def forward(self, idx, positions=None, attention=None, head_at=None):
         logits = torch.full((idx.size(0), idx.size(1), 96), -30.0)
         separator = encode(SEPARATOR)
         for b, t, seen in contexts(idx, attention):
@@ -149,7 +149,7 @@ class PriorOracle(torch.nn.Module):
                 if a.startswith(prefix) and len(a) > len(prefix):
                     logits[b, t, encode(a[len(prefix)])[0]] = torch.logaddexp(
                         logits[b, t, encode(a[len(prefix)])[0]], torch.tensor(0.0))  # log count
-        return logits, None, {}
+        return logits if head_at is None else logits[head_at], None, {}
 
 
 def test_candidate_scores_read_each_prompt_once_and_equal_one_row_per_candidate(tiny_model):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import LoRALinear, cross_entropy
+from model import GPT, GPTConfig, LoRALinear, cross_entropy
 
 
 def test_shapes_and_loss(tiny_model):
@@ -51,6 +51,34 @@ def test_read_returns_value_before_patch_and_later_points_see_patch(tiny_model):
 def test_bad_residual_point_raises(tiny_model):
     with pytest.raises(ValueError, match="residual point 3"):
         tiny_model(torch.zeros(1, 4, dtype=torch.long), read=(3,))
+
+
+def test_the_head_at_some_positions_gives_their_logits_loss_and_gradients_and_runs_the_last_mlp_there_only():
+    """head_at: the last block's MLP and the head run at the chosen positions alone, with the same logits there, the
+    same loss and the same gradients as the whole forward pass (nothing after the last attention mixes positions);
+    the last point cannot be read with it; a model with no block gives its head the embedding of those positions."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, block_size=48, n_layer=2, n_head=2, n_embd=32))
+    x, y = torch.randint(0, 96, (3, 12)), torch.randint(0, 96, (3, 12))
+    mask = torch.zeros(3, 12)
+    mask[0, 4:7], mask[1, 9:12], mask[2, 2] = 1.0, 1.0, 1.0  # 7 answer positions, at another place in each row
+    rows = []
+    model.blocks[-1].mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1]))
+
+    full_logits, full_loss, _ = model(x, y, mask)
+    full_grads = torch.autograd.grad(full_loss, list(model.parameters()))
+    logits, loss, residuals = model(x, y, mask, read=(1,), head_at=mask.bool())
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    assert rows == [(3, 12), (7,)]  # the whole batch, then the 7 positions only
+    assert logits.shape == (7, 96) and torch.allclose(logits, full_logits[mask.bool()], atol=1e-6)
+    assert torch.allclose(loss, full_loss, atol=1e-6) and residuals[1].shape == (3, 12, 32)
+    assert all(torch.allclose(g, f, atol=1e-6) for g, f in zip(grads, full_grads))
+    with pytest.raises(ValueError, match="last point"):
+        model(x, read=(2,), head_at=mask.bool())
+
+    blind = GPT(GPTConfig(vocab_size=96, block_size=48, n_layer=0, n_head=2, n_embd=32))
+    assert torch.allclose(blind(x, head_at=mask.bool())[0], blind(x)[0][mask.bool()])
 
 
 def test_loss_mask_selects_positions():

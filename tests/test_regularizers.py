@@ -509,6 +509,33 @@ def test_freeze_leaves_the_bottom_bit_identical_and_trains_the_rest(tiny_model, 
         reg.Freeze.check(dataclasses.replace(train.Config(), freeze_layers=2, finetune="lora", methods=("freeze",)))
 
 
+@pytest.mark.parametrize("reads_logits, reads, expected", [(False, (), "answers"), (False, (1,), "answers"),
+                                                           (True, (), "every position"),
+                                                           (False, (2,), "every position")])
+def test_a_step_computes_the_logits_at_the_answers_only_unless_the_penalty_reads_more(tiny_model, add_split,
+                                                                                      reads_logits, reads, expected):
+    """The loss reads the answers' logits; a penalty that reads the logits everywhere (LwF) or the last point
+    (SAE-guided) gets the whole forward pass."""
+    seen = []
+
+    class Spy(reg.Method):
+        def penalty(self, model, batch, outputs):
+            n_answers = int(batch.answer_mask.sum())
+            seen.append("answers" if outputs["logits"].shape[:-1] == (n_answers,) else
+                        "every position" if outputs["logits"].shape[:-1] == batch.x.shape else "other")
+            assert sorted(outputs["residuals"]) == sorted(self.reads)
+            return None, {}
+
+    config = dataclasses.replace(train.Config(), cl_batch_size=8)
+    bar = type("Bar", (), {"update": lambda *a: None, "set_postfix": lambda *a, **k: None})()
+    spy = Spy(config, tiny_model)
+    spy.reads_logits, spy.reads = reads_logits, reads
+    tiny_model.train()
+    train.train_steps(tiny_model, add_split, 1, spy, config=config, device="cpu",
+                      generator=torch.Generator().manual_seed(0), bar=bar)
+    assert seen == [expected]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the core math, each against a computation by hand (each fails on a plausible slip in the code it checks)
 
