@@ -11,7 +11,9 @@ regularizers constrain. Residual points are numbered 0..n_layer:
 
 `forward(idx, read=(...))` returns the activations at the requested points, and `forward(idx, patch={point: f})`
 replaces the activation at a point by `f(x)` (or by a given tensor) before the rest of the network sees it; this is
-how SAE reconstructions are spliced in. Shapes are commented as (B, T, C) = (batch, time, channels).
+how SAE reconstructions are spliced in. `forward(idx, head_at=mask)` runs the last block's MLP and the head at the
+masked positions only (a fine-tuning loss reads the answers' logits alone). Shapes are commented as (B, T, C) =
+(batch, time, channels).
 
 For fine-tuning, `add_lora` freezes every weight and wraps chosen projections with LoRA adapters (Hu et al. 2021);
 `adapters_off()` runs the frozen base without a copy of the model; `stack_adapters()` freezes the current adapters
@@ -267,7 +269,7 @@ class GPT(nn.Module):
                    last attention mixes positions, so the logits there are the same, for less work (as nanoGPT's
                    generate runs the head at the last position only). Logits come back as (N, vocab), in the order
                    of head_at.nonzero(), and the loss is taken there; the last point cannot be read or patched.
-        returns (logits (B, T, vocab), loss or None, {point: (B, T, C)})
+        returns (logits (B, T, vocab) or (N, vocab) with head_at, loss or None, {point: (B, T, C)})
         """
         B, T = idx.size()
         if positions is None:

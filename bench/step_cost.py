@@ -1,9 +1,10 @@
 """
 Where the time of a continual-learning step goes: seqft's step against SAE-guided's, on the run's base model and
-SAEs, one thread, the same batches of each task (under LoRA, seqft's step with the adapters as thin products too,
-not folded into the weight). Then the parts of SAE-guided's penalty timed alone (the SAE encoding of the model's
-own codes, the look-up of the cached reference codes, the drift and hinges) and the operators that take the most
-CPU time in its step (torch.profiler).
+SAEs, one thread, the same batches of each task; seqft's step with the last block's MLP and the head run at every
+position too, not at the answers only (model.GPT.forward's head_at), and under LoRA with the adapters as thin
+products, not folded into the weight. Then the parts of SAE-guided's penalty timed alone (the SAE encoding of the
+model's own codes, the look-up of the cached reference codes, the drift and hinges) and the operators that take the
+most CPU time in its step (torch.profiler).
 
     python -m bench.step_cost                    # the default run (its base and SAEs are made if missing)
     python -m bench.step_cost --preset=paper --run=paper
@@ -34,12 +35,13 @@ class NoBar:
         pass
 
 
-def step_ms(name, config, base, saes, suite):
+def step_ms(name, config, base, saes, suite, head_everywhere=False):
     """ms per step of method `name` over STEPS steps of each task (fresh model; each task's hooks as in the loop)."""
     model = model_from_checkpoint(base, "cpu")
     if config.finetune == "lora":
         model.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
     method = reg.METHODS[name](config, model, saes, seed=0)
+    method.reads_logits = method.reads_logits or head_everywhere  # the step then runs the head at every position
     generator, seconds = torch.Generator().manual_seed(0), 0.0
     for t, task in enumerate(config.tasks):
         split = suite[task]["train"]
@@ -84,14 +86,15 @@ def main(argv):
     sae_checkpoint = sae_stage.train_sae_stage(config, device, base)
     saes = sae_stage.load_saes(sae_checkpoint, model_from_checkpoint(base, "cpu"), "cpu")
     suite = train.task_suite(config)
-    times = {"seqft": [], "sae_guided": []}
+    times = {"seqft": [], "sae_guided": [], "seqft, head everywhere": []}
     if config.finetune == "lora":  # and seqft with the adapters as thin products, not folded (model.LoRALinear)
         times["seqft, adapters thin"] = []
     try:
         for _ in range(ROUNDS):
             for name in times:
                 LoRALinear.fold = name != "seqft, adapters thin"
-                ms, model, method = step_ms(name.split(",")[0], config, base, saes, suite)
+                ms, model, method = step_ms(name.split(",")[0], config, base, saes, suite,
+                                            head_everywhere=name == "seqft, head everywhere")
                 times[name].append(ms)
                 if name == "sae_guided":
                     guided = model, method

@@ -462,8 +462,8 @@ def test_adapters_after_a_point_leave_the_blocks_before_it_frozen(tiny_model):
 
 
 @pytest.mark.usefixtures("pipeline_out")
-def test_step_cost_times_seqft_with_the_adapters_thin_too_under_lora_and_leaves_the_fold_on(tmp_path, capsys,
-                                                                                             monkeypatch):
+def test_step_cost_times_seqft_with_the_head_everywhere_and_the_adapters_thin_too_and_leaves_the_fold_on(
+        tmp_path, capsys, monkeypatch):
     from bench import step_cost
     from conftest import TINY_PIPELINE
     from model import LoRALinear
@@ -472,7 +472,7 @@ def test_step_cost_times_seqft_with_the_adapters_thin_too_under_lora_and_leaves_
     assert jobs.run_script(step_cost.main, TINY_PIPELINE + [f"--out_dir={tmp_path}", "--finetune=lora"]) == 0
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if "ms per step" in line] == [
-        "seqft", "sae_guided", "seqft, adapters thin"]
+        "seqft", "sae_guided", "seqft, head everywhere", "seqft, adapters thin"]
     assert "SAE-guided's penalty" in out and LoRALinear.fold
 
 
