@@ -62,7 +62,8 @@ class Method:
     joint = False  # True: the loop trains on every task at once, for as many steps as the whole sequence
     uses_saes = False  # True: the method gets the SAEs, and its results depend on the SAE stage
     reads = ()  # residual points the penalty needs in outputs["residuals"], at every position
-    reads_logits = False  # True: the penalty needs outputs["logits"] at every position, not at the answers' only
+    reads_logits = False  # True: outputs["logits"] is (B, T, vocab), every position; False: (N, vocab), the N
+    #                       positions where batch.answer_mask is 1, in row-major order (all the loss reads)
     positive = ()  # config keys that must be above 0 (not only at least 0, which holds for every float)
 
     def __init__(self, config, model, saes=None, seed=0):
@@ -75,7 +76,8 @@ class Method:
         return batch
 
     def penalty(self, model, batch, outputs):
-        """(penalty or None, {name: float to show in the progress bar})."""
+        """(penalty or None, {name: float to show in the progress bar}). outputs: {"logits": at the answer positions
+        only, (N, vocab), unless reads_logits; "residuals": {point: (B, T, C)} for the points in reads}."""
         return None, {}
 
     def after_step(self, model):

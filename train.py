@@ -77,8 +77,8 @@ def train_steps(model, split, n_steps, method, *, config, device, generator, bar
         t0 = time.time()
         batch = trim_padding(method.extend_batch(split.batch(config.cl_batch_size, generator, device), generator,
                                                  device))
-        # the loss reads the logits at the answers only: unless the penalty reads more, the last block's MLP and the
-        # head run at those positions alone (model.GPT.forward, head_at)
+        # the loss reads the logits at the answers only: unless the penalty reads more, the last block's MLP, ln_f
+        # and the head run at those positions alone (model.GPT.forward, head_at)
         head_at = None if method.reads_logits or model.config.n_layer in method.reads else batch.answer_mask.bool()
         logits, ce, residuals = model(batch.x, batch.y, batch.answer_mask, read=method.reads, head_at=head_at)
         penalty, logs = method.penalty(model, batch, {"logits": logits, "residuals": residuals})

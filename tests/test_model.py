@@ -74,6 +74,8 @@ def test_the_head_at_some_positions_gives_their_logits_loss_and_gradients_and_ru
     assert logits.shape == (7, 96) and torch.allclose(logits, full_logits[mask.bool()], atol=1e-6)
     assert torch.allclose(loss, full_loss, atol=1e-6) and residuals[1].shape == (3, 12, 32)
     assert all(torch.allclose(g, f, atol=1e-6) for g, f in zip(grads, full_grads))
+    wider = mask.bool() | (torch.arange(12) == 0)  # the first position of every row too: the loss still reads mask's
+    assert torch.allclose(model(x, y, mask, head_at=wider)[1], full_loss, atol=1e-6)
     with pytest.raises(ValueError, match="last point"):
         model(x, read=(2,), head_at=mask.bool())
 
