@@ -11,8 +11,8 @@ regularizers constrain. Residual points are numbered 0..n_layer:
 
 `forward(idx, read=(...))` returns the activations at the requested points, and `forward(idx, patch={point: f})`
 replaces the activation at a point by `f(x)` (or by a given tensor) before the rest of the network sees it; this is
-how SAE reconstructions are spliced in. `forward(idx, head_at=mask)` runs the last block's MLP and the head at the
-masked positions only (a fine-tuning loss reads the answers' logits alone). Shapes are commented as (B, T, C) =
+how SAE reconstructions are spliced in. `forward(idx, head_at=mask)` runs the last block's MLP, ln_f and the head at
+the masked positions only (a fine-tuning loss reads the answers' logits alone). Shapes are commented as (B, T, C) =
 (batch, time, channels).
 
 For fine-tuning, `add_lora` freezes every weight and wraps chosen projections with LoRA adapters (Hu et al. 2021);
